@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh machine:
+#   make demo   creates .venv, installs maesil, pretrains MAESIL on synthetic CT phantoms (CPU, minutes)
+#   make test   installs the dev extras and runs the test suite
+# TORCH picks the PyTorch build installed first; the default is the CPU build. For a GPU machine:
+#   make demo TORCH=torch   (or install your CUDA torch into .venv before `make`)
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.maesil-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow test-all benchmark clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) -m maesil fit --config experiments/pretrain/maesil_demo.yaml
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+# pytest exits 5 when no test is selected; that is not a failure here.
+test-slow: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -m slow -q $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+test-all: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/mae_throughput.py
+
+clean:
+	rm -rf runs data_cache .pytest_cache

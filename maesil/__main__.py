@@ -1,0 +1,6 @@
+"""``python -m maesil``: see :mod:`maesil.cli`."""
+
+from maesil.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Command line: ``python -m maesil {fit,validate,test,predict} --config ...`` plus tool subcommands.
+
+The Lightning subcommands come from :class:`MaesilCLI` (LightningCLI). Model and data are chosen in
+YAML by ``class_path``; several ``--config`` files compose (later ones override), e.g. a method YAML plus
+``experiments/trainer/ddp.yaml``. Tools that are not training runs are plain subcommands:
+
+* ``python -m maesil phantoms --out DIR --count 8``: write synthetic CT phantoms (image + organ labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+import maesil.methods  # noqa: F401  (registers the methods for short class_path names)
+from maesil.data import VolumeDataModule  # noqa: F401
+from maesil.methods.base import PretrainModule
+
+
+class MaesilCLI(LightningCLI):
+    """LightningCLI with maesil's defaults.
+
+    * ``trainer.use_distributed_sampler`` defaults to False: the DataModule shards subjects across DDP
+      processes itself (TorchIO's Queue must not be wrapped in a second sampler).
+    * Without an explicit logger, metrics go to a CSV file under ``default_root_dir/logs``.
+    * A ``ModelCheckpoint`` without ``dirpath`` writes to ``default_root_dir/checkpoints``, a fixed
+      folder, so that ``--ckpt_path last`` finds ``last.ckpt`` when a run resumes.
+    * ``config.yaml`` is overwritten on repeated runs in one folder instead of failing.
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault(
+            "parser_kwargs",
+            {
+                "description": "maesil: self-supervised pretraining of 3D medical images. "
+                "Tools besides the Lightning subcommands: " + ", ".join(sorted(TOOLS)) + " (each has --help)."
+            },
+        )
+        super().__init__(
+            PretrainModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            **kwargs,
+        )
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        root = Path(config.get("default_root_dir") or os.getcwd())
+        if config.get("logger") in (None, True) and "logger" not in kwargs:
+            kwargs["logger"] = CSVLogger(save_dir=str(root), name="logs")
+        callbacks = config.get("callbacks") or []
+        for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(root / "checkpoints")
+        return super().instantiate_trainer(**kwargs)
+
+
+def phantoms_command(argv: Sequence[str]) -> int:
+    """``python -m maesil phantoms``: writes synthetic CT phantoms as NIfTI."""
+    from maesil.data.phantoms import DEFAULT_SHAPE, DEFAULT_SPACING, write_phantoms
+
+    parser = argparse.ArgumentParser(
+        prog="python -m maesil phantoms",
+        description="Write deterministic synthetic torso CT phantoms (HU images + organ label maps) as NIfTI: "
+        "OUT/images/phantom_XXX.nii.gz and OUT/labels/phantom_XXX.nii.gz.",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--count", "--n", type=int, default=8, help="number of phantoms (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first phantom (default 0)")
+    parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"))
+    parser.add_argument("--spacing", type=float, nargs=3, default=list(DEFAULT_SPACING), metavar=("SX", "SY", "SZ"))
+    args = parser.parse_args(list(argv))
+    paths = write_phantoms(args.out, args.count, seed=args.seed, shape=tuple(args.shape), spacing=tuple(args.spacing))
+    print(f"{len(paths)} phantoms in {args.out.resolve()}")
+    return 0
+
+
+TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"phantoms": phantoms_command}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m maesil`` and the ``maesil`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        raise SystemExit(TOOLS[argv[0]](argv[1:]))
+    MaesilCLI(args=argv)

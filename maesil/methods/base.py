@@ -1,0 +1,88 @@
+"""The base LightningModule of every method: optimisation, figures, and hooks into the shared DataModule.
+
+Methods own only their losses, metrics and pictures; models are plain ``nn.Module``s built in the
+constructor. The optimizer and the schedule are injected as callables from YAML, so any torch optimizer
+works without code changes::
+
+    model:
+      class_path: maesil.methods.MAESIL
+      init_args:
+        optimizer:
+          class_path: torch.optim.AdamW
+          init_args: {lr: 1.0e-4, weight_decay: 0.05, betas: [0.9, 0.95]}
+        scheduler:
+          class_path: maesil.optim.WarmupCosineLR
+          init_args: {warmup_steps: 100}
+
+The scheduler is called as ``scheduler(optimizer, total_steps)`` with the run's optimizer steps, taken
+from the trainer (``max_steps`` or epochs × batches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from matplotlib.figure import Figure
+
+from maesil.evaluation.figures import save_figure
+from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, decay_parameter_groups, warmup_cosine
+
+
+class PretrainModule(L.LightningModule):
+    """Shared optimisation and plumbing for pretraining and fine-tuning methods.
+
+    Args:
+        optimizer: Callable building the optimizer from parameter groups.
+        scheduler: Callable ``(optimizer, total_steps)`` building a per-step LR schedule, or None.
+    """
+
+    #: Parameter-name fragments excluded from weight decay besides biases and norms.
+    no_weight_decay: Sequence[str] = ("mask_token", "pos_embed")
+
+    def __init__(
+        self,
+        optimizer: OptimizerFactory = adamw,
+        scheduler: SchedulerFactory | None = warmup_cosine,
+    ) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.last_figure_path: Path | None = None
+
+    def configure_optimizers(self):
+        """Builds the injected optimizer over decay/no-decay groups and a per-step schedule."""
+        optimizer = self.optimizer_factory(decay_parameter_groups(self, self.no_weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = self.scheduler_factory(optimizer, total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_epoch_start(self) -> None:
+        """Reshuffles the DDP subject split of the DataModule each epoch."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
+    def check_input_size(self, expected: Sequence[int]) -> None:
+        """Fails fast when the DataModule's superpatch differs from the size the model was built for."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        size = getattr(datamodule, "superpatch_size", None)
+        if size is not None and tuple(size) != tuple(expected):
+            raise ValueError(
+                f"{type(self).__name__} was built for input size {tuple(expected)}, but the DataModule "
+                f"samples superpatches of {tuple(size)}. Set model.init_args.img_size to "
+                f"{list(size)} or data.init_args.superpatch_size to {list(expected)}."
+            )
+
+    def log_figure(self, name: str, figure: Figure) -> Path:
+        """Saves ``figure`` as PNG in the run folder and sends it to the logger when it takes images."""
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = save_figure(figure, root / name / f"step_{self.global_step:07d}.png")
+        self.last_figure_path = path
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key=name, images=[str(path)], step=self.global_step)
+        return path
