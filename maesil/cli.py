@@ -93,7 +93,7 @@ TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"phantoms": phantoms_command
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m maesil`` and the ``maesil`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOLS:
-        raise SystemExit(TOOLS[argv[0]](argv[1:]))
-    MaesilCLI(args=argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS:
+        raise SystemExit(TOOLS[args[0]](args[1:]))
+    MaesilCLI(args=None if argv is None else args)

@@ -1,0 +1,341 @@
+"""The one LightningDataModule: a folder of 3D CT/MRI volumes -> batches of patches."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torchio as tio
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from maesil.data.preprocess import build_preprocessing, padding_value
+from maesil.data.sampling import (
+    PatchTask,
+    QueueSampler,
+    as_patch_size,
+    get_task,
+    grid_patches,
+    is_distributed,
+    set_queue_epoch,
+    train_queue,
+)
+from maesil.data.sources import DEFAULT_EXCLUDE, DataError, SubjectRecord, check_headers, discover_subjects
+
+log = logging.getLogger(__name__)
+
+
+def split_subjects(records: Sequence[SubjectRecord], val_fraction: float, seed: int
+                   ) -> tuple[list[SubjectRecord], list[SubjectRecord]]:
+    """Deterministic train/val split by subject.
+
+    Subjects are ordered by ``sha1(f"{seed}:{subject_id}")`` and the first
+    ``max(1, round(val_fraction * n))`` go to validation (at most ``n - 1``). Ordering by a
+    hash of the id (not by position) keeps the split nearly unchanged when subjects are
+    added. ``val_fraction == 0`` gives no validation subject. With a single subject it is used
+    for both training and validation (and a warning is issued).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    records = sorted(records, key=lambda r: r.subject_id)
+    n = len(records)
+    if n == 0:
+        raise ValueError("no subject to split")
+    if val_fraction == 0.0:
+        return records, []
+    if n == 1:
+        warnings.warn(
+            f"Only one subject ({records[0].subject_id}); it is used for both training and validation.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return records, list(records)
+    n_val = min(n - 1, max(1, round(val_fraction * n)))
+    ranked = sorted(records, key=lambda r: hashlib.sha1(f"{seed}:{r.subject_id}".encode()).hexdigest())
+    val_ids = {r.subject_id for r in ranked[:n_val]}
+    return [r for r in records if r.subject_id not in val_ids], [r for r in records if r.subject_id in val_ids]
+
+
+def _first(batch: list) -> Any:
+    return batch[0]
+
+
+class VolumeDataModule(L.LightningDataModule):
+    """Patches of 3D CT/MRI volumes for self-supervised pretraining and segmentation.
+
+    Every batch is a dict: ``image`` float32 (B, 1, X, Y, Z) in RAS (Z axial), ``subject_id``
+    list[str], ``location`` int64 (B, 6) (patch bounds i0, j0, k0, i1, j1, k1 in the
+    preprocessed volume) and, for ``task="segment"``, ``label`` int64 (B, 1, X, Y, Z).
+    Training draws ``samples_per_volume`` random patches from each volume through a
+    ``tio.Queue``; validation covers every voxel of every validation volume exactly once with
+    a non-overlapping grid.
+
+    All input files are checked (headers only) in ``setup`` and every problem is reported in
+    one ``DataError`` before training starts.
+
+    Distributed training: subjects are sharded per rank by the queue's own
+    ``DistributedSampler``, and both loaders already carry a ``DistributedSampler``, so
+    Lightning does not re-shard them; ``Trainer(use_distributed_sampler=False)`` is
+    recommended for clarity but not required. Lightning calls ``set_epoch`` on the training
+    sampler each epoch; ``set_epoch`` can also be called by hand.
+
+    Args:
+        data_dir: folder of images: either ``images/`` (or ``imagesTr/``) with optional
+            sibling ``labels/`` (or ``labelsTr/``) paired by subject id, or any folder whose
+            supported files (.nii, .nii.gz, .nrrd, .mha, .mhd; searched recursively) are all
+            images. ``None`` uses ``phantom_count`` synthetic phantoms written to
+            ``phantom_dir`` (demo / smoke tests).
+        task: what a batch holds: ``"reconstruct"`` (images, uniform patches) or
+            ``"segment"`` (images and labels, label-centred patches; needs labels for all).
+        modality: ``"ct"`` (clip to ``hu_window``, scale to [0, 1]) or ``"mri"``
+            (z-normalisation over the foreground).
+        superpatch_size: training/validation patch size in voxels (X, Y, Z), one int for a
+            cube. Smaller volumes are padded up to it.
+        target_spacing: voxel size in mm after resampling (one number = isotropic); ``None``
+            keeps each volume's native spacing.
+        hu_window: CT window (HU) mapped to [0, 1]; [-175, 250] as in the MAESIL paper.
+        val_fraction: fraction of subjects held out for validation (at least one when there
+            are >= 2 subjects; 0 = no validation).
+        split_seed: seed of the subject split and of the training subject shuffle.
+        batch_size: training patches per batch (per device).
+        val_batch_size: validation patches per batch; defaults to ``batch_size``.
+        samples_per_volume: patches drawn from each loaded training volume per visit.
+        queue_length: capacity (in patches) of the training queue; larger mixes patches of
+            more volumes per batch but costs memory (patch bytes x queue_length).
+        num_workers: processes loading and preprocessing volumes (for the queue and for the
+            one-off validation preprocessing). The loaders that yield batches use 0 workers,
+            as ``tio.Queue`` requires.
+        label_probabilities: ``task="segment"`` only: label value -> relative probability
+            that a patch is centred on it, e.g. ``{0: 1, 1: 2}``; ``None`` centres every patch
+            on a voxel with label > 0 (then every training label map must be non-empty).
+        exclude: glob patterns of files under ``data_dir`` that are not images and must be
+            ignored (matched against the relative path, the file name and folder names).
+            ``None`` = hidden files and .json/.csv/.tsv/.md/.txt. Any other non-image file
+            is an error.
+        phantom_count: number of phantoms written when ``data_dir`` is ``None``.
+        phantom_dir: where the phantoms are written when ``data_dir`` is ``None``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        task: Literal["reconstruct", "segment"] = "reconstruct",
+        modality: Literal["ct", "mri"] = "ct",
+        superpatch_size: int | tuple[int, int, int] = 128,
+        target_spacing: float | tuple[float, float, float] | None = 1.5,
+        hu_window: tuple[float, float] = (-175.0, 250.0),
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        samples_per_volume: int = 8,
+        queue_length: int = 48,
+        num_workers: int = 2,
+        label_probabilities: dict[int, float] | None = None,
+        exclude: list[str] | None = None,
+        phantom_count: int = 8,
+        phantom_dir: str = "data_cache/phantoms",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if modality not in ("ct", "mri"):
+            raise ValueError(f"modality must be 'ct' or 'mri', got {modality!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        for name, value in (("batch_size", batch_size), ("samples_per_volume", samples_per_volume),
+                            ("queue_length", queue_length)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.data_dir = data_dir
+        self.task_name = task
+        self.modality = modality
+        self._superpatch_size = as_patch_size(superpatch_size)
+        self.target_spacing = target_spacing
+        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        self.val_fraction = float(val_fraction)
+        self.split_seed = int(split_seed)
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size) if val_batch_size is not None else int(batch_size)
+        self.samples_per_volume = int(samples_per_volume)
+        self.queue_length = int(queue_length)
+        self.num_workers = int(num_workers)
+        self.label_probabilities = dict(label_probabilities) if label_probabilities else None
+        self.exclude = tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE
+        self.phantom_count = int(phantom_count)
+        self.phantom_dir = phantom_dir
+        self.task: PatchTask = get_task(task, label_probabilities=self.label_probabilities)
+        if self.label_probabilities and not self.task.requires_labels:
+            warnings.warn(f"label_probabilities is ignored for task {task!r}", UserWarning, stacklevel=2)
+
+        self.train_records: list[SubjectRecord] = []
+        self.val_records: list[SubjectRecord] = []
+        self._setup_key: tuple | None = None
+        self._train_subjects: tio.SubjectsDataset | None = None
+        self._val_subjects: tio.SubjectsDataset | None = None
+        self._val_patches: Dataset | None = None
+        self._queue: tio.Queue | None = None
+        self._epoch = 0
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def superpatch_size(self) -> tuple[int, int, int]:
+        """Patch size (X, Y, Z) in voxels of every training and validation sample."""
+        return self._superpatch_size
+
+    @property
+    def voxel_spacing(self) -> tuple[float, float, float] | None:
+        """Voxel size (mm) of every sample after resampling; ``None`` if native spacing is kept."""
+        if self.target_spacing is None:
+            return None
+        if isinstance(self.target_spacing, (int, float)):
+            return (float(self.target_spacing),) * 3
+        return tuple(float(s) for s in self.target_spacing)  # type: ignore[return-value]
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        """The folder actually read: ``data_dir`` or, if ``None``, ``phantom_dir``."""
+        return Path(self.data_dir if self.data_dir is not None else self.phantom_dir).expanduser()
+
+    @property
+    def subject_sampler(self) -> DistributedSampler | None:
+        """The training queue's subject sampler (after ``train_dataloader``)."""
+        return None if self._queue is None else self._queue.subject_sampler
+
+    # ---------------------------------------------------------------- lightning hooks
+    def prepare_data(self) -> None:
+        """Write the demo phantoms when ``data_dir`` is ``None`` (rank 0 only, via Lightning)."""
+        if self.data_dir is not None:
+            return
+        from maesil.data.phantoms import write_phantoms
+
+        log.info("data_dir is None: writing %d demo phantoms to %s", self.phantom_count, self.phantom_dir)
+        write_phantoms(self.phantom_dir, count=self.phantom_count)
+
+    def preprocessing(self) -> tio.Compose:
+        """The per-volume preprocessing (canonical, resample, intensity, pad to the patch)."""
+        return build_preprocessing(
+            modality=self.modality,
+            target_spacing=self.target_spacing,
+            hu_window=self.hu_window,
+            min_shape=self.superpatch_size,
+        )
+
+    def _make_subject(self, record: SubjectRecord) -> tio.Subject:
+        images: dict[str, Any] = {"image": tio.ScalarImage(record.image)}
+        if self.task.requires_labels:
+            images["label"] = tio.LabelMap(record.label)
+        return tio.Subject(subject_id=record.subject_id, **images)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Discover and check all files (every problem in one ``DataError``), split by subject
+        and build the subject datasets. Idempotent."""
+        data_dir = self.resolved_data_dir
+        if self.data_dir is None and not data_dir.exists():
+            self.prepare_data()
+        key = (str(data_dir), self.exclude, self.task_name, self.val_fraction, self.split_seed)
+        if self._setup_key == key:
+            return
+        records = discover_subjects(data_dir, exclude=self.exclude)
+        if self.task.requires_labels:
+            unlabeled = [r for r in records if r.label is None]
+            if unlabeled:
+                raise DataError(
+                    [f"{r.image}: no label (task {self.task_name!r} needs a label for every image)"
+                     for r in unlabeled],
+                    header=f"Task {self.task_name!r} needs labels in {data_dir}/labels (or labelsTr) "
+                    f"named like the images; {len(unlabeled)} image(s) have none",
+                )
+        check_headers(records)
+        self.train_records, self.val_records = split_subjects(records, self.val_fraction, self.split_seed)
+        log.info("%d subjects: %d train, %d val (%s)", len(records), len(self.train_records),
+                 len(self.val_records), ", ".join(r.subject_id for r in self.val_records))
+        transform = self.preprocessing()
+        self._train_subjects = tio.SubjectsDataset(
+            [self._make_subject(r) for r in self.train_records], transform=transform, load_getitem=False
+        )
+        self._val_subjects = tio.SubjectsDataset(
+            [self._make_subject(r) for r in self.val_records], transform=transform, load_getitem=False
+        ) if self.val_records else None
+        self._val_patches = None
+        self._queue = None
+        self._setup_key = key
+
+    def _require_setup(self) -> None:
+        if self._setup_key is None:
+            raise RuntimeError("call setup() before requesting a dataloader")
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches from a DDP-aware ``tio.Queue``; the DataLoader itself has 0 workers."""
+        self._require_setup()
+        assert self._train_subjects is not None
+        self._queue = train_queue(
+            self._train_subjects,
+            patch_size=self.superpatch_size,
+            samples_per_volume=self.samples_per_volume,
+            max_length=self.queue_length,
+            num_workers=self.num_workers,
+            sampler=self.task.train_sampler(self.superpatch_size),
+            shuffle_seed=self.split_seed,
+        )
+        set_queue_epoch(self._queue, self._epoch)
+        _silence_worker_warning("train_dataloader")
+        return DataLoader(
+            self._queue,
+            batch_size=self.batch_size,
+            sampler=QueueSampler(self._queue),
+            num_workers=0,  # required by tio.Queue: it spawns its own loader processes
+            collate_fn=self.task.collate,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_patches(self) -> Dataset:
+        """Non-overlapping grid patches of the validation volumes, preprocessed once and kept
+        in memory (validation runs many times; volumes are small after resampling)."""
+        self._require_setup()
+        if self._val_patches is None:
+            assert self._val_subjects is not None
+            loader = DataLoader(self._val_subjects, batch_size=1, num_workers=self.num_workers,
+                                collate_fn=_first)
+            subjects = list(loader)
+            self._val_patches = grid_patches(subjects, self.superpatch_size, padding_value(self.modality))
+        return self._val_patches
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Every voxel of every validation volume once (sharded over ranks when distributed;
+        ``DistributedSampler`` then repeats a few patches to even out the ranks)."""
+        self._require_setup()
+        if not self.val_records:
+            return []
+        patches = self.val_patches()
+        sampler = DistributedSampler(patches, shuffle=False) if is_distributed() else None
+        _silence_worker_warning("val_dataloader")
+        return DataLoader(
+            patches,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            sampler=sampler,
+            num_workers=0,  # patches are in memory already
+            collate_fn=self.task.val_collate,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the training subject order for ``epoch`` (forwarded to the queue's
+        ``DistributedSampler``; Lightning already does this through the train sampler)."""
+        self._epoch = int(epoch)
+        if self._queue is not None:
+            set_queue_epoch(self._queue, self._epoch)
+
+
+def _silence_worker_warning(name: str) -> None:
+    """The batch loaders have 0 workers by design (the queue has its own); Lightning's advice to
+    add workers would be wrong here."""
+    warnings.filterwarnings("ignore", message=f"The '{name}' does not have many workers")

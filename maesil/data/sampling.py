@@ -1,0 +1,251 @@
+"""Patch sampling for training (a DDP-aware ``tio.Queue``) and validation (an exact grid), the
+batch collation, and the per-task strategies that decide what a batch holds.
+
+Batch format (every task): a plain ``dict``
+
+* ``"image"``: float32 ``(B, 1, X, Y, Z)``;
+* ``"subject_id"``: ``list[str]`` of length B;
+* ``"location"``: int64 ``(B, 6)``, TorchIO's ``(i0, j0, k0, i1, j1, k1)`` voxel bounds of the
+  patch in the preprocessed (canonical, resampled, padded) volume;
+* task ``"segment"`` also ``"label"``: int64 ``(B, 1, X, Y, Z)``.
+
+A new task (e.g. a two-view task for BYOL-style methods) is a :class:`PatchTask` subclass
+registered with :func:`register_task`: it picks the training patch sampler and the collation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchio as tio
+from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from maesil.data.preprocess import PadToMinShape
+
+
+def is_distributed() -> bool:
+    """True inside an initialised ``torch.distributed`` process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def as_patch_size(value: int | Sequence[int]) -> tuple[int, int, int]:
+    """``128`` -> ``(128, 128, 128)``; validates three positive integers."""
+    if isinstance(value, (int, np.integer)):
+        value = (int(value),) * 3
+    size = tuple(int(v) for v in value)
+    if len(size) != 3 or any(v < 1 for v in size):
+        raise ValueError(f"patch size must be a positive int or 3 positive ints, got {value!r}")
+    return size  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Training: queue
+# --------------------------------------------------------------------------------------------
+
+
+def train_queue(
+    subjects_dataset: tio.SubjectsDataset,
+    patch_size: int | Sequence[int],
+    samples_per_volume: int,
+    max_length: int,
+    num_workers: int,
+    sampler: tio.data.PatchSampler,
+    shuffle_seed: int = 0,
+) -> tio.Queue:
+    """A ``tio.Queue`` whose subject order is driven by a ``DistributedSampler``.
+
+    Inside a process group the sampler shards the subjects over the ranks (each rank loads and
+    patches its own subjects; the number of subjects per rank is equalised by repetition, as
+    ``DistributedSampler`` does). Outside one, the same sampler with one replica gives a
+    seeded, epoch-dependent shuffle, so the subject order is reproducible. Call
+    :func:`set_queue_epoch` (or the DataModule's ``set_epoch``) at every epoch start so the
+    order changes; :class:`QueueSampler` does it automatically under Lightning.
+
+    The queue's background loader is started lazily (``start_background=False``) so that an
+    epoch set before the first batch, e.g. when resuming, is honoured.
+
+    Args:
+        subjects_dataset: dataset of (lazy) subjects with the preprocessing transform.
+        patch_size: must equal ``sampler.patch_size``; kept for explicitness.
+        samples_per_volume: patches drawn from each loaded volume.
+        max_length: queue capacity in patches.
+        num_workers: processes loading and preprocessing volumes for the queue. The
+            DataLoader that pops patches from the queue must use ``num_workers=0``.
+        sampler: the patch sampler (``tio.UniformSampler``, ``tio.LabelSampler`` ...).
+        shuffle_seed: seed of the subject shuffle (same on every rank).
+    """
+    patch_size = as_patch_size(patch_size)
+    if tuple(int(v) for v in sampler.patch_size) != patch_size:
+        raise ValueError(f"patch_size {patch_size} differs from the sampler's {tuple(sampler.patch_size)}")
+    if is_distributed():
+        subject_sampler = DistributedSampler(subjects_dataset, shuffle=True, seed=shuffle_seed)
+    else:
+        subject_sampler = DistributedSampler(subjects_dataset, num_replicas=1, rank=0, shuffle=True, seed=shuffle_seed)
+    return tio.Queue(
+        subjects_dataset,
+        max_length=max_length,
+        samples_per_volume=samples_per_volume,
+        sampler=sampler,
+        subject_sampler=subject_sampler,
+        num_workers=num_workers,
+        shuffle_subjects=False,
+        shuffle_patches=True,
+        start_background=False,
+    )
+
+
+def set_queue_epoch(queue: tio.Queue, epoch: int) -> None:
+    """Forward ``epoch`` to the queue's subject sampler (reshuffles the subject order)."""
+    subject_sampler = getattr(queue, "subject_sampler", None)
+    if subject_sampler is not None and hasattr(subject_sampler, "set_epoch"):
+        subject_sampler.set_epoch(int(epoch))
+
+
+class QueueSampler(DistributedSampler):
+    """Sequential sampler over a ``tio.Queue`` for the outer (``num_workers=0``) DataLoader.
+
+    It subclasses ``DistributedSampler`` (with one replica: the queue is already sharded per
+    rank by its subject sampler) for two reasons: Lightning never wraps a DataLoader whose
+    sampler already is a ``DistributedSampler`` (so ``Trainer(use_distributed_sampler=True)``
+    cannot shard the patches a second time), and Lightning calls ``set_epoch`` on it at every
+    epoch start, which is forwarded to the queue's subject sampler.
+    """
+
+    def __init__(self, queue: tio.Queue) -> None:
+        super().__init__(queue, num_replicas=1, rank=0, shuffle=False, drop_last=False)
+        self.queue = queue
+
+    def __iter__(self):
+        return iter(range(len(self.queue)))
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        set_queue_epoch(self.queue, epoch)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: grid
+# --------------------------------------------------------------------------------------------
+
+
+def pad_to_multiple(subject: tio.Subject, patch_size: Sequence[int], padding_mode: float | str = 0.0) -> tio.Subject:
+    """Pad (centred) every axis up to the next multiple of the patch size.
+
+    Same effect as ``tio.EnsureShapeMultiple(patch_size, method="pad")`` but with a choosable
+    padding value (0 = air for windowed CT; ``"minimum"`` for MRI).
+    """
+    shape = np.array(subject.spatial_shape)
+    patch = np.array(patch_size)
+    target = (np.ceil(shape / patch) * patch).astype(int)
+    return PadToMinShape(tuple(int(t) for t in target), padding_mode)(subject)
+
+
+def grid_patches(
+    subjects: Sequence[tio.Subject], patch_size: int | Sequence[int], padding_mode: float | str = 0.0
+) -> Dataset:
+    """Every voxel of every subject exactly once, as non-overlapping patches.
+
+    Each (already preprocessed, loaded) subject is padded to a multiple of the patch size
+    (:func:`pad_to_multiple`) and partitioned by ``tio.GridSampler`` with zero overlap; the
+    per-subject grids are concatenated. Items are ``tio.Subject`` patches with a
+    ``location`` entry, as from the training queue.
+    """
+    patch_size = as_patch_size(patch_size)
+    grids = []
+    for subject in subjects:
+        padded = pad_to_multiple(subject, patch_size, padding_mode)
+        grids.append(tio.GridSampler(padded, patch_size=patch_size, patch_overlap=0))
+    return ConcatDataset(grids)
+
+
+# --------------------------------------------------------------------------------------------
+# Collation and tasks
+# --------------------------------------------------------------------------------------------
+
+
+def collate_patches(patches: Sequence[tio.Subject], label_key: str | None = None,
+                    image_key: str = "image") -> dict[str, Any]:
+    """Turn a list of TorchIO patches into the batch dict described in the module docstring."""
+    if not patches:
+        raise ValueError("cannot collate an empty list of patches")
+    batch: dict[str, Any] = {
+        "image": torch.stack([p[image_key].data for p in patches]).to(torch.float32),
+        "subject_id": [str(p["subject_id"]) for p in patches],
+        "location": torch.stack([torch.as_tensor(p[tio.LOCATION]) for p in patches]).to(torch.long),
+    }
+    if label_key is not None:
+        batch["label"] = torch.stack([p[label_key].data for p in patches]).to(torch.long)
+    return batch
+
+
+class PatchTask:
+    """What a training/validation batch holds for one kind of method.
+
+    Subclasses set ``name`` and ``requires_labels`` and may override :meth:`train_sampler`,
+    :meth:`collate` and :meth:`val_collate`. Instances must be picklable.
+
+    Args:
+        label_probabilities: label -> relative probability of being the patch centre (tasks
+            sampling around labels only).
+    """
+
+    name: ClassVar[str] = ""
+    requires_labels: ClassVar[bool] = False
+
+    def __init__(self, label_probabilities: dict[int, float] | None = None) -> None:
+        self.label_probabilities = label_probabilities
+
+    def train_sampler(self, patch_size: tuple[int, int, int]) -> tio.data.PatchSampler:
+        return tio.UniformSampler(patch_size)
+
+    def collate(self, patches: Sequence[tio.Subject]) -> dict[str, Any]:
+        return collate_patches(patches, label_key="label" if self.requires_labels else None)
+
+    def val_collate(self, patches: Sequence[tio.Subject]) -> dict[str, Any]:
+        return self.collate(patches)
+
+
+TASKS: dict[str, type[PatchTask]] = {}
+
+
+def register_task(cls: type[PatchTask]) -> type[PatchTask]:
+    """Class decorator adding a task to :data:`TASKS` under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name`")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str, **kwargs: Any) -> PatchTask:
+    try:
+        cls = TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
+    return cls(**kwargs)
+
+
+@register_task
+class ReconstructTask(PatchTask):
+    """Masked-reconstruction pretraining: uniformly placed patches, image only."""
+
+    name = "reconstruct"
+
+
+@register_task
+class SegmentTask(PatchTask):
+    """Segmentation fine-tuning: patches centred by ``tio.LabelSampler`` (``label_probabilities``
+    or, if ``None``, any voxel with label > 0), batches carry the label map."""
+
+    name = "segment"
+    requires_labels = True
+
+    def train_sampler(self, patch_size: tuple[int, int, int]) -> tio.data.PatchSampler:
+        return tio.LabelSampler(patch_size, label_name="label", label_probabilities=self.label_probabilities)

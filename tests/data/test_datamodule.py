@@ -1,0 +1,229 @@
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
+
+from maesil.data import DataError, VolumeDataModule
+from maesil.data.datamodule import split_subjects
+from maesil.data.sampling import TASKS, PatchTask
+from maesil.data.sources import discover_subjects
+
+from .conftest import make_ct, write_volume
+
+PATCH = (16, 16, 16)
+
+
+def _dm(data_dir: Path | None, **kwargs) -> VolumeDataModule:
+    args = dict(
+        data_dir=None if data_dir is None else str(data_dir), superpatch_size=PATCH, target_spacing=3.0, batch_size=3,
+        samples_per_volume=2, queue_length=6, num_workers=0, split_seed=0,
+    )
+    args.update(kwargs)
+    return VolumeDataModule(**args)
+
+
+def test_train_batch_format(flat_ct_dir: Path) -> None:
+    dm = _dm(flat_ct_dir)
+    dm.setup("fit")
+    assert dm.superpatch_size == PATCH and dm.voxel_spacing == (3.0, 3.0, 3.0)
+    assert len(dm.train_records) == 3 and len(dm.val_records) == 1
+    loader = dm.train_dataloader()
+    assert len(loader) == 2  # 3 subjects x 2 patches / batch 3
+    batch = next(iter(loader))
+    assert set(batch) == {"image", "subject_id", "location"}
+    assert batch["image"].shape == (3, 1, *PATCH) and batch["image"].dtype == torch.float32
+    assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
+    assert batch["location"].shape == (3, 6) and batch["location"].dtype == torch.long
+    assert torch.equal(batch["location"][:, 3:] - batch["location"][:, :3], torch.tensor([PATCH] * 3))
+    train_ids = {r.subject_id for r in dm.train_records}
+    assert isinstance(batch["subject_id"], list) and set(batch["subject_id"]) <= train_ids
+
+
+def test_val_grid_covers_each_subject_exactly(flat_ct_dir: Path) -> None:
+    dm = _dm(flat_ct_dir, val_fraction=0.5, val_batch_size=4)
+    dm.setup("fit")
+    preprocess = dm.preprocessing()
+    expected = {}
+    for record in dm.val_records:
+        shape = np.array(preprocess(dm._make_subject(record)).spatial_shape)
+        expected[record.subject_id] = (shape, int(np.prod(np.ceil(shape / PATCH))))
+    counts: Counter = Counter()
+    covered: dict[str, np.ndarray] = {}
+    for batch in dm.val_dataloader():
+        assert set(batch) == {"image", "subject_id", "location"}
+        assert batch["image"].dtype == torch.float32 and batch["image"].shape[1:] == (1, *PATCH)
+        for sid, loc in zip(batch["subject_id"], batch["location"].tolist()):
+            counts[sid] += 1
+            padded = (np.ceil(expected[sid][0] / PATCH) * PATCH).astype(int)
+            grid = covered.setdefault(sid, np.zeros(padded, np.int32))
+            grid[loc[0]:loc[3], loc[1]:loc[4], loc[2]:loc[5]] += 1
+    assert dict(counts) == {sid: n for sid, (_, n) in expected.items()}
+    assert all((grid == 1).all() for grid in covered.values())  # every voxel exactly once
+    assert dm.val_patches() is dm.val_patches()  # preprocessed once, cached
+
+
+def test_split_deterministic_and_disjoint(labeled_ct_dir: Path) -> None:
+    records = discover_subjects(labeled_ct_dir)
+    splits = set()
+    for seed in range(8):
+        train, val = split_subjects(records, 0.34, seed)
+        again = split_subjects(records, 0.34, seed)
+        assert (train, val) == again
+        assert len(val) == 2 and len(train) == 4
+        assert not {r.subject_id for r in train} & {r.subject_id for r in val}
+        splits.add(tuple(r.subject_id for r in val))
+    assert len(splits) > 1
+    two = records[:2]
+    assert [len(part) for part in split_subjects(two, 0.01, 0)] == [1, 1]  # val >= 1 subject
+    with pytest.warns(UserWarning, match="only one subject|Only one subject"):
+        train, val = split_subjects(records[:1], 0.2, 0)
+    assert train == val == records[:1]
+    dm1, dm2 = _dm(labeled_ct_dir, split_seed=3), _dm(labeled_ct_dir, split_seed=3)
+    dm1.setup("fit")
+    dm2.setup("fit")
+    assert dm1.val_records == dm2.val_records
+
+
+def test_segment_task(labeled_ct_dir: Path) -> None:
+    dm = _dm(labeled_ct_dir, task="segment", label_probabilities={0: 0, 1: 1, 2: 0}, samples_per_volume=3,
+             queue_length=12, batch_size=4, val_fraction=0.34)
+    dm.setup("fit")
+    seen = 0
+    for batch in dm.train_dataloader():
+        assert set(batch) == {"image", "subject_id", "location", "label"}
+        label = batch["label"]
+        assert label.dtype == torch.long and label.shape == (4, 1, *PATCH)
+        assert set(torch.unique(label).tolist()) <= {0, 1, 2}
+        centre = tuple(p // 2 for p in PATCH)
+        assert (label[:, 0, centre[0], centre[1], centre[2]] == 1).all()  # centred on label 1
+        seen += len(label)
+    assert seen == 12
+    val = next(iter(dm.val_dataloader()))
+    assert val["label"].dtype == torch.long and val["label"].shape[1:] == (1, *PATCH)
+
+
+def test_segment_needs_labels(flat_ct_dir: Path) -> None:
+    with pytest.raises(DataError, match=r"case_000\.nii\.gz: no label"):
+        _dm(flat_ct_dir, task="segment").setup("fit")
+
+
+def test_bad_folder_fails_in_setup(flat_ct_dir: Path) -> None:
+    (flat_ct_dir / "notes.docx").write_bytes(b"x")
+    write_volume(flat_ct_dir / "slice.nii.gz", make_ct(0)[0][:, :, 0], spacing=(2, 2))
+    with pytest.raises(DataError, match="notes.docx"):
+        _dm(flat_ct_dir).setup("fit")
+    (flat_ct_dir / "notes.docx").unlink()
+    with pytest.raises(DataError, match=r"slice\.nii\.gz: is 2D"):
+        _dm(flat_ct_dir).setup("fit")
+
+
+def test_nan_volume_fails_when_loaded(flat_ct_dir: Path) -> None:
+    array = make_ct(9)[0].astype(np.float32)
+    array[5, 5, 5] = np.nan
+    write_volume(flat_ct_dir / "zz_nan.mha", array)
+    dm = _dm(flat_ct_dir, val_fraction=0.4)
+    dm.setup("fit")
+    assert any(r.subject_id == "zz_nan" for r in dm.train_records + dm.val_records)
+    with pytest.raises(DataError, match=r"zz_nan\.mha: contains 1 NaN"):
+        list(dm.val_dataloader())
+        list(dm.train_dataloader())
+
+
+def test_task_registry_is_pluggable() -> None:
+    assert {"reconstruct", "segment"} <= set(TASKS)
+    assert all(issubclass(cls, PatchTask) for cls in TASKS.values())
+
+
+def test_ddp_subject_sampler_and_set_epoch(flat_ct_dir: Path, tmp_path: Path) -> None:
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        dm = _dm(flat_ct_dir)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        sampler = dm.subject_sampler
+        assert isinstance(sampler, DistributedSampler)
+        assert sampler.num_replicas == dist.get_world_size() and sampler.rank == dist.get_rank()
+        assert sampler.shuffle
+        dm.set_epoch(3)
+        assert sampler.epoch == 3
+        loader.sampler.set_epoch(5)  # what Lightning calls at each epoch start
+        assert sampler.epoch == 5
+        assert isinstance(loader.sampler, DistributedSampler)  # so Lightning never re-wraps it
+        assert len(list(iter(loader))) == len(loader)
+        assert isinstance(dm.val_dataloader().sampler, DistributedSampler)
+    finally:
+        dist.destroy_process_group()
+
+
+class _TinyModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Conv3d(1, 1, 1)
+        self.val_subjects: set[str] = set()
+
+    def training_step(self, batch, batch_idx):
+        return (self.layer(batch["image"]) - batch["image"]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.val_subjects.update(batch["subject_id"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_lightning_fit_smoke(flat_ct_dir: Path, tmp_path: Path) -> None:
+    dm = _dm(flat_ct_dir)
+    model = _TinyModule()
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 4
+    assert model.val_subjects == {r.subject_id for r in dm.val_records}
+    assert dm.subject_sampler.epoch == 1  # Lightning's per-epoch set_epoch reached the queue
+
+
+def test_data_dir_none_writes_phantoms_in_prepare_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_write_phantoms(out_dir, count, seed=0, shape=None, spacing=None):
+        calls.append((Path(out_dir), count))
+        for i in range(count):
+            ct, label = make_ct(i)
+            write_volume(Path(out_dir) / "images" / f"phantom_{i:03d}.nii.gz", ct)
+            write_volume(Path(out_dir) / "labels" / f"phantom_{i:03d}.nii.gz", label)
+
+    monkeypatch.setitem(sys.modules, "maesil.data.phantoms",
+                        types.SimpleNamespace(write_phantoms=fake_write_phantoms))
+    phantom_dir = tmp_path / "phantoms"
+    dm = _dm(None, phantom_dir=str(phantom_dir), phantom_count=3, task="segment")
+    dm.prepare_data()
+    assert calls == [(phantom_dir, 3)]
+    dm.setup("fit")
+    assert dm.resolved_data_dir == phantom_dir
+    assert len(dm.train_records) == 2 and len(dm.val_records) == 1
+    assert "label" in next(iter(dm.train_dataloader()))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("maesil.data.phantoms") is None, reason="phantoms module not written yet")
+def test_real_phantoms(tiny_ct_dir: Path) -> None:
+    """The project's phantom folder (session fixture of tests/conftest.py) loads as segment data."""
+    dm = _dm(tiny_ct_dir, task="segment", val_fraction=0.34, batch_size=2, target_spacing=4.0)
+    dm.setup("fit")
+    assert len(dm.train_records) == 2 and len(dm.val_records) == 1
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 1, *PATCH) and batch["label"].shape == (2, 1, *PATCH)
+    assert next(iter(dm.val_dataloader()))["image"].shape[1:] == (1, *PATCH)

@@ -1,0 +1,36 @@
+"""Helpers shared by tests: paths and tiny-run arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: A phantom small enough for unit tests: 48 × 48 × 24 voxels of 4 × 4 × 8 mm (the same anatomy in mm).
+TINY_SHAPE = (48, 48, 24)
+TINY_SPACING = (4.0, 4.0, 8.0)
+
+
+def tiny_maesil_args(data_dir: Path, run_dir: Path, max_steps: int = 4) -> list[str]:
+    """CLI arguments that shrink experiments/pretrain/maesil_demo.yaml to a seconds-long run."""
+    return [
+        "--config", str(REPO_ROOT / "experiments/pretrain/maesil_demo.yaml"),
+        "--data.init_args.data_dir", str(data_dir),
+        "--data.init_args.superpatch_size", "32",
+        "--data.init_args.target_spacing", "4.0",
+        "--data.init_args.num_workers", "0",
+        "--data.init_args.batch_size", "2",
+        "--data.init_args.samples_per_volume", "2",
+        "--data.init_args.queue_length", "4",
+        "--model.init_args.img_size", "32",
+        "--model.init_args.embed_dim", "48",
+        "--model.init_args.depth", "2",
+        "--model.init_args.num_heads", "2",
+        "--model.init_args.decoder_embed_dim", "48",
+        "--model.init_args.decoder_depth", "1",
+        "--model.init_args.decoder_num_heads", "2",
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.val_check_interval", "2",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.default_root_dir", str(run_dir),
+    ]

@@ -1,0 +1,30 @@
+"""DDP with two CPU processes (gloo) through the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from tests.helpers import REPO_ROOT, tiny_maesil_args
+
+
+def test_ddp_two_cpu_processes_complete_steps(tiny_ct_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = tiny_maesil_args(tiny_ct_dir, run_dir, max_steps=3) + [
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2",
+        "--trainer.strategy", "ddp",
+        "--trainer.val_check_interval", "3",
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "maesil", "fit", *args],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert "world_size=2" in result.stdout + result.stderr or "GLOBAL_RANK: 1" in result.stdout + result.stderr
