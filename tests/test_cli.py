@@ -102,3 +102,12 @@ def test_phantoms_tool_writes_nifti(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "images" / "phantom_000.nii.gz").exists()
     assert (tmp_path / "labels" / "phantom_000.nii.gz").exists()
+
+
+def test_test_subcommand_scores_a_checkpoint_on_held_out_volumes(tiny_ct_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    main(["fit", *tiny_maesil_args(tiny_ct_dir, run_dir, max_steps=2)])
+    capsys.readouterr()
+    main(["test", *tiny_maesil_args(tiny_ct_dir, run_dir), "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+    out = capsys.readouterr().out
+    assert "test/psnr_masked" in out and "test/ssim" in out

@@ -100,6 +100,8 @@ class VolumeDataModule(L.LightningDataModule):
         target_spacing: voxel size in mm after resampling (one number = isotropic); ``None``
             keeps each volume's native spacing.
         hu_window: CT window (HU) mapped to [0, 1]; [-175, 250] as in the MAESIL paper.
+        crop_foreground: crop each volume to the bounding box of the body (plus 4 voxels) after
+            the intensity step, so superpatches are not spent on the air around the patient.
         val_fraction: fraction of subjects held out for validation (at least one when there
             are >= 2 subjects; 0 = no validation).
         split_seed: seed of the subject split and of the training subject shuffle.
@@ -130,6 +132,7 @@ class VolumeDataModule(L.LightningDataModule):
         superpatch_size: int | tuple[int, int, int] = 128,
         target_spacing: float | tuple[float, float, float] | None = 1.5,
         hu_window: tuple[float, float] = (-175.0, 250.0),
+        crop_foreground: bool = True,
         val_fraction: float = 0.2,
         split_seed: int = 0,
         batch_size: int = 2,
@@ -160,6 +163,7 @@ class VolumeDataModule(L.LightningDataModule):
         self._superpatch_size = as_patch_size(superpatch_size)
         self.target_spacing = target_spacing
         self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        self.crop_foreground = bool(crop_foreground)
         self.val_fraction = float(val_fraction)
         self.split_seed = int(split_seed)
         self.batch_size = int(batch_size)
@@ -226,6 +230,7 @@ class VolumeDataModule(L.LightningDataModule):
             target_spacing=self.target_spacing,
             hu_window=self.hu_window,
             min_shape=self.superpatch_size,
+            crop_foreground=self.crop_foreground,
         )
 
     def _make_subject(self, record: SubjectRecord) -> tio.Subject:
@@ -326,6 +331,12 @@ class VolumeDataModule(L.LightningDataModule):
             collate_fn=self.task.val_collate,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The held-out (validation) subjects, for ``python -m maesil test``: the whole-volume grid of
+        :meth:`val_dataloader`. A folder has no separate test split; hold test volumes in their own
+        folder and pass it as ``data_dir`` with ``val_fraction`` close to 1 to score all of them."""
+        return self.val_dataloader()
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the training subject order for ``epoch`` (forwarded to the queue's

@@ -98,6 +98,7 @@ class MAESIL(PretrainModule):
         self.effective_mask_ratio = expected_mask_ratio(masking, self.grid, mask_ratio, self.axial_mask_ratio)
         self.val_mask_seed = val_mask_seed
         self.val_metrics = ReconstructionMetrics(data_range=metric_data_range)
+        self._figure_candidate: tuple[float, dict] | None = None
 
     @property
     def img_size(self) -> tuple[int, int, int]:
@@ -162,31 +163,67 @@ class MAESIL(PretrainModule):
 
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
+        self._figure_candidate = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluation_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_epoch_end("test")
+
+    def _evaluation_step(self, batch: dict, stage: str) -> None:
         images = batch["image"]
         output = self(images, self.validation_mask(batch))
         reconstruction = self.net.reconstruct(images, output).clamp(0.0, 1.0)
         voxel_mask = self.voxel_mask(output.mask, images.shape[1])
         self.val_metrics.update(reconstruction, images, voxel_mask)
-        self.log("val/loss", output.loss, batch_size=images.shape[0], sync_dist=True)
-        if batch_idx == 0 and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            self._log_reconstruction(images[0, 0], voxel_mask[0, 0], reconstruction[0, 0], batch)
+        self.log(f"{stage}/loss", output.loss, batch_size=images.shape[0], sync_dist=True)
+        self._keep_figure_candidate(batch, voxel_mask, reconstruction)
 
-    def on_validation_epoch_end(self) -> None:
+    def _evaluation_epoch_end(self, stage: str) -> None:
         for name, value in self.val_metrics.compute().items():
-            self.log(f"val/{name}", value, prog_bar=name == "psnr_masked")
+            self.log(f"{stage}/{name}", value, prog_bar=name == "psnr_masked")
+        if self._figure_candidate is not None:
+            self._log_reconstruction(**self._figure_candidate[1])
+            self._figure_candidate = None
 
-    def _log_reconstruction(self, image: Tensor, mask: Tensor, reconstruction: Tensor, batch: dict) -> None:
-        masked = image.float().clone()
+    def _keep_figure_candidate(self, batch: dict, voxel_mask: Tensor, reconstruction: Tensor) -> None:
+        """Remembers the superpatch with the most structure (highest intensity std) for the picture.
+
+        Validation data and masks are fixed, so the same superpatch is drawn at every validation and
+        pictures from successive steps show the same anatomy.
+        """
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        images = batch["image"]
+        scores = images.flatten(1).float().std(dim=1)
+        index = int(scores.argmax())
+        score = float(scores[index])
+        if self._figure_candidate is None or score > self._figure_candidate[0]:
+            self._figure_candidate = (
+                score,
+                {
+                    "image": images[index, 0].detach().float().cpu(),
+                    "mask": voxel_mask[index, 0].cpu(),
+                    "reconstruction": reconstruction[index, 0].detach().float().cpu(),
+                    "subject": (batch.get("subject_id") or ["?"] * images.shape[0])[index],
+                },
+            )
+
+    def _log_reconstruction(self, image: Tensor, mask: Tensor, reconstruction: Tensor, subject: str) -> None:
+        masked = image.clone()
         masked[mask] = float("nan")
-        subject = batch.get("subject_id", ["?"])[0]
         figure = volume_panels_figure(
-            {
-                "input": image.float().cpu().numpy(),
-                "masked input": masked.cpu().numpy(),
-                "reconstruction": reconstruction.float().cpu().numpy(),
-            },
+            {"input": image.numpy(), "masked input": masked.numpy(), "reconstruction": reconstruction.numpy()},
             title=f"{subject} · step {self.global_step} · {self.masking} mask {self.effective_mask_ratio:.0%}",
         )
         self.log_figure("reconstructions", figure)

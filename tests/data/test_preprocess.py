@@ -94,7 +94,8 @@ def test_mri_znormalization(tmp_path: Path) -> None:
     array[8:32, 6:30, 4:16] = rng.normal(600, 80, size=(24, 24, 12))
     array += np.abs(rng.normal(0, 5, size=SHAPE)).astype(np.float32)
     path = write_volume(tmp_path / "mri.nii.gz", array)
-    whole = build_preprocessing("mri", target_spacing=None, mri_mask_background=False)(_subject(path))["image"].data
+    whole = build_preprocessing("mri", target_spacing=None, mri_mask_background=False,
+                                crop_foreground=False)(_subject(path))["image"].data
     assert float(whole.mean()) == pytest.approx(0.0, abs=1e-4)
     assert float(whole.std()) == pytest.approx(1.0, abs=1e-3)
     masked = build_preprocessing("mri", target_spacing=None)(_subject(path))["image"].data
@@ -102,7 +103,9 @@ def test_mri_znormalization(tmp_path: Path) -> None:
     assert float(foreground.mean()) == pytest.approx(0.0, abs=0.05)
     assert float(foreground.std()) == pytest.approx(1.0, abs=0.05)
     # padding uses the background (volume minimum)
-    padded = build_preprocessing("mri", target_spacing=None, min_shape=(48, 36, 24))(_subject(path))["image"].data
+    padded = build_preprocessing("mri", target_spacing=None, min_shape=(48, 36, 24), crop_foreground=False)(
+        _subject(path)
+    )["image"].data
     assert padded.shape == (1, 48, 36, 24)
     assert float(padded[0, 0, 0, 0]) == pytest.approx(float(padded.min()))
 
@@ -140,3 +143,28 @@ def test_unreadable_data_raises_naming_file(tmp_path: Path) -> None:
     path.write_bytes(b"not an image at all")
     with pytest.raises(DataError, match=r"broken\.nii\.gz: cannot be loaded"), pytest.warns(UserWarning):
         build_preprocessing()(_subject(path))
+
+
+def test_crop_foreground_keeps_body_box_with_margin_for_image_and_label() -> None:
+    from maesil.data.preprocess import CropForeground
+
+    hu = torch.full((1, 40, 30, 20), -1000.0)
+    hu[:, 10:20, 5:25, 3:9] = 40.0  # the body
+    label = torch.zeros(1, 40, 30, 20, dtype=torch.uint8)
+    label[:, 12:14, 6:8, 4:6] = 1
+    subject = tio.Subject(image=tio.ScalarImage(tensor=hu), label=tio.LabelMap(tensor=label))
+    out = CropForeground(margin=2)(HUWindow()(subject))
+    assert out.spatial_shape == (10 + 4, 20 + 4, 6 + 4)
+    assert out["label"].spatial_shape == out.spatial_shape
+    assert int(out["label"].data.sum()) == int(label.sum())
+    # the crop moves the origin with it, so world coordinates of the body are unchanged
+    assert np.allclose(out["image"].affine[:3, 3], np.array([8.0, 3.0, 1.0]))
+
+
+def test_crop_foreground_leaves_empty_volume_alone() -> None:
+    from maesil.data.preprocess import CropForeground
+
+    air = tio.Subject(image=tio.ScalarImage(tensor=torch.zeros(1, 8, 8, 8)))
+    assert CropForeground()(air).spatial_shape == (8, 8, 8)
+    with pytest.raises(ValueError, match="margin"):
+        CropForeground(margin=-1)
