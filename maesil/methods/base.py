@@ -77,9 +77,23 @@ class PretrainModule(L.LightningModule):
                 f"{list(size)} or data.init_args.superpatch_size to {list(expected)}."
             )
 
+    def run_folder(self) -> Path:
+        """Folder of this run's logs: the first logger's ``log_dir`` (or ``save_dir``), else
+        ``default_root_dir``.
+
+        Reads the logger directly: ``Trainer.log_dir`` broadcasts across DDP processes and would
+        deadlock when only rank 0 saves a picture.
+        """
+        logger = self.logger
+        folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        return Path(folder or self.trainer.default_root_dir)
+
     def log_figure(self, name: str, figure: Figure) -> Path:
-        """Saves ``figure`` as PNG in the run folder and sends it to the logger when it takes images."""
-        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """Saves ``figure`` as PNG in the run folder and sends it to the logger when it takes images.
+
+        Call it on global rank 0 only (it does no collective operation).
+        """
+        root = self.run_folder()
         path = save_figure(figure, root / name / f"step_{self.global_step:07d}.png")
         self.last_figure_path = path
         for logger in self.loggers:
