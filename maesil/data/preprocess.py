@@ -64,8 +64,8 @@ class LoadVolume(tio.Transform):
     * intensity images become float32;
     * a NaN or Inf voxel in an intensity image raises ``DataError`` naming the file (a single NaN
       would poison the loss silently, and TorchIO transforms run with numpy errors raising).
-      Note: ITK's NIfTI reader, which TorchIO uses, already replaces NaN/Inf of ``.nii(.gz)``
-      files by 0, so the check fires for NRRD/MetaImage files or in-memory tensors;
+      (NIfTI files must be read with :func:`maesil.data.io.read_volume`: ITK's NIfTI reader,
+      TorchIO's default, replaces NaN/Inf by 0 and the check could not see them);
     * every other image (label maps) gets the affine of ``reference`` so that floating-point
       header noise cannot make TorchIO's consistency checks fail later.
 

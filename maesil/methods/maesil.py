@@ -113,11 +113,7 @@ class MAESIL(PretrainModule):
         mask = make_mask(
             self.masking, batch_size, self.grid, self.mask_ratio, self.axial_mask_ratio, generator=generator
         )
-        return TokenMask(
-            ids_keep=mask.ids_keep.to(self.device),
-            ids_restore=mask.ids_restore.to(self.device),
-            mask=mask.mask.to(self.device),
-        )
+        return mask.to(self.device)
 
     def forward(self, images: Tensor, mask: TokenMask | None = None) -> MAEOutput:
         return self.net(images, mask if mask is not None else self.draw_mask(images.shape[0]))

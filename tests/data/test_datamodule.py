@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import importlib.util
 import sys
 import types
@@ -127,14 +129,15 @@ def test_bad_folder_fails_in_setup(flat_ct_dir: Path) -> None:
         _dm(flat_ct_dir).setup("fit")
 
 
-def test_nan_volume_fails_when_loaded(flat_ct_dir: Path) -> None:
+@pytest.mark.parametrize("suffix", [".mha", ".nii.gz"])  # NIfTI: ITK alone would read the NaN as 0
+def test_nan_volume_fails_when_loaded(flat_ct_dir: Path, suffix: str) -> None:
     array = make_ct(9)[0].astype(np.float32)
     array[5, 5, 5] = np.nan
-    write_volume(flat_ct_dir / "zz_nan.mha", array)
+    write_volume(flat_ct_dir / f"zz_nan{suffix}", array)
     dm = _dm(flat_ct_dir, val_fraction=0.4)
     dm.setup("fit")
     assert any(r.subject_id == "zz_nan" for r in dm.train_records + dm.val_records)
-    with pytest.raises(DataError, match=r"zz_nan\.mha: contains 1 NaN"):
+    with pytest.raises(DataError, match=rf"zz_nan{re.escape(suffix)}: contains 1 NaN"):
         list(dm.val_dataloader())
         list(dm.train_dataloader())
 

@@ -1,0 +1,37 @@
+"""Reading volumes for TorchIO without losing invalid voxels.
+
+TorchIO reads NIfTI through SimpleITK, whose NIfTI reader turns NaN and Inf voxels into 0 without a
+word. A volume with NaNs is broken input that must be reported, not silently repaired, so NIfTI files
+are read with nibabel (which keeps them) and :class:`~maesil.data.preprocess.LoadVolume` rejects them
+naming the file. Other formats go through TorchIO's own reader. The affine is nibabel's (sform when
+set, else qform), the same RAS convention TorchIO uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torchio as tio
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: str | Path) -> bool:
+    """Whether ``path`` names a NIfTI file (.nii or .nii.gz)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_volume(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
+    """TorchIO reader: ``(C, X, Y, Z)`` tensor and RAS affine, NaN/Inf preserved for NIfTI."""
+    if not is_nifti(path):
+        return tio.data.io.read_image(path)
+    image = nib.load(str(path), mmap=False)
+    data = image.get_fdata(dtype=np.float32)  # applies scl_slope/scl_inter; NaN stays NaN
+    if data.ndim == 3:
+        data = data[np.newaxis]
+    elif data.ndim == 4:  # (X, Y, Z, C) -> (C, X, Y, Z)
+        data = np.moveaxis(data, -1, 0)
+    return torch.as_tensor(np.ascontiguousarray(data)), np.asarray(image.affine, dtype=np.float64)
