@@ -10,6 +10,7 @@ YAML by ``class_path``; several ``--config`` files compose (later ones override)
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -91,8 +92,23 @@ def phantoms_command(argv: Sequence[str]) -> int:
 TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"phantoms": phantoms_command}
 
 
+def configure_logging(level: int = logging.INFO) -> None:
+    """Shows maesil's own messages (data found, files excluded, the train/val split) on stderr.
+
+    Library use stays silent unless the application configures logging; the command line is an
+    application, and nothing it skips or decides about the data should go unseen.
+    """
+    logger = logging.getLogger("maesil")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[maesil] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m maesil`` and the ``maesil`` console script."""
+    configure_logging()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOLS:
         raise SystemExit(TOOLS[args[0]](args[1:]))
