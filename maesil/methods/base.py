@@ -68,7 +68,7 @@ class PretrainModule(L.LightningModule):
 
     def check_input_size(self, expected: Sequence[int]) -> None:
         """Fails fast when the DataModule's superpatch differs from the size the model was built for."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.trainer, "datamodule", None)
         size = getattr(datamodule, "superpatch_size", None)
         if size is not None and tuple(size) != tuple(expected):
             raise ValueError(

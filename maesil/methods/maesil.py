@@ -109,10 +109,16 @@ class MAESIL(PretrainModule):
         self.check_input_size(self.img_size)
 
     def draw_mask(self, batch_size: int, generator: torch.Generator | None = None) -> TokenMask:
-        """A token mask for a batch, drawn with the configured mode and ratios."""
+        """A token mask for a batch, drawn with the configured mode and ratios.
+
+        Without a generator the mask is drawn directly on the model's device (no host-to-device copy
+        per step); a seeded generator lives on the CPU, so those masks are drawn there and moved.
+        """
+        device = self.device if generator is None else None
         mask = make_mask(
-            self.masking, batch_size, self.grid, self.mask_ratio, self.axial_mask_ratio, generator=generator
-        )
+            self.masking, batch_size, self.grid, self.mask_ratio, self.axial_mask_ratio,
+            generator=generator, device=device,
+        )  # fmt: skip
         return mask.to(self.device)
 
     def forward(self, images: Tensor, mask: TokenMask | None = None) -> MAEOutput:
