@@ -15,7 +15,7 @@ import torchio as tio
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from maesil.data.io import read_volume
+from maesil.data.io import subject_from_record
 from maesil.data.preprocess import build_preprocessing, padding_value
 from maesil.data.sampling import (
     PatchTask,
@@ -235,10 +235,7 @@ class VolumeDataModule(L.LightningDataModule):
         )
 
     def _make_subject(self, record: SubjectRecord) -> tio.Subject:
-        images: dict[str, Any] = {"image": tio.ScalarImage(record.image, reader=read_volume)}
-        if self.task.requires_labels:
-            images["label"] = tio.LabelMap(record.label, reader=read_volume)
-        return tio.Subject(subject_id=record.subject_id, **images)
+        return subject_from_record(record, with_label=self.task.requires_labels)
 
     def setup(self, stage: str | None = None) -> None:
         """Discover and check all files (every problem in one ``DataError``), split by subject

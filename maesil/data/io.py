@@ -9,12 +9,15 @@ set, else qform), the same RAS convention TorchIO uses.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
+
+from maesil.data.sources import SubjectRecord
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -24,8 +27,11 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def read_volume(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
-    """TorchIO reader: ``(C, X, Y, Z)`` tensor and RAS affine, NaN/Inf preserved for NIfTI."""
+def read_volume(path: str | Path, series_uid: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """TorchIO reader: ``(C, X, Y, Z)`` tensor and RAS affine, NaN/Inf preserved for NIfTI.
+
+    ``series_uid`` is only used for DICOM folders (which series of the folder to read).
+    """
     if not is_nifti(path):
         return tio.data.io.read_image(path)
     image = nib.load(str(path), mmap=False)
@@ -35,3 +41,18 @@ def read_volume(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
     elif data.ndim == 4:  # (X, Y, Z, C) -> (C, X, Y, Z)
         data = np.moveaxis(data, -1, 0)
     return torch.as_tensor(np.ascontiguousarray(data)), np.asarray(image.affine, dtype=np.float64)
+
+
+def subject_from_record(record: SubjectRecord, with_label: bool) -> tio.Subject:
+    """A lazy ``tio.Subject`` (``image``, optional ``label``, ``subject_id``) read by :func:`read_volume`.
+
+    The reader is a ``functools.partial`` of a module-level function, so subjects pickle into
+    DataLoader worker processes.
+    """
+    reader = partial(read_volume, series_uid=record.series_uid)
+    images: dict = {"image": tio.ScalarImage(record.image, reader=reader)}
+    if with_label:
+        if record.label is None:
+            raise ValueError(f"{record.image}: subject {record.subject_id!r} has no label")
+        images["label"] = tio.LabelMap(record.label, reader=read_volume)
+    return tio.Subject(subject_id=record.subject_id, **images)

@@ -26,6 +26,7 @@ steps offline (e.g. :func:`preprocessing_steps`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -291,3 +292,64 @@ def build_preprocessing(
         modality, target_spacing, hu_window, min_shape, mri_mask_background, crop_foreground=crop_foreground
     )
     return tio.Compose(steps)
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """The options that decide a preprocessed volume (shared by the DataModule, ``prepare`` and the
+    cache index, which stores them so a cache made with other settings is never read by mistake).
+
+    Padding to the superpatch size is not part of it: the cache keeps unpadded volumes and pads
+    at read time, so one cache serves every superpatch size.
+    """
+
+    modality: Modality = "ct"
+    target_spacing: tuple[float, float, float] | None = (1.5, 1.5, 1.5)
+    hu_window: tuple[float, float] = MAESIL_HU_WINDOW
+    crop_foreground: bool = True
+    mri_mask_background: bool = True
+
+    def __post_init__(self) -> None:
+        if self.modality not in ("ct", "mri"):
+            raise ValueError(f"modality must be 'ct' or 'mri', got {self.modality!r}")
+        if self.target_spacing is not None:
+            spacing = tuple(float(s) for s in _as_triplet(self.target_spacing, "target_spacing"))
+            if any(s <= 0 for s in spacing):
+                raise ValueError(f"target_spacing must be positive, got {self.target_spacing!r}")
+            object.__setattr__(self, "target_spacing", spacing)
+        low, high = (float(v) for v in self.hu_window)
+        if not high > low:
+            raise ValueError(f"hu_window must be (low, high) with high > low, got {self.hu_window!r}")
+        object.__setattr__(self, "hu_window", (low, high))
+        object.__setattr__(self, "crop_foreground", bool(self.crop_foreground))
+        object.__setattr__(self, "mri_mask_background", bool(self.mri_mask_background))
+
+    def steps(self, min_shape: int | tuple[int, int, int] | None = None) -> list[tio.Transform]:
+        """The transforms (:func:`preprocessing_steps`), optionally padded to ``min_shape``."""
+        return preprocessing_steps(self.modality, self.target_spacing, self.hu_window, min_shape,
+                                   self.mri_mask_background, crop_foreground=self.crop_foreground)
+
+    def transform(self, min_shape: int | tuple[int, int, int] | None = None) -> tio.Compose:
+        """:meth:`steps` as one ``tio.Compose``."""
+        return tio.Compose(self.steps(min_shape))
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (lists, not tuples), as stored in a cache index."""
+        return {
+            "modality": self.modality,
+            "target_spacing": list(self.target_spacing) if self.target_spacing is not None else None,
+            "hu_window": list(self.hu_window),
+            "crop_foreground": self.crop_foreground,
+            "mri_mask_background": self.mri_mask_background,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessSettings:
+        spacing = data.get("target_spacing")
+        return cls(
+            modality=data["modality"],
+            target_spacing=tuple(spacing) if spacing is not None else None,
+            hu_window=tuple(data["hu_window"]),
+            crop_foreground=data["crop_foreground"],
+            mri_mask_background=data.get("mri_mask_background", True),
+        )

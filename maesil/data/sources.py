@@ -77,11 +77,18 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class SubjectRecord:
-    """One subject: its id, image path and optional label-map path."""
+    """One subject: its id, image and optional label map.
+
+    ``image`` (and ``label``) is a volume file or, for DICOM, the folder of one study;
+    ``series_uid`` then picks the series in that folder (``None``: the largest CT series).
+    ``split`` is the split given by a manifest (``"train"``, ``"val"`` or ``"test"``), if any.
+    """
 
     subject_id: str
     image: Path
     label: Path | None = None
+    series_uid: str | None = None
+    split: str | None = None
 
 
 def split_extension(path: str | Path) -> tuple[str, str] | None:
