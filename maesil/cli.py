@@ -5,6 +5,8 @@ YAML by ``class_path``; several ``--config`` files compose (later ones override)
 ``experiments/trainer/ddp.yaml``. Tools that are not training runs are plain subcommands:
 
 * ``python -m maesil phantoms --out DIR --count 8``: write synthetic CT phantoms (image + organ labels).
+* ``python -m maesil check-data DIR``: validate a dataset up front, one table row per problem.
+* ``python -m maesil prepare DIR --out CACHE``: preprocess once into a cache for fast loading.
 """
 
 from __future__ import annotations
@@ -89,7 +91,25 @@ def phantoms_command(argv: Sequence[str]) -> int:
     return 0
 
 
-TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"phantoms": phantoms_command}
+def check_data_command(argv: Sequence[str]) -> int:
+    """``python -m maesil check-data``: see :mod:`maesil.tools.check_data`."""
+    from maesil.tools.check_data import check_data_command as command
+
+    return command(argv)
+
+
+def prepare_command(argv: Sequence[str]) -> int:
+    """``python -m maesil prepare``: see :mod:`maesil.tools.prepare`."""
+    from maesil.tools.prepare import prepare_command as command
+
+    return command(argv)
+
+
+TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
+    "phantoms": phantoms_command,
+    "check-data": check_data_command,
+    "prepare": prepare_command,
+}
 
 
 def configure_logging(level: int = logging.INFO) -> None:

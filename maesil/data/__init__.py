@@ -2,6 +2,9 @@
 the shared :class:`VolumeDataModule`."""
 
 from maesil.data.datamodule import VolumeDataModule
-from maesil.data.sources import DataError, SubjectRecord, check_headers, discover_subjects
+from maesil.data.checks import check_headers, check_records
+from maesil.data.sources import DataError, Problem, SubjectRecord, discover_subjects
 
-__all__ = ["DataError", "SubjectRecord", "VolumeDataModule", "check_headers", "discover_subjects"]
+__all__ = [
+    "DataError", "Problem", "SubjectRecord", "VolumeDataModule", "check_headers", "check_records", "discover_subjects",
+]

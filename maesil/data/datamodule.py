@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from maesil.data.io import subject_from_record
-from maesil.data.preprocess import build_preprocessing, padding_value
+from maesil.data.preprocess import PadToMinShape, PreprocessSettings, padding_value
 from maesil.data.sampling import (
     PatchTask,
     QueueSampler,
@@ -27,7 +27,18 @@ from maesil.data.sampling import (
     set_queue_epoch,
     train_queue,
 )
-from maesil.data.sources import DEFAULT_EXCLUDE, DataError, SubjectRecord, check_headers, discover_subjects
+from maesil.data.cache import (
+    CACHE_INDEX,
+    CachedPatchDataset,
+    CacheIndex,
+    cache_problems,
+    is_cache,
+    load_cached_subject,
+    prepare_cache,
+)
+from maesil.data.checks import check_records, raise_on_errors
+from maesil.data.manifest import declared_classes
+from maesil.data.sources import DEFAULT_EXCLUDE, DataError, SubjectRecord, discover_subjects
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,25 @@ def split_subjects(records: Sequence[SubjectRecord], val_fraction: float, seed: 
     return [r for r in records if r.subject_id not in val_ids], [r for r in records if r.subject_id in val_ids]
 
 
+def split_by_manifest(records: Sequence[SubjectRecord], val_fraction: float, seed: int
+                      ) -> tuple[list[SubjectRecord], list[SubjectRecord], list[SubjectRecord]]:
+    """Train/val/test split honouring a manifest's ``split`` column.
+
+    Subjects marked ``test`` are held out of training and validation; ``val`` ones validate.
+    If no subject is marked ``val``, the validation subjects are drawn from the rest by
+    :func:`split_subjects`; subjects without a split train otherwise.
+    """
+    test = [r for r in records if r.split == "test"]
+    marked_val = [r for r in records if r.split == "val"]
+    pool = [r for r in records if r.split not in ("val", "test")]
+    if marked_val:
+        return sorted(pool, key=lambda r: r.subject_id), marked_val, test
+    if not pool:
+        raise DataError("no training subject: every subject is marked test in the manifest")
+    train, val = split_subjects(pool, val_fraction, seed)
+    return train, val, test
+
+
 def _first(batch: list) -> Any:
     return batch[0]
 
@@ -77,8 +107,9 @@ class VolumeDataModule(L.LightningDataModule):
     ``tio.Queue``; validation covers every voxel of every validation volume exactly once with
     a non-overlapping grid.
 
-    All input files are checked (headers only) in ``setup`` and every problem is reported in
-    one ``DataError`` before training starts.
+    All input files are checked in ``setup`` (headers, and with ``check_voxels`` every voxel;
+    see :mod:`maesil.data.checks`) and every problem is reported in one ``DataError`` before
+    training starts.
 
     Distributed training: subjects are sharded per rank by the queue's own
     ``DistributedSampler``, and both loaders already carry a ``DistributedSampler``, so
@@ -87,11 +118,13 @@ class VolumeDataModule(L.LightningDataModule):
     sampler each epoch; ``set_epoch`` can also be called by hand.
 
     Args:
-        data_dir: folder of images: either ``images/`` (or ``imagesTr/``) with optional
-            sibling ``labels/`` (or ``labelsTr/``) paired by subject id, or any folder whose
-            supported files (.nii, .nii.gz, .nrrd, .mha, .mhd; searched recursively) are all
-            images. ``None`` uses ``phantom_count`` synthetic phantoms written to
-            ``phantom_dir`` (demo / smoke tests).
+        data_dir: where the volumes are: a folder with ``images/`` (or ``imagesTr/``) and
+            optional sibling ``labels/`` (or ``labelsTr/``) paired by subject id; any folder whose
+            supported files (.nii, .nii.gz, .nrrd, .mha, .mhd; searched recursively) and DICOM
+            study folders are all images; a CSV/JSON manifest (:mod:`maesil.data.manifest`,
+            may fix the train/val/test split); or a cache written by ``python -m maesil
+            prepare`` (read as it is). ``None`` uses ``phantom_count`` synthetic phantoms
+            written to ``phantom_dir`` (demo / smoke tests).
         task: what a batch holds: ``"reconstruct"`` (images, uniform patches) or
             ``"segment"`` (images and labels, label-centred patches; needs labels for all).
         modality: ``"ct"`` (clip to ``hu_window``, scale to [0, 1]) or ``"mri"``
@@ -121,6 +154,17 @@ class VolumeDataModule(L.LightningDataModule):
             ignored (matched against the relative path, the file name and folder names).
             ``None`` = hidden files and .json/.csv/.tsv/.md/.txt. Any other non-image file
             is an error.
+        cache_dir: prepare ``data_dir`` into this cache (``prepare_data``, rank 0; subjects whose
+            source is unchanged are skipped) and train from it: random superpatch reads from
+            ``.npy`` memmaps in ``num_workers`` DataLoader workers, instead of decoding and
+            preprocessing whole volumes in a TorchIO queue. Much faster, and memory does not
+            grow with the dataset. ``None``: no cache.
+        num_classes: label values must be in ``0..num_classes-1`` (checked for every label
+            map in ``setup``); ``None``: the classes of a JSON manifest / ``dataset.json``, else
+            any non-negative integer.
+        check_voxels: in ``setup``, read every voxel of every file once (NaN/Inf, constant
+            volumes, label values) besides the header checks, so a bad file stops the run at
+            the start. With a cache these checks come free from its index.
         phantom_count: number of phantoms written when ``data_dir`` is ``None``.
         phantom_dir: where the phantoms are written when ``data_dir`` is ``None``.
     """
@@ -143,6 +187,9 @@ class VolumeDataModule(L.LightningDataModule):
         num_workers: int = 2,
         label_probabilities: dict[int, float] | None = None,
         exclude: list[str] | None = None,
+        cache_dir: str | None = None,
+        num_classes: int | None = None,
+        check_voxels: bool = True,
         phantom_count: int = 8,
         phantom_dir: str = "data_cache/phantoms",
     ) -> None:
@@ -174,6 +221,13 @@ class VolumeDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.label_probabilities = dict(label_probabilities) if label_probabilities else None
         self.exclude = tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE
+        self.cache_dir = cache_dir
+        if num_classes is not None and int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes) if num_classes is not None else None
+        self.check_voxels = bool(check_voxels)
+        self.settings = PreprocessSettings(modality=modality, target_spacing=target_spacing,
+                                           hu_window=self.hu_window, crop_foreground=self.crop_foreground)
         self.phantom_count = int(phantom_count)
         self.phantom_dir = phantom_dir
         self.task: PatchTask = get_task(task, label_probabilities=self.label_probabilities)
@@ -182,9 +236,12 @@ class VolumeDataModule(L.LightningDataModule):
 
         self.train_records: list[SubjectRecord] = []
         self.val_records: list[SubjectRecord] = []
+        self.test_records: list[SubjectRecord] = []
+        self._cache: CacheIndex | None = None
+        self._test_patches: Dataset | None = None
+        self._train_dataset: CachedPatchDataset | None = None
         self._setup_key: tuple | None = None
         self._train_subjects: tio.SubjectsDataset | None = None
-        self._val_subjects: tio.SubjectsDataset | None = None
         self._val_patches: Dataset | None = None
         self._queue: tio.Queue | None = None
         self._epoch = 0
@@ -216,68 +273,121 @@ class VolumeDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- lightning hooks
     def prepare_data(self) -> None:
-        """Write the demo phantoms when ``data_dir`` is ``None`` (rank 0 only, via Lightning)."""
-        if self.data_dir is not None:
-            return
-        from maesil.data.phantoms import write_phantoms
+        """Rank 0 only, via Lightning: write the demo phantoms when ``data_dir`` is ``None``, and
+        prepare the cache when ``cache_dir`` is set (idempotent: unchanged subjects are skipped)."""
+        if self.data_dir is None:
+            from maesil.data.phantoms import write_phantoms
 
-        log.info("data_dir is None: writing %d demo phantoms to %s", self.phantom_count, self.phantom_dir)
-        write_phantoms(self.phantom_dir, count=self.phantom_count)
+            log.info("data_dir is None: writing %d demo phantoms to %s", self.phantom_count, self.phantom_dir)
+            write_phantoms(self.phantom_dir, count=self.phantom_count)
+        if self.cache_dir is None or is_cache(self.resolved_data_dir):
+            return
+        records = discover_subjects(self.resolved_data_dir, exclude=self.exclude)
+        self._check_source(records)
+        report = prepare_cache(records, self.cache_dir, self.settings, workers=max(1, self.num_workers))
+        if report.failed:
+            raise DataError([f"{sid}: {message}" for sid, message in sorted(report.failed.items())],
+                            header=f"{len(report.failed)} subject(s) could not be prepared into {self.cache_dir}")
+        log.info("Cache %s: %d subject(s) prepared, %d unchanged", self.cache_dir, len(report.prepared),
+                 len(report.skipped))
 
     def preprocessing(self) -> tio.Compose:
         """The per-volume preprocessing (canonical, resample, intensity, pad to the patch)."""
-        return build_preprocessing(
-            modality=self.modality,
-            target_spacing=self.target_spacing,
-            hu_window=self.hu_window,
-            min_shape=self.superpatch_size,
-            crop_foreground=self.crop_foreground,
-        )
+        return self.settings.transform(min_shape=self.superpatch_size)
+
+    def label_classes(self) -> list[int] | None:
+        """The declared label values: ``range(num_classes)``, else a JSON manifest's, else ``None``."""
+        if self.num_classes is not None:
+            return list(range(self.num_classes))
+        return declared_classes(self.resolved_data_dir)
+
+    def _check_source(self, records: Sequence[SubjectRecord]) -> None:
+        """Labels present where the task needs them; the file checks of :mod:`maesil.data.checks`."""
+        if self.task.requires_labels:
+            unlabeled = [r for r in records if r.label is None and r.split != "test"]
+            if unlabeled:
+                raise DataError(
+                    [f"{r.image}: no label (task {self.task_name!r} needs a label for every image)"
+                     for r in unlabeled],
+                    header=f"Task {self.task_name!r} needs labels (in {self.resolved_data_dir}/labels, or labelsTr,"
+                    f" named like the images, or a manifest's label column); {len(unlabeled)} image(s) have none",
+                )
+        problems = check_records(records, superpatch_size=self.superpatch_size, target_spacing=self.target_spacing,
+                                 classes=self.label_classes(), read_voxels=self.check_voxels,
+                                 workers=max(2, self.num_workers))
+        raise_on_errors(problems, what=f"data of {self.resolved_data_dir}")
 
     def _make_subject(self, record: SubjectRecord) -> tio.Subject:
         return subject_from_record(record, with_label=self.task.requires_labels)
 
     def setup(self, stage: str | None = None) -> None:
-        """Discover and check all files (every problem in one ``DataError``), split by subject
-        and build the subject datasets. Idempotent."""
+        """Discover and check all subjects (every problem in one ``DataError``), split them and
+        build the datasets. Idempotent. Reads the cache when ``data_dir`` is one or
+        ``cache_dir`` is set (call ``prepare_data`` first, as Lightning does)."""
         data_dir = self.resolved_data_dir
         if self.data_dir is None and not data_dir.exists():
             self.prepare_data()
-        key = (str(data_dir), self.exclude, self.task_name, self.val_fraction, self.split_seed)
+        cache_root = data_dir if is_cache(data_dir) else (Path(self.cache_dir) if self.cache_dir else None)
+        key = (str(data_dir), str(cache_root), self.exclude, self.task_name, self.val_fraction, self.split_seed)
         if self._setup_key == key:
             return
-        records = discover_subjects(data_dir, exclude=self.exclude)
-        if self.task.requires_labels:
-            unlabeled = [r for r in records if r.label is None]
-            if unlabeled:
-                raise DataError(
-                    [f"{r.image}: no label (task {self.task_name!r} needs a label for every image)"
-                     for r in unlabeled],
-                    header=f"Task {self.task_name!r} needs labels in {data_dir}/labels (or labelsTr) "
-                    f"named like the images; {len(unlabeled)} image(s) have none",
-                )
-        check_headers(records)
-        self.train_records, self.val_records = split_subjects(records, self.val_fraction, self.split_seed)
-        log.info("%d subjects: %d train, %d val (%s)", len(records), len(self.train_records),
-                 len(self.val_records), ", ".join(r.subject_id for r in self.val_records))
-        transform = self.preprocessing()
-        self._train_subjects = tio.SubjectsDataset(
-            [self._make_subject(r) for r in self.train_records], transform=transform, load_getitem=False
-        )
-        self._val_subjects = tio.SubjectsDataset(
-            [self._make_subject(r) for r in self.val_records], transform=transform, load_getitem=False
-        ) if self.val_records else None
-        self._val_patches = None
-        self._queue = None
+        self._val_patches = self._test_patches = None
+        self._queue = self._train_dataset = None
+        self._train_subjects = None
+        if cache_root is not None:
+            records = self._setup_from_cache(cache_root)
+        else:
+            records = discover_subjects(data_dir, exclude=self.exclude)
+            self._check_source(records)
+            self._cache = None
+        self.train_records, self.val_records, self.test_records = split_by_manifest(
+            records, self.val_fraction, self.split_seed)
+        log.info("%d subjects: %d train, %d val (%s)%s", len(records), len(self.train_records),
+                 len(self.val_records), ", ".join(r.subject_id for r in self.val_records),
+                 f", {len(self.test_records)} test" if self.test_records else "")
+        if self._cache is None:
+            transform = self.preprocessing()
+            self._train_subjects = tio.SubjectsDataset(
+                [self._make_subject(r) for r in self.train_records], transform=transform, load_getitem=False
+            )
         self._setup_key = key
+
+    def _setup_from_cache(self, cache_root: Path) -> list[SubjectRecord]:
+        """Open the cache index; check its settings match this DataModule's and its subjects are usable."""
+        if not (cache_root / CACHE_INDEX).exists():
+            raise DataError(f"{cache_root}: no prepared cache here (no {CACHE_INDEX}); run `python -m maesil"
+                            f" prepare DATA --out {cache_root}` or let the DataModule prepare it (prepare_data)")
+        index = CacheIndex.load(cache_root)
+        if index.settings != self.settings:
+            raise DataError(
+                f"{cache_root}: the cache was prepared with {index.settings.to_dict()}, but this run asks for"
+                f" {self.settings.to_dict()}; prepare another cache (or re-run prepare with --force)"
+            )
+        if self.cache_dir is not None and not is_cache(self.resolved_data_dir):
+            wanted = {r.subject_id for r in discover_subjects(self.resolved_data_dir, exclude=self.exclude)}
+            missing = sorted(wanted - set(index.entries))
+            if missing:
+                raise DataError([f"{cache_root}: subject {sid!r} of {self.resolved_data_dir} is not prepared"
+                                 for sid in missing[:20]], header="The cache is incomplete; call prepare_data()")
+            entries = {sid: index.entries[sid] for sid in sorted(wanted)}
+        else:
+            entries = dict(sorted(index.entries.items()))
+        problems = cache_problems(entries.values(), self.superpatch_size, self.label_classes(),
+                                  needs_labels=self.task.requires_labels)
+        raise_on_errors(problems, what=f"cache {cache_root}")
+        self._cache = index
+        return [SubjectRecord(sid, e.image_path, e.label_path, split=e.split) for sid, e in entries.items()]
 
     def _require_setup(self) -> None:
         if self._setup_key is None:
             raise RuntimeError("call setup() before requesting a dataloader")
 
     def train_dataloader(self) -> DataLoader:
-        """Batches from a DDP-aware ``tio.Queue``; the DataLoader itself has 0 workers."""
+        """Batches from a DDP-aware ``tio.Queue`` (the DataLoader itself has 0 workers), or from the
+        cache: a plain DataLoader with ``num_workers`` workers over random superpatch reads."""
         self._require_setup()
+        if self._cache is not None:
+            return self._cached_train_dataloader()
         assert self._train_subjects is not None
         self._queue = train_queue(
             self._train_subjects,
@@ -299,17 +409,54 @@ class VolumeDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def _cached_train_dataloader(self) -> DataLoader:
+        assert self._cache is not None
+        self._train_dataset = CachedPatchDataset(
+            self._cache, [r.subject_id for r in self.train_records], self.superpatch_size, self.samples_per_volume,
+            with_label=self.task.requires_labels, label_probabilities=self.label_probabilities, seed=self.split_seed,
+        )
+        self._train_dataset.set_epoch(self._epoch)
+        if is_distributed():
+            sampler = DistributedSampler(self._train_dataset, shuffle=True, seed=self.split_seed)
+        else:
+            sampler = DistributedSampler(self._train_dataset, num_replicas=1, rank=0, shuffle=True, seed=self.split_seed)
+        sampler.set_epoch(self._epoch)
+        return DataLoader(
+            self._train_dataset,
+            batch_size=self.batch_size,
+            sampler=_EpochForwardingSampler(sampler, self._train_dataset),
+            num_workers=self.num_workers,
+            collate_fn=self.task.collate,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+        )
+
+    def _preprocessed_subjects(self, records: Sequence[SubjectRecord]) -> list[tio.Subject]:
+        """Whole preprocessed (and padded to one superpatch) volumes, from the cache or the files."""
+        with_label = self.task.requires_labels
+        if self._cache is not None:
+            pad = PadToMinShape(self.superpatch_size, padding_value(self.modality))
+            return [pad(load_cached_subject(self._cache, r.subject_id, with_label=with_label)) for r in records]
+        dataset = tio.SubjectsDataset([self._make_subject(r) for r in records], transform=self.preprocessing(),
+                                      load_getitem=False)
+        return list(DataLoader(dataset, batch_size=1, num_workers=self.num_workers, collate_fn=_first))
+
     def val_patches(self) -> Dataset:
         """Non-overlapping grid patches of the validation volumes, preprocessed once and kept
         in memory (validation runs many times; volumes are small after resampling)."""
         self._require_setup()
         if self._val_patches is None:
-            assert self._val_subjects is not None
-            loader = DataLoader(self._val_subjects, batch_size=1, num_workers=self.num_workers,
-                                collate_fn=_first)
-            subjects = list(loader)
+            subjects = self._preprocessed_subjects(self.val_records)
             self._val_patches = grid_patches(subjects, self.superpatch_size, padding_value(self.modality))
         return self._val_patches
+
+    def test_patches(self) -> Dataset:
+        """Grid patches of the test subjects (manifest ``split: test``), like :meth:`val_patches`."""
+        self._require_setup()
+        if self._test_patches is None:
+            subjects = self._preprocessed_subjects(self.test_records)
+            self._test_patches = grid_patches(subjects, self.superpatch_size, padding_value(self.modality))
+        return self._test_patches
 
     def val_dataloader(self) -> DataLoader | list:
         """Every voxel of every validation volume once (sharded over ranks when distributed;
@@ -317,7 +464,9 @@ class VolumeDataModule(L.LightningDataModule):
         self._require_setup()
         if not self.val_records:
             return []
-        patches = self.val_patches()
+        return self._grid_dataloader(self.val_patches())
+
+    def _grid_dataloader(self, patches: Dataset) -> DataLoader:
         sampler = DistributedSampler(patches, shuffle=False) if is_distributed() else None
         _silence_worker_warning("val_dataloader")
         return DataLoader(
@@ -331,10 +480,12 @@ class VolumeDataModule(L.LightningDataModule):
         )
 
     def test_dataloader(self) -> DataLoader | list:
-        """The held-out (validation) subjects, for ``python -m maesil test``: the whole-volume grid of
-        :meth:`val_dataloader`. A folder has no separate test split; hold test volumes in their own
-        folder and pass it as ``data_dir`` with ``val_fraction`` close to 1 to score all of them."""
-        return self.val_dataloader()
+        """For ``python -m maesil test``: the manifest's ``test`` subjects as a whole-volume grid, or,
+        when there are none (a folder has no test split), the validation subjects."""
+        self._require_setup()
+        if not self.test_records:
+            return self.val_dataloader()
+        return self._grid_dataloader(self.test_patches())
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the training subject order for ``epoch`` (forwarded to the queue's
@@ -342,6 +493,29 @@ class VolumeDataModule(L.LightningDataModule):
         self._epoch = int(epoch)
         if self._queue is not None:
             set_queue_epoch(self._queue, self._epoch)
+        if self._train_dataset is not None:
+            self._train_dataset.set_epoch(self._epoch)
+
+
+class _EpochForwardingSampler(DistributedSampler):
+    """The cached loader's sampler: Lightning calls ``set_epoch`` on it every epoch, and the epoch
+    must reach the dataset too (it seeds the superpatch locations) before the workers start."""
+
+    def __init__(self, inner: DistributedSampler, dataset: CachedPatchDataset) -> None:  # noqa: D107
+        self.__dict__.update(inner.__dict__)
+        self.inner = inner
+        self.cached_dataset = dataset
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.inner.set_epoch(epoch)
+        self.cached_dataset.set_epoch(epoch)
 
 
 def _silence_worker_warning(name: str) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torchio as tio
 
+from maesil.data.dicom import read_dicom
 from maesil.data.sources import SubjectRecord
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -30,8 +31,12 @@ def is_nifti(path: str | Path) -> bool:
 def read_volume(path: str | Path, series_uid: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """TorchIO reader: ``(C, X, Y, Z)`` tensor and RAS affine, NaN/Inf preserved for NIfTI.
 
-    ``series_uid`` is only used for DICOM folders (which series of the folder to read).
+    ``series_uid`` is only used for DICOM folders (which series of the folder to read, see
+    :func:`~maesil.data.dicom.select_series`); a folder is read as DICOM, in HU.
     """
+    if Path(path).is_dir():
+        data, affine = tio.data.io.sitk_to_nib(read_dicom(path, series_uid))
+        return torch.as_tensor(np.ascontiguousarray(data, dtype=np.float32)), np.asarray(affine, dtype=np.float64)
     if not is_nifti(path):
         return tio.data.io.read_image(path)
     image = nib.load(str(path), mmap=False)

@@ -1,19 +1,24 @@
-"""Finding and validating the image files of a data folder.
+"""Finding the subjects of a dataset: a folder of volumes, a CSV/JSON manifest, or DICOM studies.
 
-Everything here runs *before* training starts and is cheap: it walks the folder and reads
-file headers only, so a folder of thousands of CT volumes is checked in seconds. All problems
-found are collected and raised together in one :class:`DataError`, one line per problem, each
-line naming the offending path and what is wrong with it.
+Everything here runs *before* training starts and is cheap: it walks the folder (or reads the
+manifest) and never decodes an image. All problems found are collected and raised together in one
+:class:`DataError`, one line per problem, each naming the offending path and what is wrong with it.
+Voxel-level validation lives in :mod:`maesil.data.checks`.
 
-Folder layouts (see :func:`discover_subjects`):
+What ``data_dir`` may be (see :func:`discover_subjects`):
 
-* ``data_dir/images/`` (or ``imagesTr/``, the Medical Segmentation Decathlon / nnU-Net name)
-  with an optional sibling ``data_dir/labels/`` (or ``labelsTr/``): images are read from the
-  images folder (recursively) and each label is paired with the image of the same subject id.
-  Everything else directly inside ``data_dir`` (``dataset.json``, ``imagesTs/`` ...) is ignored.
-* anything else: every supported file below ``data_dir`` (recursively) is an image; no labels.
+* a folder with ``images/`` (or ``imagesTr/``, the Medical Segmentation Decathlon / nnU-Net name)
+  and an optional sibling ``labels/`` (or ``labelsTr/``): images are read from the images folder
+  (recursively) and each label is paired with the image of the same subject id. Everything else
+  directly inside ``data_dir`` (``dataset.json``, ``imagesTs/`` ...) is ignored.
+* any other folder: every supported file below it (recursively) is an image; no labels.
+  In both layouts a folder that directly holds DICOM files (``.dcm`` or extensionless files with
+  the DICOM preamble) is one study, i.e. one subject; the series is chosen when it is read
+  (:mod:`maesil.data.dicom`).
+* a ``.csv`` or ``.json`` manifest listing the subjects (see :mod:`maesil.data.manifest`).
 
-The subject id is the file name without its extension (``case_001.nii.gz`` -> ``case_001``).
+The subject id is the file name without its extension (``case_001.nii.gz`` -> ``case_001``); for a
+DICOM study, its folder path below the scanned folder with ``/`` replaced by ``_``.
 """
 
 from __future__ import annotations
@@ -21,15 +26,10 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import struct
-import zlib
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +50,30 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (".*", "*.json", "*.csv", "*.tsv", "*.md", "*
 IMAGE_DIR_NAMES: tuple[str, ...] = ("images", "imagesTr")
 LABEL_DIR_NAMES: tuple[str, ...] = ("labels", "labelsTr")
 
-# Geometry tolerances for label-vs-image checks. NIfTI stores geometry as float32 and tools
-# round differently, so exact comparison is too strict; 0.1% of the spacing, 1% of a voxel of
-# origin shift and 1e-3 in the direction cosines are far below anything that would misalign a
-# label visibly. (Labels within tolerance get the image's exact affine when loaded.)
-SPACING_RTOL = 1e-3
-ORIGIN_VOXEL_FRACTION = 1e-2
-DIRECTION_ATOL = 1e-3
+@dataclass(frozen=True)
+class Problem:
+    """One finding about one input path: ``severity`` is ``"error"`` (the run cannot use the data)
+    or ``"warning"`` (it can, but the user should know)."""
+
+    path: str
+    message: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
 
 
 class DataError(ValueError):
-    """Invalid input data. The message names every offending path and the problem with it."""
+    """Invalid input data. The message names every offending path and the problem with it.
 
-    def __init__(self, problems: str | Sequence[str], header: str | None = None) -> None:
-        if isinstance(problems, str):
+    ``problems`` holds the rendered lines, ``findings`` the same as :class:`Problem` objects.
+    """
+
+    def __init__(self, problems: str | Problem | Sequence[str | Problem], header: str | None = None) -> None:
+        if isinstance(problems, (str, Problem)):
             problems = [problems]
-        self.problems: list[str] = list(problems)
+        self.findings: list[Problem] = [p if isinstance(p, Problem) else Problem("", p) for p in problems]
+        self.problems: list[str] = [str(p) for p in problems]
         if len(self.problems) == 1 and header is None:
             message = self.problems[0]
         else:
@@ -113,13 +121,21 @@ def _is_excluded(rel: Path, patterns: Sequence[str]) -> str | None:
     return None
 
 
-def _walk_files(root: Path) -> list[Path]:
+def _walk_files(root: Path, empty_dirs: list[Path] | None = None) -> list[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
+        if empty_dirs is not None and not dirnames and not filenames:
+            empty_dirs.append(Path(dirpath))
         for name in sorted(filenames):
             files.append(Path(dirpath) / name)
     return files
+
+
+def _study_id(folder: Path, root: Path) -> str:
+    """Subject id of a DICOM study folder: its path below ``root`` joined by ``_``."""
+    rel = folder.relative_to(root)
+    return "_".join(rel.parts) if rel.parts else folder.resolve().name
 
 
 def _mhd_data_files(mhd: Path) -> set[Path]:
@@ -140,16 +156,21 @@ def _mhd_data_files(mhd: Path) -> set[Path]:
     return referenced
 
 
-def _scan_folder(root: Path, base: Path, exclude: Sequence[str], problems: list[str],
+def _scan_folder(root: Path, base: Path, exclude: Sequence[str], problems: list[Problem],
                  excluded: list[str]) -> dict[str, Path]:
-    """Map subject id -> image path for every supported file under ``root``.
+    """Map subject id -> image path (a file, or a DICOM study folder) for everything under ``root``.
 
-    Unsupported files, id collisions and unreadable entries are appended to ``problems``.
+    Unsupported files, id collisions and unreadable entries are appended to ``problems`` as
+    errors, empty folders as warnings.
     """
+    from maesil.data.dicom import is_dicom_file
+
     by_id: dict[str, list[Path]] = {}
     unsupported: list[Path] = []
     sidecars: list[Path] = []
-    for path in _walk_files(root):
+    studies: set[Path] = set()
+    empty_dirs: list[Path] = []
+    for path in _walk_files(root, empty_dirs):
         rel = path.relative_to(base)
         pattern = _is_excluded(rel, exclude)
         if pattern is not None:
@@ -159,13 +180,21 @@ def _scan_folder(root: Path, base: Path, exclude: Sequence[str], problems: list[
         if parsed is None:
             if path.name.lower().endswith(SIDECAR_EXTENSIONS):
                 sidecars.append(path)
+            elif path.is_file() and is_dicom_file(path):
+                studies.add(path.parent)
             else:
                 unsupported.append(path)
             continue
         if not path.is_file():
-            problems.append(f"{path}: not a regular file (broken link?)")
+            problems.append(Problem(str(path), "not a regular file (broken link?)"))
             continue
         by_id.setdefault(parsed[0], []).append(path)
+    for folder in sorted(studies):
+        by_id.setdefault(_study_id(folder, root), []).append(folder)
+    for folder in empty_dirs:
+        if folder != root and _is_excluded(folder.relative_to(base), exclude) is None:
+            problems.append(Problem(str(folder), "empty folder (no file in it; an incomplete copy or export?)",
+                                    "warning"))
 
     if sidecars:
         referenced: set[Path] = set()
@@ -178,21 +207,23 @@ def _scan_folder(root: Path, base: Path, exclude: Sequence[str], problems: list[
                 unsupported.append(path)
 
     for path in unsupported:
-        problems.append(
-            f"{path}: not a supported image file (supported: {', '.join(SUPPORTED_EXTENSIONS)};"
+        problems.append(Problem(
+            str(path),
+            f"not a supported image file (supported: {', '.join(SUPPORTED_EXTENSIONS)}, DICOM;"
             f" .raw/.zraw only as data of an .mhd). Remove it, or exclude it with a glob pattern,"
             f" e.g. exclude=[{_pattern_for(path)!r}] (the `exclude` argument of VolumeDataModule;"
             f" --data.init_args.exclude on the command line)"
-        )
+        ))
 
     result: dict[str, Path] = {}
     for subject_id, paths in sorted(by_id.items()):
         if len(paths) > 1:
-            problems.append(
-                f"subject id {subject_id!r} is given by several files: "
-                + ", ".join(str(p) for p in paths)
+            problems.append(Problem(
+                str(paths[0]),
+                f"duplicate subject id {subject_id!r}, also given by "
+                + ", ".join(str(p) for p in paths[1:])
                 + " (ids are file names without extension and must be unique; rename or exclude one)"
-            )
+            ))
             continue
         result[subject_id] = paths[0]
     return result
@@ -210,30 +241,29 @@ def _find_subfolder(root: Path, names: Iterable[str]) -> Path | None:
     return None
 
 
-def discover_subjects(data_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[SubjectRecord]:
-    """List the subjects of a data folder, sorted by subject id.
+MANIFEST_EXTENSIONS: tuple[str, ...] = (".csv", ".json")
 
-    Args:
-        data_dir: folder with the images, see the module docstring for the two layouts.
-        exclude: glob patterns (``fnmatch``) of files to leave out. A pattern matches a file if it
-            matches its path relative to ``data_dir``, its name or the name of any folder on the
-            way (so ``".*"`` also excludes everything inside ``.git/``). Defaults to
-            :data:`DEFAULT_EXCLUDE` (hidden files and text metadata). Excluded files are logged
-            at INFO level. Pass ``[]`` to exclude nothing. Every other file must be an image.
 
-    Raises:
-        DataError: listing every problem found (missing folder, a file instead of a folder,
-            no image, unsupported files, duplicate subject ids, labels without image or images
-            without label when some images do have labels).
+def scan_subjects(data_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE
+                  ) -> tuple[list[SubjectRecord], list[Problem]]:
+    """Like :func:`discover_subjects`, but returns the problems instead of raising.
+
+    Subjects with a problem (e.g. a duplicate id) are left out of the records; everything else is
+    listed, so that ``check-data`` can go on checking the rest and report all at once.
     """
     root = Path(data_dir).expanduser()
     if not root.exists():
-        raise DataError(f"{root}: data folder does not exist")
-    if not root.is_dir():
-        raise DataError(f"{root}: is a file, not a data folder (data_dir must be a folder of images)")
+        return [], [Problem(str(root), "data folder or manifest does not exist")]
+    if root.is_file():
+        if root.name.lower().endswith(MANIFEST_EXTENSIONS):
+            from maesil.data.manifest import read_manifest
+
+            return read_manifest(root)
+        return [], [Problem(str(root), "is a file, not a data folder (data_dir must be a folder of images,"
+                                       " a DICOM study folder, or a .csv/.json manifest)")]
 
     exclude = tuple(exclude)
-    problems: list[str] = []
+    problems: list[Problem] = []
     excluded: list[str] = []
     image_dir = _find_subfolder(root, IMAGE_DIR_NAMES)
     label_dir = _find_subfolder(root, LABEL_DIR_NAMES) if image_dir is not None else None
@@ -250,193 +280,50 @@ def discover_subjects(data_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXC
         log.info("Excluded %d file(s) under %s by the exclude patterns %s:\n  %s",
                  len(excluded), root, list(exclude), "\n  ".join(excluded))
 
-    if not images and not problems:
+    if not images and not any(p.severity == "error" for p in problems):
         where = image_dir or root
-        raise DataError(
-            f"{where}: no image found (supported: {', '.join(SUPPORTED_EXTENSIONS)};"
-            f" excluded by pattern: {len(excluded)} file(s))"
-        )
+        problems.insert(0, Problem(
+            str(where),
+            f"no image found (supported: {', '.join(SUPPORTED_EXTENSIONS)}, DICOM folders;"
+            f" excluded by pattern: {len(excluded)} file(s))",
+        ))
 
     if labels:
         for subject_id in sorted(set(labels) - set(images)):
-            problems.append(f"{labels[subject_id]}: label without an image (no {subject_id}.* in {image_dir})")
-        missing = sorted(set(images) - set(labels))
-        for subject_id in missing:
-            problems.append(
-                f"{images[subject_id]}: image without a label (no {subject_id}.* in {label_dir});"
-                " either every image has a label or none"
-            )
-
-    if problems:
-        raise DataError(problems, header=f"Problems in data folder {root}")
-    return [SubjectRecord(sid, path, labels.get(sid)) for sid, path in sorted(images.items())]
+            problems.append(Problem(str(labels[subject_id]), f"label without an image (no {subject_id}.* in {image_dir})"))
+        for subject_id in sorted(set(images) - set(labels)):
+            problems.append(Problem(
+                str(images[subject_id]),
+                f"image without a label (no {subject_id}.* in {label_dir}); either every image has a label or none",
+            ))
+    records = [SubjectRecord(sid, path, labels.get(sid)) for sid, path in sorted(images.items())]
+    return records, problems
 
 
-# --------------------------------------------------------------------------------------------
-# Header checks
-# --------------------------------------------------------------------------------------------
+def discover_subjects(data_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[SubjectRecord]:
+    """List the subjects of a data folder or manifest, sorted by subject id.
 
-
-@dataclass(frozen=True)
-class _Header:
-    size: tuple[int, ...]
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-    components: int
-
-
-def _read_header(path: Path) -> tuple[_Header | None, str | None]:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), "unknown error")
-        return None, f"cannot be read as an image ({first[:200]})"
-    header = _Header(
-        size=tuple(int(s) for s in reader.GetSize()),
-        spacing=tuple(float(s) for s in reader.GetSpacing()),
-        origin=tuple(float(s) for s in reader.GetOrigin()),
-        direction=tuple(float(s) for s in reader.GetDirection()),
-        components=int(reader.GetNumberOfComponents()),
-    )
-    return header, None
-
-
-def _shape_problem(header: _Header) -> str | None:
-    size = header.size
-    if header.components != 1:
-        return f"has {header.components} components per voxel (size {size}); a single-channel 3D image is required"
-    if len(size) == 4 and size[3] == 1:
-        size = size[:3]
-    if len(size) == 2 or (len(size) == 3 and 1 in size):
-        return f"is 2D (size {'x'.join(map(str, size))}); a 3D volume is required"
-    if len(size) != 3:
-        return f"is {len(size)}D (size {'x'.join(map(str, size))}); a single 3D volume is required"
-    return None
-
-
-def _gzip_problem(path: Path, expected_bytes: int) -> str | None:
-    """Detect truncated/corrupt gzip cheaply: compare the gzip trailer (ISIZE) with the size the
-    header announces; only on mismatch decompress the whole stream to be sure."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() < 18:
-                return "is truncated (gzip stream too short)"
-            f.seek(-4, os.SEEK_END)
-            isize = struct.unpack("<I", f.read(4))[0]
-        if isize == expected_bytes % (1 << 32):
-            return None
-        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        total, in_member = 0, False
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                data = chunk
-                while data:
-                    total += len(decompressor.decompress(data))
-                    in_member = True
-                    if decompressor.eof:  # end of one gzip member; another may follow
-                        data = decompressor.unused_data
-                        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                        in_member = False
-                        if not data.strip(b"\0"):  # zero padding after the last member
-                            data = b""
-                    else:
-                        data = b""
-        if in_member:
-            return f"is truncated (gzip stream ends early, after {total} of {expected_bytes} bytes)"
-        if total < expected_bytes:
-            return f"is truncated (holds {total} bytes, the header announces {expected_bytes})"
-    except (OSError, zlib.error, EOFError) as error:
-        return f"is corrupt ({type(error).__name__}: {error})"
-    return None
-
-
-def _nifti_data_problem(path: Path) -> str | None:
-    """For NIfTI files, check that the file holds as many bytes as its header announces."""
-    lower = path.name.lower()
-    if not lower.endswith((".nii", ".nii.gz")):
-        return None
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        header = img.header
-        expected = int(header.get_data_offset()) + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
-    except Exception as error:  # noqa: BLE001 - nibabel raises many types
-        return f"cannot be read as NIfTI ({type(error).__name__}: {error})"
-    if lower.endswith(".gz"):
-        return _gzip_problem(path, expected)
-    actual = path.stat().st_size
-    if actual < expected:
-        return f"is truncated ({actual} bytes, the header announces {expected})"
-    return None
-
-
-def _check_one(path: Path) -> tuple[_Header | None, list[str]]:
-    header, error = _read_header(path)
-    if error is not None:
-        return None, [f"{path}: {error}"]
-    problems = []
-    shape_problem = _shape_problem(header)
-    if shape_problem is not None:
-        problems.append(f"{path}: {shape_problem}")
-    data_problem = _nifti_data_problem(path)
-    if data_problem is not None:
-        problems.append(f"{path}: {data_problem}")
-    return header, problems
-
-
-def _fmt(values) -> str:
-    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
-
-
-def _geometry_problem(image: _Header, label: _Header) -> str | None:
-    if image.size[:3] != label.size[:3]:
-        return f"label size {label.size[:3]} vs image size {image.size[:3]}"
-    spacing_i, spacing_l = np.array(image.spacing[:3]), np.array(label.spacing[:3])
-    if not np.allclose(spacing_l, spacing_i, rtol=SPACING_RTOL, atol=0):
-        return f"label spacing {_fmt(spacing_l)} vs image spacing {_fmt(spacing_i)}"
-    atol = ORIGIN_VOXEL_FRACTION * float(spacing_i.min())
-    if not np.allclose(np.array(label.origin[:3]), np.array(image.origin[:3]), rtol=0, atol=atol):
-        return f"label origin {_fmt(label.origin[:3])} vs image origin {_fmt(image.origin[:3])}"
-    dim_i, dim_l = len(image.size), len(label.size)
-    dir_i = np.array(image.direction).reshape(dim_i, dim_i)[:3, :3]
-    dir_l = np.array(label.direction).reshape(dim_l, dim_l)[:3, :3]
-    if not np.allclose(dir_l, dir_i, rtol=0, atol=DIRECTION_ATOL):
-        return f"label direction {_fmt(dir_l.ravel())} vs image direction {_fmt(dir_i.ravel())}"
-    return None
-
-
-def check_headers(records: Sequence[SubjectRecord], max_threads: int = 8) -> None:
-    """Validate every image and label file by reading its header only.
-
-    Checks that each file can be read, is a single-channel 3D volume (a singleton axis such as
-    512x512x1 counts as 2D), that NIfTI files hold as much data as their header announces
-    (catches truncated downloads; for ``.nii.gz`` via the gzip trailer, no decompression), and
-    that every label has the size and geometry (spacing, origin, direction, with the tolerances
-    above) of its image.
+    Args:
+        data_dir: folder with the images or a manifest, see the module docstring.
+        exclude: glob patterns (``fnmatch``) of files to leave out of a folder scan. A pattern
+            matches a file if it matches its path relative to ``data_dir``, its name or the name
+            of any folder on the way (so ``".*"`` also excludes everything inside ``.git/``).
+            Defaults to :data:`DEFAULT_EXCLUDE` (hidden files and text metadata). Excluded files
+            are logged at INFO level. Pass ``[]`` to exclude nothing. Every other file must be
+            an image or a DICOM file.
 
     Raises:
-        DataError: listing every problem found, one line each, naming the path(s).
+        DataError: listing every error found (missing folder, no image, unsupported files,
+            duplicate subject ids, labels without image or images without label when some
+            images do have labels, manifest rows with missing files ...). Warnings (empty
+            sub-folders) are logged.
     """
-    paths = [r.image for r in records] + [r.label for r in records if r.label is not None]
-    threads = max(1, min(max_threads, len(paths)))
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = dict(zip(paths, pool.map(_check_one, paths)))
-    problems: list[str] = []
-    for record in records:
-        image_header, image_problems = results[record.image]
-        problems.extend(image_problems)
-        if record.label is None:
-            continue
-        label_header, label_problems = results[record.label]
-        problems.extend(label_problems)
-        if image_header is not None and label_header is not None and not image_problems and not label_problems:
-            geometry = _geometry_problem(image_header, label_header)
-            if geometry is not None:
-                problems.append(f"{record.label}: label does not match its image {record.image}: {geometry}")
-    if problems:
-        raise DataError(problems, header=f"Found {len(problems)} problem(s) in {len(paths)} file(s)")
+    records, problems = scan_subjects(data_dir, exclude)
+    errors = [p for p in problems if p.severity == "error"]
+    for warning in (p for p in problems if p.severity != "error"):
+        log.warning("%s", warning)
+    if errors:
+        if len(errors) == 1 and not records:
+            raise DataError(errors)
+        raise DataError(errors, header=f"Problems in {Path(data_dir).expanduser()}")
+    return records

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maesil.data.sources import DataError, SubjectRecord, check_headers, discover_subjects
+from maesil.data.checks import check_headers
+from maesil.data.sources import DataError, SubjectRecord, discover_subjects
 
 from .conftest import make_ct, write_volume
 
@@ -67,7 +68,7 @@ def test_id_collision_names_both(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         discover_subjects(tmp_path)
     message = str(info.value)
-    for path in ("a/x.nii.gz", "b/x.nii.gz", "y.nii,", "y.nii.gz"):
+    for path in ("a/x.nii.gz", "b/x.nii.gz", "y.nii:", "y.nii.gz"):
         assert path in message.replace(str(tmp_path) + "/", "")
     assert "'x'" in message and "'y'" in message and len(info.value.problems) == 2
 

@@ -1,0 +1,53 @@
+"""``python -m maesil check-data``: a table naming each bad file, and the exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maesil.cli import main
+from tests.data.conftest import make_ct, write_volume
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(["check-data", *argv])
+    return int(info.value.code), capsys.readouterr().out
+
+
+def test_clean_dataset_exits_zero(labeled_ct_dir: Path, capsys) -> None:
+    code, out = _run(capsys, str(labeled_ct_dir), "--superpatch-size", "16", "--num-classes", "3")
+    assert code == 0
+    assert "6 subject(s), 12 file(s) checked (headers and voxels)" in out and "0 error(s), 0 warning(s)" in out
+
+
+def test_problems_are_rows_naming_files(labeled_ct_dir: Path, capsys) -> None:
+    blank = write_volume(labeled_ct_dir / "images" / "case_001.nii.gz", np.zeros((40, 36, 20), np.int16))
+    _, label = make_ct(2)
+    label[0, 0, 0] = 7
+    bad_label = write_volume(labeled_ct_dir / "labels" / "case_002.nii.gz", label)
+    code, out = _run(capsys, str(labeled_ct_dir), "--num-classes", "3", "--superpatch-size", "64")
+    assert code == 1
+    rows = [line for line in out.splitlines() if line.startswith(("error", "warning"))]
+    assert any(str(blank) in row and "constant" in row for row in rows)
+    assert any(str(bad_label) in row and "[7]" in row for row in rows)
+    assert sum(row.startswith("warning") and "smaller than one superpatch" in row for row in rows) == 6
+    assert "2 error(s), 6 warning(s)" in out
+
+
+def test_options_from_training_config(labeled_ct_dir: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "data:\n  class_path: maesil.data.VolumeDataModule\n  init_args:\n"
+        f"    data_dir: {labeled_ct_dir}\n    superpatch_size: 8\n    target_spacing: 2.0\n    num_classes: 2\n"
+    )
+    code, out = _run(capsys, "--config", str(config))
+    assert code == 1  # label value 2 (bone) is outside 0..1
+    assert "outside the declared classes [0, 1]" in out
+
+
+def test_missing_folder(tmp_path: Path, capsys) -> None:
+    code, out = _run(capsys, str(tmp_path / "nowhere"))
+    assert code == 1 and "does not exist" in out
