@@ -171,18 +171,35 @@ def grid_patches(
 # --------------------------------------------------------------------------------------------
 
 
-def collate_patches(patches: Sequence[tio.Subject], label_key: str | None = None,
+def collate_patches(patches: Sequence[tio.Subject | dict[str, Any]], label_key: str | None = None,
                     image_key: str = "image") -> dict[str, Any]:
-    """Turn a list of TorchIO patches into the batch dict described in the module docstring."""
+    """Turn a list of patches into the batch dict described in the module docstring.
+
+    A patch is a TorchIO patch (``tio.Subject`` with a ``location``) or a plain dict of tensors
+    ``{"image": (1, X, Y, Z), "subject_id": str, "location": (6,)[, "label": (1, X, Y, Z)]}`` as
+    yielded by :class:`~maesil.data.cache.CachedPatchDataset`. Inside a DataLoader worker the
+    stacked tensors are allocated in shared memory, which saves a copy when the batch is sent to
+    the main process (what ``default_collate`` does).
+    """
     if not patches:
         raise ValueError("cannot collate an empty list of patches")
+
+    def stack(values: list, dtype: torch.dtype) -> torch.Tensor:
+        tensors = [(v.data if isinstance(v, tio.Image) else torch.as_tensor(v)).to(dtype) for v in values]
+        out = None
+        if torch.utils.data.get_worker_info() is not None:
+            numel = sum(t.numel() for t in tensors)
+            storage = tensors[0]._typed_storage()._new_shared(numel, device=tensors[0].device)
+            out = tensors[0].new(storage).resize_(len(tensors), *tensors[0].shape)
+        return torch.stack(tensors, out=out)
+
     batch: dict[str, Any] = {
-        "image": torch.stack([p[image_key].data for p in patches]).to(torch.float32),
+        "image": stack([p[image_key] for p in patches], torch.float32),
         "subject_id": [str(p["subject_id"]) for p in patches],
-        "location": torch.stack([torch.as_tensor(p[tio.LOCATION]) for p in patches]).to(torch.long),
+        "location": stack([p[tio.LOCATION] for p in patches], torch.long),
     }
     if label_key is not None:
-        batch["label"] = torch.stack([p[label_key].data for p in patches]).to(torch.long)
+        batch["label"] = stack([p[label_key] for p in patches], torch.long)
     return batch
 
 

@@ -130,11 +130,13 @@ def test_bad_folder_fails_in_setup(flat_ct_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".mha", ".nii.gz"])  # NIfTI: ITK alone would read the NaN as 0
-def test_nan_volume_fails_when_loaded(flat_ct_dir: Path, suffix: str) -> None:
+def test_nan_volume_fails_in_setup_or_when_loaded(flat_ct_dir: Path, suffix: str) -> None:
     array = make_ct(9)[0].astype(np.float32)
     array[5, 5, 5] = np.nan
     write_volume(flat_ct_dir / f"zz_nan{suffix}", array)
-    dm = _dm(flat_ct_dir, val_fraction=0.4)
+    with pytest.raises(DataError, match=rf"zz_nan{re.escape(suffix)}: contains 1 NaN"):
+        _dm(flat_ct_dir, val_fraction=0.4).setup("fit")  # caught up front by the voxel checks
+    dm = _dm(flat_ct_dir, val_fraction=0.4, check_voxels=False)
     dm.setup("fit")
     assert any(r.subject_id == "zz_nan" for r in dm.train_records + dm.val_records)
     with pytest.raises(DataError, match=rf"zz_nan{re.escape(suffix)}: contains 1 NaN"):
@@ -230,3 +232,93 @@ def test_real_phantoms(tiny_ct_dir: Path) -> None:
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 1, *PATCH) and batch["label"].shape == (2, 1, *PATCH)
     assert next(iter(dm.val_dataloader()))["image"].shape[1:] == (1, *PATCH)
+
+
+def test_manifest_splits_and_test_loader(labeled_ct_dir: Path) -> None:
+    rows = ["subject_id,image,label,split"]
+    for i, split in enumerate(["train", "train", "", "", "val", "test"]):
+        rows.append(f"s{i},images/case_{i:03d}.nii.gz,labels/case_{i:03d}.nii.gz,{split}")
+    (labeled_ct_dir / "subjects.csv").write_text("\n".join(rows) + "\n")
+    dm = _dm(labeled_ct_dir / "subjects.csv", task="segment", num_classes=3)
+    dm.setup("fit")
+    assert [r.subject_id for r in dm.train_records] == ["s0", "s1", "s2", "s3"]
+    assert [r.subject_id for r in dm.val_records] == ["s4"] and [r.subject_id for r in dm.test_records] == ["s5"]
+    assert {sid for batch in dm.test_dataloader() for sid in batch["subject_id"]} == {"s5"}
+    assert {sid for batch in dm.val_dataloader() for sid in batch["subject_id"]} == {"s4"}
+
+
+def test_label_classes_checked_in_setup(labeled_ct_dir: Path) -> None:
+    with pytest.raises(DataError, match=r"case_00\d\.nii\.gz: label values \[2\] are outside the declared classes \[0, 1\]"):
+        _dm(labeled_ct_dir, task="segment", num_classes=2).setup("fit")
+
+
+# ---------------------------------------------------------------- prepared cache
+
+
+def test_cache_gives_the_same_validation_patches(labeled_ct_dir: Path, tmp_path: Path) -> None:
+    plain = _dm(labeled_ct_dir, task="segment", val_fraction=0.34)
+    cached = _dm(labeled_ct_dir, task="segment", val_fraction=0.34, cache_dir=str(tmp_path / "cache"))
+    cached.prepare_data()
+    assert (tmp_path / "cache" / "index.json").is_file()
+    plain.setup("fit")
+    cached.setup("fit")
+    assert [r.subject_id for r in cached.val_records] == [r.subject_id for r in plain.val_records]
+    batches = list(zip(plain.val_dataloader(), cached.val_dataloader(), strict=True))
+    for a, b in batches:
+        assert a["subject_id"] == b["subject_id"] and torch.equal(a["location"], b["location"])
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_cache_training_batches(labeled_ct_dir: Path, tmp_path: Path) -> None:
+    dm = _dm(labeled_ct_dir, task="segment", cache_dir=str(tmp_path / "cache"), num_workers=2)
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 2 and len(loader.dataset) == len(dm.train_records) * 2
+    batch = next(iter(loader))
+    assert set(batch) == {"image", "label", "subject_id", "location"}
+    assert batch["image"].shape == (3, 1, *PATCH) and batch["label"].shape == (3, 1, *PATCH)
+    assert batch["image"].dtype == torch.float32 and batch["label"].dtype == torch.long
+    centre = [s // 2 for s in PATCH]
+    assert (batch["label"][:, 0, centre[0], centre[1], centre[2]] > 0).all()  # label-centred patches
+    first = [b["location"] for b in loader]
+    loader.sampler.set_epoch(1)  # what Lightning does at each epoch start
+    second = [b["location"] for b in loader]
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))  # new locations each epoch
+
+
+def test_data_dir_can_be_a_cache(flat_ct_dir: Path, tmp_path: Path) -> None:
+    _dm(flat_ct_dir, cache_dir=str(tmp_path / "cache")).prepare_data()
+    dm = _dm(tmp_path / "cache")
+    dm.setup("fit")
+    assert len(dm.train_records) + len(dm.val_records) == 4
+    assert next(iter(dm.train_dataloader()))["image"].shape == (3, 1, *PATCH)
+    with pytest.raises(DataError, match=r"cache was prepared with .*'target_spacing': \[3.0, 3.0, 3.0\].* asks for"):
+        _dm(tmp_path / "cache", target_spacing=2.0).setup("fit")
+    with pytest.raises(DataError, match="no prepared cache"):
+        _dm(flat_ct_dir, cache_dir=str(tmp_path / "never_prepared")).setup("fit")
+
+
+def test_cache_failure_names_the_file(flat_ct_dir: Path, tmp_path: Path) -> None:
+    write_volume(flat_ct_dir / "blank.nii.gz", np.full((40, 36, 20), 5, np.int16))
+    with pytest.raises(DataError, match=r"blank\.nii\.gz: is constant"):
+        _dm(flat_ct_dir, cache_dir=str(tmp_path / "cache")).prepare_data()
+
+
+# ---------------------------------------------------------------- DICOM
+
+
+def test_dicom_tree_trains(tmp_path: Path) -> None:
+    from .dicom_factory import write_dicom_series
+
+    root = tmp_path / "pacs"
+    for i in range(3):
+        ct = make_ct(i)[0].astype(np.float32)
+        write_dicom_series(root / f"patient{i}" / "study", ct, spacing=(2.0, 2.0, 3.0), series_uid=f"1.2.3.{i}",
+                           shuffle_names=True, extension="")
+    dm = _dm(root)
+    dm.setup("fit")
+    assert sorted(r.subject_id for r in dm.train_records + dm.val_records) == [
+        "patient0_study", "patient1_study", "patient2_study"]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (3, 1, *PATCH) and float(batch["image"].max()) > 0.2
