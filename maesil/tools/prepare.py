@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from maesil.data.checks import check_records, format_problem_table
+from maesil.data.manifest import declared_classes
 from maesil.data.sources import DEFAULT_EXCLUDE, DataError, Problem, discover_subjects
 from maesil.tools.data_options import add_data_arguments, resolve_data_options, settings_from_options
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare_command(argv: Sequence[str]) -> int:
-    from maesil.data.cache import prepare_cache
+    from maesil.data.cache import CacheIndex, cache_problems, prepare_cache
 
     args = build_parser().parse_args(list(argv))
     options = resolve_data_options(args)
@@ -64,9 +65,17 @@ def prepare_command(argv: Sequence[str]) -> int:
     failures = [p for p in header_problems if p.severity == "error"] + [
         Problem(str(by_id[sid].image) if sid in by_id else sid, message) for sid, message in report.failed.items()
     ]
+    # what the DataModule would refuse when reading the cache (constant volumes, label values)
+    index = CacheIndex.load(out)
+    prepared = [index.entries[r.subject_id] for r in usable if r.subject_id in index.entries]
+    num_classes = options.get("num_classes")
+    classes = list(range(num_classes)) if num_classes else declared_classes(data_dir)
+    failures += [p for p in cache_problems(prepared, classes=classes) if p.severity == "error"]
     if failures:
         print(format_problem_table(failures))
         print()
     print(f"{Path(out)}: {len(report.prepared)} prepared, {len(report.skipped)} unchanged (skipped),"
           f" {len(records) - len(usable) + len(report.failed)} failed, in {elapsed:.1f} s; settings {settings.to_dict()}")
+    if failures:
+        print(f"{len(failures)} problem(s): a training run on this data stops at setup until they are fixed")
     return 1 if failures else 0
