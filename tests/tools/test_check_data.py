@@ -51,3 +51,23 @@ def test_options_from_training_config(labeled_ct_dir: Path, tmp_path: Path, caps
 def test_missing_folder(tmp_path: Path, capsys) -> None:
     code, out = _run(capsys, str(tmp_path / "nowhere"))
     assert code == 1 and "does not exist" in out
+
+
+def test_dicom_problems_name_the_study_folder(tmp_path: Path, capsys) -> None:
+    from tests.data.dicom_factory import write_dicom_series
+
+    ct = make_ct(0)[0].astype(np.float32)
+    write_dicom_series(tmp_path / "pacs" / "good", ct, spacing=(2.0, 2.0, 3.0), series_uid="1.2.3.1")
+    write_dicom_series(tmp_path / "pacs" / "gap", ct, spacing=(2.0, 2.0, 3.0), series_uid="1.2.3.2", drop_slice=7)
+    code, out = _run(capsys, str(tmp_path / "pacs"), "--superpatch-size", "8")
+    assert code == 1
+    rows = [line for line in out.splitlines() if line.startswith("error")]
+    assert len(rows) == 1 and str(tmp_path / "pacs" / "gap") in rows[0] and "uneven slice spacing" in rows[0]
+    assert "2 subject(s)" in out
+
+
+def test_manifest_is_checked(labeled_ct_dir: Path, capsys) -> None:
+    manifest = labeled_ct_dir / "subjects.csv"
+    manifest.write_text("image,label\nimages/case_000.nii.gz,labels/case_000.nii.gz\nimages/gone.nii.gz,\n")
+    code, out = _run(capsys, str(manifest))
+    assert code == 1 and str(labeled_ct_dir / "images" / "gone.nii.gz") in out and "row 2 does not exist" in out
