@@ -382,9 +382,12 @@ def label_points(label: np.ndarray, subject_id: str, max_points: int = MAX_LABEL
     values = np.flatnonzero(counts_all).astype(np.int64) + low
     counts = counts_all[values - low].astype(np.int64)
     rng = np.random.default_rng(_point_seed(subject_id))
+    # few classes: one comparison pass each; many (whole-body atlases): one sort for all
+    order = np.argsort(flat, kind="stable") if len(values) > 16 else None
+    ends = np.cumsum(counts)
     points = {}
-    for value in values:
-        where = np.flatnonzero(flat == value)
+    for n, value in enumerate(values):
+        where = np.flatnonzero(flat == value) if order is None else order[ends[n] - counts[n]:ends[n]]
         k = min(max_points, where.size)
         chosen = np.sort(rng.choice(where.size, size=k, replace=False)) if k < where.size else np.arange(k)
         points[int(value)] = np.stack(np.unravel_index(where[chosen], label.shape), axis=1).astype(np.int32)
@@ -586,7 +589,10 @@ def prepare_cache(
     Each subject goes through ``settings.transform()`` (no padding) as
     ``subject_from_record(record, with_label=record.label is not None)``, so the cached voxels
     equal the TorchIO-preprocessed volume. Subjects run in parallel in ``workers`` processes
-    (``workers <= 1``: in this process), with a progress bar if ``progress``.
+    (``workers <= 1``: in this process), with a progress bar if ``progress``. Worker processes run
+    torch single-threaded, like DataLoader workers (hence the TorchIO queue); MRI z-normalisation
+    statistics are float sums whose last bit depends on the thread count, so an MRI volume may differ
+    from an in-process run by float rounding (CT never does: its steps are per-voxel).
 
     Idempotent: a subject whose source files (fingerprint), series and paths are unchanged and whose
     files exist is skipped. ``index.json`` is updated as subjects complete, so an interrupted run
@@ -682,6 +688,10 @@ def prepare_cache(
             if subject_id not in record_ids:
                 report.removed.append(subject_id)
             _remove_subject_files(root, entry)
+    for subject_id in report.failed:  # whatever a failed attempt left behind
+        folder = root / SUBJECTS_DIR / subject_folder_name(subject_id)
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
     log.info("cache %s: %d prepared, %d unchanged, %d failed, %d removed", root, len(report.prepared),
              len(report.skipped), len(report.failed), len(report.removed))
     return report
@@ -824,6 +834,8 @@ class CachedPatchDataset(Dataset):
     ) -> None:
         if int(samples_per_volume) < 1:
             raise ValueError(f"samples_per_volume must be >= 1, got {samples_per_volume}")
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         if label_probabilities is not None and not with_label:
             raise ValueError("label_probabilities needs with_label=True")
         if label_probabilities is not None and any(float(p) < 0 for p in label_probabilities.values()):

@@ -7,6 +7,7 @@ back with the rescale applied gives the array again.
 
 from __future__ import annotations
 
+import locale
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,16 @@ import SimpleITK as sitk
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _write(writer: sitk.ImageFileWriter, image: sitk.Image) -> None:
+    """GDCM's writer switches the process locale to "C" and leaves it so (Python would then read
+    text files as ASCII); put the locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        writer.Execute(image)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def _ds(values: Sequence[float]) -> str:
@@ -96,7 +107,7 @@ def write_dicom_series(
             image.SetMetaData(key, value)
         path = folder / file_names[k]
         writer.SetFileName(str(path))
-        writer.Execute(image)
+        _write(writer, image)
         paths.append(path)
     return paths
 
@@ -130,7 +141,7 @@ def write_enhanced_ct(
     writer.KeepOriginalImageUIDOn()
     writer.SetImageIO("GDCMImageIO")
     writer.SetFileName(str(path))
-    writer.Execute(image)
+    _write(writer, image)
     return path
 
 
