@@ -9,12 +9,14 @@ Two ways to feed 128³ superpatches (batch 2) of phantom CT volumes (300 × 300 
 (b) a plain ``DataLoader(CachedPatchDataset, num_workers=2, shuffle=True)`` over a cache made once by
     :func:`maesil.data.cache.prepare_cache` (memory-mapped ``.npy``: one superpatch is copied per item).
 
-Throughput is superpatches per second after ``--warmup`` batches (for (a) that is the first queue
-fill, so the figure slightly favours (a)), over the rest of one epoch (or ``--batches``), and over the
-whole epoch including the start of the workers. Peak memory
-is measured for (b) (and (a)) over one whole epoch with 8 and 64 volumes: the sum over the main
-process and its DataLoader workers of the resident set (RSS; also PSS, which counts pages shared
-by the forked workers once), sampled every 20 ms from /proc, and ``getrusage`` maxima as a check.
+Throughput is superpatches per second in the steady state, i.e. after a warm-up of one queue fill
+(queue length / batch size batches) over as many whole fills as the epoch has left (the queue loads
+volumes in bursts, so timing whole fills is what makes (a) fair), and over the whole epoch including
+the start of the workers and the first fill. Both loaders are timed over the same batches. Peak memory
+is measured for (b) (and (a)) over one whole epoch with 8 and 64 volumes, in separate runs: the sum
+over the main process and its workers of the resident set (RSS), sampled every 20 ms from /proc
+(``getrusage`` cannot serve: a child started by ``subprocess`` inherits its parent's ``ru_maxrss``),
+and the summed PSS, which counts the pages shared by the forked workers once.
 Every measurement runs in a fresh Python process. Phantoms and cache are written once under
 ``data_cache/`` and reused (generating a 300 × 300 × 200 phantom takes a few seconds).
 
@@ -25,9 +27,9 @@ Every measurement runs in a fresh Python process. Phantoms and cache are written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -39,7 +41,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 QUICK = {"volumes": 4, "rss_volumes": [2, 4], "patch": 32, "shape": [64, 64, 40], "spacing": [3.0, 3.0, 4.5],
-         "target_spacing": 4.5, "data_dir": "data_cache/bench_phantoms_quick", "cache_dir": "data_cache/bench_cache_quick"}
+         "target_spacing": 4.5, "data_dir": "data_cache/bench_phantoms_quick",
+         "cache_dir": "data_cache/bench_cache_quick"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,36 +69,49 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _memory_kib(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of one process in KiB; (0, 0) if it is gone."""
-    rss = pss = 0
+def _rss_kib(pid: int) -> int:
+    """Resident set of one process in KiB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _pss_kib(pid: int) -> int:
+    """Proportional set (shared pages divided among their users) of one process in KiB."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1])
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
     except OSError:
         pass
-    return rss, pss
+    return 0
 
 
 class PeakMemory:
-    """Samples the summed RSS and PSS of this process and all its descendants in a thread."""
+    """Samples, in a thread, the RSS of this process and of all its descendants: the peak of their
+    sum, of this process alone and of the largest descendant; and every ``pss_every`` samples the
+    summed PSS (reading smaps_rollup is costlier)."""
 
-    def __init__(self, interval: float = 0.02) -> None:
-        self.interval = interval
-        self.peak_rss = self.peak_pss = 0
+    def __init__(self, interval: float = 0.02, pss_every: int = 10) -> None:
+        self.interval, self.pss_every = interval, pss_every
+        self.peak_rss = self.peak_pss = self.peak_main = self.peak_worker = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        me = os.getpid()
+        me, n = os.getpid(), 0
         while not self._stop.is_set():
-            totals = [_memory_kib(p) for p in [me, *_descendants(me)]]
-            self.peak_rss = max(self.peak_rss, sum(t[0] for t in totals))
-            self.peak_pss = max(self.peak_pss, sum(t[1] for t in totals))
+            children = _descendants(me)
+            main, workers = _rss_kib(me), [_rss_kib(p) for p in children]
+            self.peak_rss = max(self.peak_rss, main + sum(workers))
+            self.peak_main = max(self.peak_main, main)
+            self.peak_worker = max(self.peak_worker, *workers, 0)
+            if n % self.pss_every == 0:
+                self.peak_pss = max(self.peak_pss, sum(_pss_kib(p) for p in [me, *children]))
+            n += 1
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -152,44 +168,53 @@ def _cache_loader(args: argparse.Namespace, volumes: int):
                       collate_fn=collate_patches)
 
 
-def measure(args: argparse.Namespace, method: str, volumes: int) -> dict:
-    """Superpatches/s after ``args.warmup`` batches and the epoch's peak memory."""
+def measure(args: argparse.Namespace, method: str, volumes: int, memory: bool) -> dict:
+    """Superpatches/s after ``args.warmup`` batches and over the whole epoch; with ``memory`` the
+    epoch's peak memory instead (sampling costs CPU, so throughput runs do not sample)."""
     loader = (_queue_loader if method == "queue" else _cache_loader)(args, volumes)
     total = len(loader)
-    timed_batches = total - args.warmup if args.batches is None else min(args.batches, total - args.warmup)
-    with PeakMemory() as memory:
+    cycle = max(1, args.queue_length // args.batch_size)  # batches per refill of the tio.Queue
+    warmup = min(cycle if args.warmup is None else args.warmup, total // 4)
+    if args.batches is not None:
+        timed_batches = min(args.batches, total - warmup)
+    else:  # whole refill cycles, so that (a) is timed in its steady state
+        timed_batches = (total - warmup) // cycle * cycle or total - warmup
+    sampler = PeakMemory() if memory else contextlib.nullcontext()
+    with sampler:
         start = time.perf_counter()
         iterator = iter(loader)
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             next(iterator)
         warm = time.perf_counter()
         patches = 0
         for _ in range(timed_batches):
             patches += len(next(iterator)["subject_id"])
         seconds = time.perf_counter() - warm
-        for _ in iterator:  # finish the epoch so the memory figure covers all volumes
+        for _ in iterator:  # finish the epoch (the memory figure covers all volumes)
             pass
         epoch_seconds = time.perf_counter() - start
         del iterator
-    return {
-        "method": method, "volumes": volumes, "patches": patches, "seconds": seconds, "rate": patches / seconds,
-        "epoch_seconds": epoch_seconds, "epoch_rate": len(loader.dataset) / epoch_seconds,
-        "peak_rss_mib": memory.peak_rss / 1024, "peak_pss_mib": memory.peak_pss / 1024,
-        "maxrss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "maxrss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-    }
+    result = {"method": method, "volumes": volumes, "warmup": warmup, "patches": patches, "seconds": seconds,
+              "rate": patches / seconds, "epoch_seconds": epoch_seconds,
+              "epoch_rate": len(loader.dataset) / epoch_seconds}
+    if memory:
+        result.update(peak_rss_mib=sampler.peak_rss / 1024, peak_pss_mib=sampler.peak_pss / 1024,
+                      peak_main_mib=sampler.peak_main / 1024, peak_worker_mib=sampler.peak_worker / 1024)
+    return result
 
 
 def _child_args(args: argparse.Namespace) -> list[str]:
     out = ["--patch", str(args.patch), "--workers", str(args.workers), "--batch-size", str(args.batch_size),
            "--samples-per-volume", str(args.samples_per_volume), "--queue-length", str(args.queue_length),
-           "--warmup", str(args.warmup), "--target-spacing", str(args.target_spacing),
+           "--target-spacing", str(args.target_spacing),
            "--data-dir", str(args.data_dir), "--cache-dir", str(args.cache_dir)]
+    out += ["--warmup", str(args.warmup)] if args.warmup is not None else []
     return out + (["--batches", str(args.batches)] if args.batches is not None else [])
 
 
-def run_child(args: argparse.Namespace, method: str, volumes: int) -> dict:
+def run_child(args: argparse.Namespace, method: str, volumes: int, memory: bool = False) -> dict:
     command = [sys.executable, __file__, "--measure", method, str(volumes), *_child_args(args)]
+    command += ["--measure-memory"] if memory else []
     done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO_ROOT)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -208,8 +233,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--samples-per-volume", type=int, default=8)
     parser.add_argument("--queue-length", type=int, default=48, help="tio.Queue capacity (the DataModule default)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
-    parser.add_argument("--batches", type=int, default=None, help="timed batches (default: the rest of one epoch)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed batches first (default: one queue fill, queue length / batch size)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="timed batches (default: as many whole queue fills as the epoch has left)")
     parser.add_argument("--shape", type=int, nargs=3, default=[300, 300, 200], help="phantom voxels (X, Y, Z)")
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.5], help="phantom spacing (mm)")
     parser.add_argument("--target-spacing", type=float, default=1.5, help="isotropic spacing after resampling (mm)")
@@ -218,6 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-queue-memory", action="store_true", help="measure peak memory of (b) only")
     parser.add_argument("--quick", action="store_true", help="tiny volumes: a smoke test of this script")
     parser.add_argument("--measure", nargs=2, metavar=("METHOD", "VOLUMES"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -231,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.measure is not None:
-        print(json.dumps(measure(args, args.measure[0], int(args.measure[1]))))
+        print(json.dumps(measure(args, args.measure[0], int(args.measure[1]), args.measure_memory)))
         return
 
     from maesil.data.cache import prepare_cache
@@ -255,24 +283,26 @@ def main(argv: list[str] | None = None) -> None:
     queue = run_child(args, "queue", args.volumes)
     cache = run_child(args, "cache", args.volumes)
     print(f"\nthroughput: {args.volumes} volumes, superpatch {args.patch}^3, batch {args.batch_size}, "
-          f"{args.workers} workers, samples_per_volume {args.samples_per_volume}, {args.warmup} warm-up batches")
-    print(f"{'loader':<44} {'superpatches/s':>15} {'timed patches':>14} {'s':>8} {'whole epoch/s':>14}")
-    for name, r in (("(a) tio.Queue, .nii.gz + full preprocessing", queue), ("(b) prepared cache, plain DataLoader", cache)):
-        print(f"{name:<44} {r['rate']:>15.2f} {r['patches']:>14d} {r['seconds']:>8.2f} {r['epoch_rate']:>14.2f}")
+          f"{args.workers} workers, samples_per_volume {args.samples_per_volume}, queue length {args.queue_length}")
+    print(f"{'loader':<44} {'superpatches/s':>15} {'(warm-up, timed batches)':>25} {'whole epoch':>12}")
+    rows = (("(a) tio.Queue, .nii.gz + full preprocessing", queue), ("(b) prepared cache, plain DataLoader", cache))
+    for name, r in rows:
+        counts = f"({r['warmup']}, {r['patches'] // args.batch_size})"
+        print(f"{name:<44} {r['rate']:>15.2f} {counts:>25} {r['epoch_rate']:>12.2f}")
     print(f"speed-up (b)/(a): {cache['rate'] / queue['rate']:.1f}x after warm-up, "
           f"{cache['epoch_rate'] / queue['epoch_rate']:.1f}x over the whole epoch (target >= 20x)")
 
     methods = [("cache", "(b) cache")] + ([] if args.no_queue_memory else [("queue", "(a) queue")])
-    print(f"\npeak memory over one epoch (main process + workers, MiB):")
-    print(f"{'loader':<10} {'volumes':>7} {'RSS sum':>9} {'PSS sum':>9} {'maxrss main':>12} {'maxrss worker':>14}")
+    print("\npeak memory over one epoch, sampled every 20 ms (MiB; PSS counts pages shared by the forked"
+          " workers once):")
+    print(f"{'loader':<10} {'volumes':>7} {'RSS sum':>9} {'PSS sum':>9} {'RSS main':>9} {'RSS worker':>11}")
     for method, name in methods:
-        rows = [run_child(args, method, v) for v in args.rss_volumes]
+        rows = [run_child(args, method, v, memory=True) for v in args.rss_volumes]
         for r in rows:
-            worker = f"{r['maxrss_worker_mib']:.0f}" if r["maxrss_worker_mib"] else "-"  # not reaped yet
             print(f"{name:<10} {r['volumes']:>7d} {r['peak_rss_mib']:>9.0f} {r['peak_pss_mib']:>9.0f} "
-                  f"{r['maxrss_main_mib']:>12.0f} {worker:>14}")
+                  f"{r['peak_main_mib']:>9.0f} {r['peak_worker_mib']:>11.0f}")
         first, last = rows[0], rows[-1]
-        print(f"{name}: RSS with {last['volumes']} volumes / {first['volumes']} volumes = "
+        print(f"{name}: RSS sum with {last['volumes']} volumes / {first['volumes']} volumes = "
               f"{last['peak_rss_mib'] / first['peak_rss_mib']:.3f} (target <= 1.10)")
     print(f"\nwall time {time.perf_counter() - wall:.0f} s")
 

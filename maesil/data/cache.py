@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -60,11 +61,12 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = "maesil-cache"
 CACHE_VERSION = 1
 INDEX_NAME = "index.json"
-CACHE_INDEX = INDEX_NAME
+CACHE_INDEX = INDEX_NAME  # the name the DataModule uses
 SUBJECTS_DIR = "subjects"
 #: Voxel coordinates kept per label value for label-centred sampling.
 MAX_LABEL_POINTS = 4096
-#: The index is rewritten at most this often (seconds) while subjects complete.
+#: The index is rewritten at most this often (seconds) while subjects complete (rewriting it after
+#: every subject would cost time quadratic in the number of subjects).
 _INDEX_WRITE_INTERVAL = 2.0
 
 
@@ -255,7 +257,8 @@ def cache_problems(entries: Iterable[CacheEntry], superpatch_size: Sequence[int]
         if classes is not None:
             outside = [v for v in values if v not in set(classes)]
             if outside:
-                problems.append(Problem(label, f"label values {outside} are outside the declared classes {list(classes)}"))
+                problems.append(Problem(label, f"label values {outside} are outside the declared classes"
+                                               f" {list(classes)}"))
         elif values and values[0] < 0:
             problems.append(Problem(label, f"label map has negative values {[v for v in values if v < 0]}"))
         if needs_labels and not any(v > 0 for v in values):
@@ -733,10 +736,6 @@ def _run_pool(todo: list[tuple[SubjectRecord, dict]], root: Path, settings: Prep
 # --------------------------------------------------------------------------------------------
 
 
-def _torch_label(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
 def load_cached_subject(index: CacheIndex, subject_id: str, with_label: bool) -> tio.Subject:
     """A whole preprocessed subject in memory (``image``, optional ``label``, ``subject_id``) with
     its preprocessed affine, e.g. for validation grids (:func:`~maesil.data.sampling.grid_patches`)."""
@@ -749,7 +748,7 @@ def load_cached_subject(index: CacheIndex, subject_id: str, with_label: bool) ->
         if entry.label_path is None:
             raise DataError(f"{entry.source.image}: subject {subject_id!r} has no label in the cache {index.root}")
         label = np.load(entry.label_path, allow_pickle=False)
-        images["label"] = tio.LabelMap(tensor=_torch_label(label[np.newaxis]), affine=affine)
+        images["label"] = tio.LabelMap(tensor=torch.from_numpy(label[np.newaxis]), affine=affine)
     return tio.Subject(subject_id=subject_id, **images)
 
 
@@ -768,31 +767,45 @@ class _Item:
     label_counts: tuple[int, ...]
 
 
-def read_window(path: str, start: Sequence[int], size: Sequence[int], before: Sequence[int], fill: float
-                ) -> np.ndarray:
+def read_window(path: str, start: Sequence[int], size: Sequence[int], before: Sequence[int], fill: float,
+                out: np.ndarray | None = None) -> np.ndarray:
     """Copy the box ``[start, start + size)`` of a padded volume out of the ``.npy`` at ``path``.
 
-    The file is memory-mapped and only the box is copied; the padded volume has ``before`` voxels
-    of value ``fill`` in front of the stored array along each axis (and as many as needed behind).
-    The map is dropped before returning, so memory does not grow with the number of volumes read.
+    The file is memory-mapped and only the box is copied (into ``out`` if given, converting to its
+    dtype); the padded volume has ``before`` voxels of value ``fill`` in front of the stored array
+    along each axis (and as many as needed behind). The map is dropped before returning, so memory
+    does not grow with the number of volumes read.
     """
     volume = np.load(path, mmap_mode="r", allow_pickle=False)
+    size = tuple(int(s) for s in size)
+    if out is None:
+        out = np.empty(size, dtype=volume.dtype)
+    elif out.shape != size:
+        raise ValueError(f"out has shape {out.shape}, expected {size}")
     src, dst = [], []
     inside = True
     for axis in range(3):
         lo = int(start[axis]) - int(before[axis])
-        hi = lo + int(size[axis])
+        hi = lo + size[axis]
         clip_lo, clip_hi = max(0, lo), min(volume.shape[axis], hi)
         inside &= clip_lo == lo and clip_hi == hi
         src.append(slice(clip_lo, clip_hi))
         dst.append(slice(clip_lo - lo, clip_hi - lo))
-    if inside:
-        out = np.array(volume[tuple(src)], copy=True)
-    else:
-        out = np.full(tuple(int(s) for s in size), fill, dtype=volume.dtype)
-        out[tuple(dst)] = volume[tuple(src)]
+    if not inside:
+        out.fill(fill)
+    out[tuple(dst)] = volume[tuple(src)]
     del volume
     return out
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; inside a DataLoader worker it is allocated in shared memory, so the
+    batch travels to the main process without another copy (as ``default_collate`` does)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 class CachedPatchDataset(Dataset):
@@ -818,8 +831,10 @@ class CachedPatchDataset(Dataset):
     the padded volume, as TorchIO reports it.
 
     Items are dicts ``{"image": float32 (1, X, Y, Z), "subject_id": str, "location": int64 (6,)}``
-    plus ``"label"`` ((1, X, Y, Z), the stored integer dtype) when ``with_label``; batch them with
-    :func:`~maesil.data.sampling.collate_patches`.
+    plus ``"label"`` (int64 (1, X, Y, Z)) when ``with_label``; batch them with
+    :func:`~maesil.data.sampling.collate_patches`. A DataLoader fetches whole batches through
+    :meth:`__getitems__`, which reads the patches of a batch into one buffer so that collation
+    does not copy them again.
     """
 
     def __init__(
@@ -889,8 +904,8 @@ class CachedPatchDataset(Dataset):
         with np.load(item.points, allow_pickle=False) as stored:
             return stored[f"points_{value}"]
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        i = int(i)
+    def _location(self, i: int) -> tuple[_Item, np.ndarray, np.ndarray]:
+        """Subject, start (in the padded volume) and front padding of item ``i``."""
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} patches")
         item = self.items[i // self.samples_per_volume]
@@ -905,13 +920,34 @@ class CachedPatchDataset(Dataset):
             start = np.clip(centre - patch // 2, 0, padded - patch)
         else:
             start = np.array([rng.integers(0, int(n) + 1) for n in padded - patch])
-        image = read_window(item.image, start, patch, before, item.image_fill)
+        return item, start, before
+
+    def _read(self, i: int, image: torch.Tensor, label: torch.Tensor | None) -> dict[str, Any]:
+        """Item ``i`` read into the (1, X, Y, Z) tensors ``image`` and ``label``."""
+        item, start, before = self._location(int(i))
+        read_window(item.image, start, self.patch_size, before, item.image_fill, out=image[0].numpy())
         sample: dict[str, Any] = {
-            "image": torch.from_numpy(image[np.newaxis]),
+            "image": image,
             "subject_id": item.subject_id,
-            "location": torch.as_tensor(np.concatenate([start, start + patch]), dtype=torch.int64),
+            "location": torch.as_tensor(np.concatenate([start, start + np.array(self.patch_size)]),
+                                        dtype=torch.int64),
         }
-        if self.with_label:
-            label = read_window(item.label, start, patch, before, item.label_fill)  # type: ignore[arg-type]
-            sample["label"] = _torch_label(label[np.newaxis])
+        if label is not None:
+            read_window(item.label, start, self.patch_size, before, item.label_fill,  # type: ignore[arg-type]
+                        out=label[0].numpy())
+            sample["label"] = label
         return sample
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        shape = (1, *self.patch_size)
+        return self._read(i, torch.empty(shape, dtype=torch.float32),
+                          torch.empty(shape, dtype=torch.int64) if self.with_label else None)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A whole batch (what a DataLoader asks for): the patches are read side by side into one
+        tensor (in shared memory inside a worker), which :func:`~maesil.data.sampling.collate_patches`
+        then returns without copying."""
+        shape = (len(indices), 1, *self.patch_size)
+        images = _batch_tensor(shape, torch.float32)
+        labels = _batch_tensor(shape, torch.int64) if self.with_label else None
+        return [self._read(i, images[k], None if labels is None else labels[k]) for k, i in enumerate(indices)]

@@ -177,20 +177,27 @@ def collate_patches(patches: Sequence[tio.Subject | dict[str, Any]], label_key: 
 
     A patch is a TorchIO patch (``tio.Subject`` with a ``location``) or a plain dict of tensors
     ``{"image": (1, X, Y, Z), "subject_id": str, "location": (6,)[, "label": (1, X, Y, Z)]}`` as
-    yielded by :class:`~maesil.data.cache.CachedPatchDataset`. Inside a DataLoader worker the
-    stacked tensors are allocated in shared memory, which saves a copy when the batch is sent to
-    the main process (what ``default_collate`` does).
+    yielded by :class:`~maesil.data.cache.CachedPatchDataset`. Tensors that already lie side by
+    side in one buffer (a batch read by ``CachedPatchDataset.__getitems__``) are returned as a view
+    of it, without copying; otherwise they are stacked, inside a DataLoader worker into shared memory,
+    which saves a copy when the batch is sent to the main process (as ``default_collate`` does).
     """
     if not patches:
         raise ValueError("cannot collate an empty list of patches")
 
     def stack(values: list, dtype: torch.dtype) -> torch.Tensor:
-        tensors = [(v.data if isinstance(v, tio.Image) else torch.as_tensor(v)).to(dtype) for v in values]
+        tensors = [v.data if isinstance(v, tio.Image) else torch.as_tensor(v) for v in values]
+        first = tensors[0]
+        numel, base = first.numel(), first.untyped_storage().data_ptr()
+        if all(t.dtype == dtype and t.shape == first.shape and t.is_contiguous()
+               and t.untyped_storage().data_ptr() == base and t.storage_offset() == first.storage_offset() + k * numel
+               for k, t in enumerate(tensors)):
+            return first.as_strided((len(tensors), *first.shape), (numel, *first.stride()), first.storage_offset())
+        tensors = [t.to(dtype) for t in tensors]
         out = None
         if torch.utils.data.get_worker_info() is not None:
-            numel = sum(t.numel() for t in tensors)
-            storage = tensors[0]._typed_storage()._new_shared(numel, device=tensors[0].device)
-            out = tensors[0].new(storage).resize_(len(tensors), *tensors[0].shape)
+            storage = torch.UntypedStorage._new_shared(len(tensors) * numel * tensors[0].element_size())
+            out = torch.empty(0, dtype=dtype).set_(storage, 0, (len(tensors), *first.shape))
         return torch.stack(tensors, out=out)
 
     batch: dict[str, Any] = {

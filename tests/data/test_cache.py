@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchio as tio
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -92,7 +93,8 @@ def test_index_json_fields(prepared) -> None:
     assert entry["source"]["fingerprint"]["image"] == {"kind": "file", "size": stat.st_size,
                                                        "mtime_ns": stat.st_mtime_ns}
     assert set(entry["stats"]) == {"min", "max", "mean", "std", "foreground_fraction"}
-    assert entry["stats"]["min"] == 0.0 and entry["stats"]["max"] == 1.0 and 0 < entry["stats"]["foreground_fraction"] < 1
+    stats = entry["stats"]
+    assert stats["min"] == 0.0 and stats["max"] == 1.0 and 0 < stats["foreground_fraction"] < 1
     assert np.array(entry["affine"]).shape == (4, 4) and np.array(entry["original_affine"]).shape == (4, 4)
     assert [data["subjects"][r.subject_id]["split"] for r in records] == ["train", "val", None]
     with np.load(out / entry["label_points"]) as points:
@@ -278,3 +280,29 @@ def test_cache_problems_from_the_index(prepared) -> None:
     assert {p.severity for p in problems} == {"error", "warning"}
     assert any("outside the declared classes" in p.message and p.path == entries[0].source.label for p in problems)
     assert any("smaller than one superpatch" in p.message for p in problems)
+
+
+def test_batched_read_is_collated_without_copy(prepared) -> None:
+    out, records, _ = prepared
+    index = CacheIndex.load(out)
+    dataset = CachedPatchDataset(index, [r.subject_id for r in records], 16, samples_per_volume=2, with_label=True)
+    indices = [4, 0, 3]
+    samples = dataset.__getitems__(indices)
+    batch = collate_patches(samples, label_key="label")
+    assert batch["image"].data_ptr() == samples[0]["image"].data_ptr()  # a view, not a copy
+    assert batch["label"].data_ptr() == samples[0]["label"].data_ptr() and batch["label"].dtype == torch.long
+    single = [dataset[i] for i in indices]
+    expected = collate_patches(single, label_key="label")
+    for key in ("image", "label", "location"):
+        assert torch.equal(batch[key], expected[key])
+    assert batch["subject_id"] == expected["subject_id"]
+    assert expected["image"].data_ptr() != single[0]["image"].data_ptr()  # separate samples are stacked
+
+
+def test_collate_accepts_torchio_patches_and_dicts() -> None:
+    image = torch.rand(1, 4, 4, 4)
+    patch = tio.Subject(image=tio.ScalarImage(tensor=image), subject_id="a", location=torch.tensor([0, 0, 0, 4, 4, 4]))
+    plain = {"image": image * 2, "subject_id": "b", "location": torch.tensor([1, 1, 1, 5, 5, 5])}
+    batch = collate_patches([patch, plain])
+    assert batch["image"].shape == (2, 1, 4, 4, 4) and torch.equal(batch["image"][1], image * 2)
+    assert batch["subject_id"] == ["a", "b"] and batch["location"].dtype == torch.long
