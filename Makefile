@@ -39,6 +39,7 @@ test-all: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/mae_throughput.py
+	$(PY) benchmarks/loader_throughput.py
 
 clean:
 	rm -rf runs data_cache .pytest_cache

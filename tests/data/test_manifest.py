@@ -89,3 +89,25 @@ def test_malformed_json(tmp_path: Path) -> None:
     manifest.write_text('{"cases": []}')
     with pytest.raises(DataError, match="must be a list of subjects"):
         discover_subjects(manifest)
+
+
+def test_manifest_series_uid_picks_the_series(tmp_path: Path) -> None:
+    import numpy as np
+
+    from maesil.data.io import subject_from_record
+
+    from .dicom_factory import write_dicom_series
+
+    study = tmp_path / "study"
+    write_dicom_series(study, np.zeros((8, 6, 7), np.float32), series_uid="1.2.3.1",  # largest CT: the default
+                       file_names=[f"a{k}.dcm" for k in range(7)])
+    write_dicom_series(study, np.full((8, 6, 4), 40.0, np.float32), series_uid="1.2.3.2",
+                       file_names=[f"b{k}.dcm" for k in range(4)])
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject_id,image,series_uid\ndefault,study,\npinned,study,1.2.3.2\n")
+    records = {r.subject_id: r for r in discover_subjects(manifest)}
+    assert records["pinned"].series_uid == "1.2.3.2" and records["default"].series_uid is None
+    pinned = subject_from_record(records["pinned"], with_label=False)
+    default = subject_from_record(records["default"], with_label=False)
+    assert pinned["image"].spatial_shape == (8, 6, 4) and float(pinned["image"].data.mean()) == 40.0
+    assert default["image"].spatial_shape == (8, 6, 7)
