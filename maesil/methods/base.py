@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+from torch import Tensor
 from matplotlib.figure import Figure
 
 from maesil.evaluation.figures import save_figure
@@ -50,6 +51,21 @@ class PretrainModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.last_figure_path: Path | None = None
+
+    def reconstruct_for_evaluation(self, batch: dict) -> tuple[Tensor, Tensor | None]:
+        """Reconstruct a batch of superpatches for whole-volume evaluation (``benchmark-recon``).
+
+        Args:
+            batch: the DataModule's batch dict: ``image`` (B, C, X, Y, Z) in [0, 1] (CT), ``subject_id``
+                and ``location``, which masked methods use to seed their masks, so that every run and
+                every checkpoint is scored on the same masks.
+
+        Returns:
+            ``(reconstruction, hidden)``: the reconstruction, same shape and range as ``image``, and a
+            boolean voxel mask of what the model did not see (``None`` for methods that see the whole
+            input, e.g. autoencoders).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct its input")
 
     def configure_optimizers(self):
         """Builds the injected optimizer over decay/no-decay groups and a per-step schedule."""

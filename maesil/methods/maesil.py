@@ -163,6 +163,15 @@ class MAESIL(PretrainModule):
             mask=torch.cat([m.mask for m in masks]),
         )
 
+    @torch.no_grad()
+    def reconstruct_for_evaluation(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """Masked reconstruction with the validation masks (seeded by subject and location): visible
+        patches copied from the input, masked ones predicted; the mask marks the predicted voxels."""
+        images = batch["image"]
+        output = self(images, self.validation_mask(batch))
+        reconstruction = self.net.reconstruct(images, output).clamp(0.0, 1.0)
+        return reconstruction, self.voxel_mask(output.mask, images.shape[1])
+
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
         self._figure_candidate = None
