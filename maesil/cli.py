@@ -7,6 +7,8 @@ YAML by ``class_path``; several ``--config`` files compose (later ones override)
 * ``python -m maesil phantoms --out DIR --count 8``: write synthetic CT phantoms (image + organ labels).
 * ``python -m maesil check-data DIR``: validate a dataset up front, one table row per problem.
 * ``python -m maesil prepare DIR --out CACHE``: preprocess once into a cache for fast loading.
+* ``python -m maesil benchmark-recon --checkpoints A.ckpt B.ckpt --data DIR --out OUT``: whole-volume
+  reconstruction benchmark (PSNR, SSIM, optional LPIPS) with a table and a slice figure.
 """
 
 from __future__ import annotations
@@ -105,10 +107,18 @@ def prepare_command(argv: Sequence[str]) -> int:
     return command(argv)
 
 
+def benchmark_recon_command(argv: Sequence[str]) -> int:
+    """``python -m maesil benchmark-recon``: see :mod:`maesil.tools.benchmark_recon`."""
+    from maesil.tools.benchmark_recon import benchmark_recon_command as command
+
+    return command(argv)
+
+
 TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
     "phantoms": phantoms_command,
     "check-data": check_data_command,
     "prepare": prepare_command,
+    "benchmark-recon": benchmark_recon_command,
 }
 
 

@@ -1,0 +1,482 @@
+"""``python -m maesil benchmark-recon``: whole-volume reconstruction benchmark of pretrained checkpoints.
+
+Every checkpoint reconstructs every volume of ``--data`` superpatch by superpatch
+(:func:`~maesil.evaluation.reconstruction.reconstruct_volume`); PSNR and 3D SSIM are scored over the
+whole volume, the body and the masked voxels, optionally with slice-wise LPIPS. The checkpoints must
+share their preprocessing settings and superpatch size (read from the checkpoint's
+``datamodule_hyper_parameters``), so that all methods see identical inputs.
+
+Outputs in ``--out``:
+
+* ``results.md``: a protocol paragraph and one table row per checkpoint (mean ± std over volumes);
+* ``results.csv``: the same table, one row per checkpoint, a ``_mean`` and a ``_std`` column per metric;
+* ``per_volume.csv``: one row per checkpoint × volume;
+* ``slices.png``: one volume's axial and coronal slice, input and every method side by side, with
+  ``|recon − input|`` maps.
+
+Numbers in the CSVs are plain floats; an exact reconstruction has PSNR ``inf``, a missing value
+(no mask, no LPIPS weights) is an empty cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchio as tio
+
+from maesil.data.preprocess import PreprocessSettings, padding_value
+from maesil.data.sampling import as_patch_size
+from maesil.evaluation.reconstruction import BODY_THRESHOLD
+
+log = logging.getLogger(__name__)
+
+#: Metric columns of the tables, in order: (key, label, digits).
+METRICS: tuple[tuple[str, str, int], ...] = (
+    ("psnr", "PSNR whole (dB)", 2),
+    ("psnr_body", "PSNR body (dB)", 2),
+    ("psnr_masked", "PSNR masked (dB)", 2),
+    ("ssim", "SSIM whole", 4),
+    ("ssim_body", "SSIM body", 4),
+    ("ssim_masked", "SSIM masked", 4),
+    ("lpips", "LPIPS (axial)", 4),
+)
+
+
+class BenchmarkError(Exception):
+    """A problem with the inputs (checkpoints, settings, data); the message says what to fix."""
+
+
+@dataclass
+class Method:
+    """A loaded checkpoint and what the benchmark needs to know about it."""
+
+    name: str
+    path: Path
+    model: Any
+    settings: PreprocessSettings
+    superpatch_size: tuple[int, int, int]
+    params: int
+    per_volume: list[dict[str, Any]] = field(default_factory=list)
+    masked_region: str = "none"  # "own", "reference" or "none"
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_class(class_path: str, path: Path) -> type:
+    from maesil.methods.base import PretrainModule
+    import maesil.methods  # noqa: F401  (registers the methods)
+
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise BenchmarkError(f"{path}: its model class {class_path!r} cannot be imported ({error})") from error
+    if not (isinstance(cls, type) and issubclass(cls, PretrainModule)):
+        raise BenchmarkError(f"{path}: {class_path!r} is not a maesil PretrainModule")
+    if cls.reconstruct_for_evaluation is PretrainModule.reconstruct_for_evaluation:
+        raise BenchmarkError(f"{path}: {cls.__name__} does not reconstruct its input (no reconstruct_for_evaluation)")
+    return cls
+
+
+def load_method(path: str | Path, device: torch.device | str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Loads a checkpoint written by ``python -m maesil fit``: the model, in eval mode on ``device``,
+    and the DataModule's hyper-parameters.
+
+    LightningCLI stores the model class as ``hyper_parameters["_class_path"]`` and the data options as
+    ``datamodule_hyper_parameters``. The class is imported from that path and must be a
+    :class:`~maesil.methods.base.PretrainModule` that implements ``reconstruct_for_evaluation``; tensors
+    are read with ``weights_only=True``. Raises :class:`BenchmarkError` for missing, unreadable or
+    foreign checkpoints.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any reader error
+        raise BenchmarkError(f"{path}: cannot be read as a checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise BenchmarkError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if not class_path:
+        raise BenchmarkError(f"{path}: the checkpoint does not name its model class (hyper_parameters._class_path);"
+                             " use checkpoints written by `python -m maesil fit`")
+    data = checkpoint.get("datamodule_hyper_parameters")
+    if not isinstance(data, dict):
+        raise BenchmarkError(f"{path}: the checkpoint holds no data settings (datamodule_hyper_parameters);"
+                             " use checkpoints written by `python -m maesil fit`")
+    del checkpoint
+    cls = _resolve_class(str(class_path), path)
+    try:
+        model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001
+        raise BenchmarkError(f"{path}: {cls.__name__} cannot be restored ({type(error).__name__}: {error})") from error
+    return model.to(device).eval(), dict(data)
+
+
+def data_settings(data: dict[str, Any]) -> tuple[PreprocessSettings, tuple[int, int, int]]:
+    """The preprocessing settings and superpatch size of a checkpoint's DataModule hyper-parameters."""
+    from maesil.tools.data_options import DATA_DEFAULTS, settings_from_options
+
+    options = dict(DATA_DEFAULTS)
+    options.update({k: v for k, v in data.items() if k in DATA_DEFAULTS})
+    return settings_from_options(options), as_patch_size(options["superpatch_size"])
+
+
+def _run_folder(path: Path) -> str:
+    parent = path.resolve().parent
+    return parent.parent.name if parent.name == "checkpoints" else parent.name
+
+
+def method_names(paths: Sequence[Path], classes: Sequence[str], names: Sequence[str] | None) -> list[str]:
+    """``--names`` if given, else the class name, with the run folder added where classes repeat."""
+    if names:
+        if len(names) != len(paths):
+            raise BenchmarkError(f"--names gives {len(names)} name(s) for {len(paths)} checkpoint(s)")
+        if len(set(names)) != len(names):
+            raise BenchmarkError(f"--names must be unique, got {list(names)}")
+        return list(names)
+    first = [c if classes.count(c) == 1 else f"{c} ({_run_folder(p)})" for p, c in zip(paths, classes)]
+    seen: dict[str, int] = {}
+    out = []
+    for name in first:
+        if first.count(name) > 1:
+            seen[name] = seen.get(name, 0) + 1
+            name = f"{name} #{seen[name]}"
+        out.append(name)
+    return out
+
+
+def _check_same_settings(methods: Sequence[Method]) -> None:
+    first = methods[0]
+    if all(m.settings == first.settings and m.superpatch_size == first.superpatch_size for m in methods):
+        return
+    lines = [f"  {m.name} ({m.path}): superpatch {list(m.superpatch_size)}, {m.settings.to_dict()}" for m in methods]
+    raise BenchmarkError("the checkpoints were trained with different preprocessing or superpatch sizes; a fair"
+                         " comparison needs identical inputs:\n" + "\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def load_subjects(data_dir: str | Path, settings: PreprocessSettings, superpatch: tuple[int, int, int],
+                  split: str = "all", exclude: Sequence[str] | None = None, workers: int = 2
+                  ) -> list[tuple[str, Callable[[], tio.Subject]]]:
+    """The records to evaluate (checked like training data) and a loader of preprocessed subjects.
+
+    ``data_dir`` is anything ``VolumeDataModule(data_dir=...)`` reads: a folder, a manifest, a DICOM
+    tree or a prepared cache (whose settings must match). Returns ``[(subject_id, load)]`` sorted by
+    id, ``load()`` giving the preprocessed, unpadded ``tio.Subject``.
+    """
+    from functools import partial
+
+    from maesil.data import VolumeDataModule
+    from maesil.data.cache import CacheIndex, is_cache, load_cached_subject
+    from maesil.data.io import subject_from_record
+
+    datamodule = VolumeDataModule(
+        data_dir=str(data_dir), modality=settings.modality, superpatch_size=superpatch,
+        target_spacing=settings.target_spacing, hu_window=settings.hu_window,
+        crop_foreground=settings.crop_foreground, val_fraction=0.0, exclude=list(exclude) if exclude else None,
+        num_workers=max(0, workers), check_voxels=False,
+    )
+    datamodule.setup("validate")
+    records = {"train": datamodule.train_records, "val": datamodule.val_records, "test": datamodule.test_records}
+    chosen = [r for key in (("train", "val", "test") if split == "all" else (split,)) for r in records[key]]
+    chosen = sorted(chosen, key=lambda r: r.subject_id)
+    if is_cache(data_dir):
+        index = CacheIndex.load(data_dir)
+        return [(r.subject_id, partial(load_cached_subject, index, r.subject_id, False)) for r in chosen]
+    transform = settings.transform()
+    return [(r.subject_id, lambda r=r: transform(subject_from_record(r, with_label=False))) for r in chosen]
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def summarise(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) over volumes, NaNs skipped; an infinite
+    value makes the mean ``inf`` and the deviation NaN."""
+    array = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if array.size == 0:
+        return math.nan, math.nan
+    if np.isinf(array).any():
+        return float(array.mean()), math.nan
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
+def format_mean_std(mean: float, std: float, digits: int) -> str:
+    """``12.34 ± 0.56``; ``∞`` for an infinite mean; ``n/a`` when there is no value."""
+    if math.isnan(mean):
+        return "n/a"
+    if math.isinf(mean):
+        return "∞" if mean > 0 else "−∞"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def format_params(count: int) -> str:
+    """A parameter count as ``12.35 M`` or ``45.6 k``."""
+    return f"{count / 1e6:.2f} M" if count >= 1e5 else f"{count / 1e3:.1f} k"
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value) if math.isinf(value) else f"{value:.6g}"
+    return "" if value is None else value
+
+
+def markdown_table(methods: Sequence[Method], lpips: bool) -> str:
+    """The results table: one row per method, mean ± std over volumes."""
+    header = ["method", "params", *(label for _, label, _ in METRICS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for method in methods:
+        cells = [method.name, format_params(method.params)]
+        for key, _, digits in METRICS:
+            if key == "lpips" and not lpips:
+                cells.append("n/a (no weights)")
+                continue
+            text = format_mean_std(*summarise([row.get(key, math.nan) for row in method.per_volume]), digits)
+            if key.endswith("_masked") and method.masked_region == "reference" and text != "n/a":
+                text += " †"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def protocol_text(methods: Sequence[Method], data: str, subject_ids: Sequence[str], split: str,
+                  data_range: float, lpips_weights: Sequence[str] | None, reference: str | None) -> str:
+    """The paragraph above the table: data, settings, regions, masks, LPIPS."""
+    first = methods[0]
+    settings, size = first.settings, first.superpatch_size
+    spacing = "native" if settings.target_spacing is None else "×".join(f"{s:g}" for s in settings.target_spacing)
+    ids = ", ".join(subject_ids[:10]) + (f", … ({len(subject_ids) - 10} more)" if len(subject_ids) > 10 else "")
+    if settings.modality == "ct":
+        low, high = settings.hu_window
+        intensity = f"CT, HU window [{low:g}, {high:g}] → [0, 1]"
+        body_hu = low + BODY_THRESHOLD * (high - low)
+        body = (f"windowed intensity > {BODY_THRESHOLD:g} (≈ {body_hu:.0f} HU) with holes filled in each axial"
+                " slice, so that lungs and airways count as body")
+    else:
+        intensity = "MRI, z-normalised over the foreground"
+        body = "voxels above the volume mean with holes filled in each axial slice"
+    masked_methods = [m for m in methods if m.masked_region == "own"]
+    if masked_methods:
+        seeds = ", ".join(f"{m.name}: {getattr(m.model, 'val_mask_seed', '?')}" for m in masked_methods)
+        masked = ("**masked** = voxels the model did not see. Masked methods are scored on their own evaluation"
+                  " masks, drawn per superpatch from a seed fixed by the method's `val_mask_seed`, the subject and"
+                  f" the superpatch location (MAESIL: crc32(\"seed:subject:location\"); seeds: {seeds}), so every"
+                  " run and checkpoint with the same masking settings sees identical masks. Masked methods copy the"
+                  " visible patches from the input: their whole and body scores include voxels they saw.")
+        if reference is not None and any(m.masked_region == "reference" for m in methods):
+            masked += (f" † Methods that see the whole input (autoencoders) are scored on the voxels hidden by the"
+                       f" masks of **{reference}**, for comparison only: they saw these voxels.")
+    else:
+        masked = "**masked** = n/a: no method masks its input."
+    if lpips_weights:
+        lpips = ("LPIPS: AlexNet LPIPS (v0.1) of every axial slice, averaged over the slices, weights "
+                 + ", ".join(f"`{w}`" for w in lpips_weights) + ".")
+    else:
+        lpips = "LPIPS: n/a (no weights): pass `--lpips-weights` with local AlexNet LPIPS weights."
+    return "\n".join([
+        "# Whole-volume reconstruction benchmark",
+        "",
+        f"**Protocol.** {len(subject_ids)} volume(s) of `{data}`"
+        + ("" if split == "all" else f" (split `{split}`)") + f": {ids}. "
+        f"Preprocessing shared by all checkpoints: {intensity}, spacing {spacing} mm, crop to the body:"
+        f" {'yes' if settings.crop_foreground else 'no'}; superpatch {'×'.join(map(str, size))} voxels. Each volume"
+        " is padded (centred) to a multiple of the superpatch, cut into a non-overlapping grid, reconstructed"
+        " superpatch by superpatch, reassembled and cropped back to its own voxels. Per volume: PSNR (dB, data"
+        f" range {data_range:g}, squared error pooled over the region's voxels) and 3D SSIM (Gaussian window 11,"
+        f" σ 1.5, data range {data_range:g}; the SSIM map of the whole volume averaged over the region). The table"
+        " gives mean ± sample std over volumes; an exact reconstruction has PSNR ∞ (not capped).",
+        "",
+        f"Regions: **whole** = every voxel of the volume; **body** = {body}; {masked}",
+        "",
+        lpips,
+        "",
+    ])
+
+
+def write_outputs(out: Path, methods: Sequence[Method], protocol: str, table: str, lpips: bool) -> None:
+    """Writes ``results.md``, ``results.csv`` and ``per_volume.csv`` (see the module docstring)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(protocol + "\n" + table + "\n")
+    keys = [key for key, _, _ in METRICS if key != "lpips" or lpips]
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "class", "checkpoint", "params", "volumes", "masked_region",
+                         *(f"{k}_{s}" for k in keys for s in ("mean", "std"))])
+        for m in methods:
+            stats = [summarise([row.get(k, math.nan) for row in m.per_volume]) for k in keys]
+            writer.writerow([m.name, type(m.model).__name__, str(m.path), m.params, len(m.per_volume),
+                             m.masked_region, *(_csv_value(v) for pair in stats for v in pair)])
+    with open(out / "per_volume.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        columns = ["subject_id", "shape", "voxels", "body_voxels", "masked_voxels", *keys]
+        writer.writerow(["method", *columns])
+        for m in methods:
+            for row in m.per_volume:
+                writer.writerow([m.name, *(_csv_value(row.get(c)) for c in columns)])
+
+
+# --------------------------------------------------------------------------------------------
+# Command
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m maesil benchmark-recon",
+        description="Reconstruct every volume of --data with every checkpoint (superpatch grid, reassembled) and"
+        " score PSNR and 3D SSIM over the whole volume, the body and the masked voxels (plus slice-wise LPIPS with"
+        " --lpips-weights). Writes OUT/results.md, OUT/results.csv, OUT/per_volume.csv and OUT/slices.png, and"
+        " prints the table. The checkpoints must share preprocessing settings and superpatch size.",
+    )
+    parser.add_argument("--checkpoints", nargs="+", required=True, type=Path, metavar="CKPT",
+                        help="checkpoints written by `python -m maesil fit`")
+    parser.add_argument("--names", nargs="+", default=None, metavar="NAME",
+                        help="one table name per checkpoint (default: class name, plus the run folder if repeated)")
+    parser.add_argument("--data", required=True,
+                        help="held-out volumes: a folder, manifest, DICOM tree or prepared cache")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
+                        help="with a manifest's split column: evaluate only these subjects (default: all)")
+    parser.add_argument("--batch-size", type=int, default=2, help="superpatches per forward pass (default 2)")
+    parser.add_argument("--max-volumes", type=int, default=None, help="evaluate at most N volumes (first by id)")
+    parser.add_argument("--lpips-weights", nargs="+", default=None, metavar="PATH",
+                        help="local AlexNet LPIPS weights (one file, or torchvision AlexNet + LPIPS lin weights)")
+    parser.add_argument("--data-range", type=float, default=1.0, help="intensity range for PSNR/SSIM (default 1.0)")
+    parser.add_argument("--figure-subject", default=None, help="subject shown in slices.png (default: the first)")
+    parser.add_argument("--exclude", nargs="*", default=None, metavar="GLOB",
+                        help="glob patterns of files under --data that are not images")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--workers", type=int, default=2, help="processes for the data checks (default 2)")
+    return parser
+
+
+def benchmark_recon_command(argv: Sequence[str]) -> int:
+    """Runs the benchmark; returns 0, or 1 after printing what is wrong with the inputs."""
+    args = build_parser().parse_args(list(argv))
+    try:
+        return _run(args)
+    except BenchmarkError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from maesil.data.sources import DataError
+    from maesil.evaluation.figures import save_figure
+    from maesil.evaluation.reconstruction import (
+        LPIPS2D,
+        body_mask,
+        comparison_figure,
+        lpips_volume,
+        reconstruct_volume,
+        volume_metrics,
+    )
+
+    if args.batch_size < 1:
+        raise BenchmarkError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_volumes is not None and args.max_volumes < 1:
+        raise BenchmarkError(f"--max-volumes must be >= 1, got {args.max_volumes}")
+    if args.data_range <= 0:
+        raise BenchmarkError(f"--data-range must be > 0, got {args.data_range}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    loaded = [(path, *load_method(path, device)) for path in args.checkpoints]
+    names = method_names([p for p, _, _ in loaded], [type(m).__name__ for _, m, _ in loaded], args.names)
+    methods = []
+    for name, (path, model, data) in zip(names, loaded):
+        settings, size = data_settings(data)
+        params = sum(p.numel() for p in model.parameters())
+        methods.append(Method(name, path, model, settings, size, params))
+    _check_same_settings(methods)
+    settings, superpatch = methods[0].settings, methods[0].superpatch_size
+
+    lpips_net = None
+    if args.lpips_weights:
+        try:
+            lpips_net = LPIPS2D.from_weights(args.lpips_weights).to(device)
+        except ValueError as error:
+            raise BenchmarkError(str(error)) from error
+
+    try:
+        subjects = load_subjects(args.data, settings, superpatch, args.split, args.exclude, args.workers)
+    except DataError as error:
+        raise BenchmarkError(f"data {args.data}:\n{error}") from error
+    if args.max_volumes is not None:
+        subjects = subjects[: args.max_volumes]
+    if not subjects:
+        raise BenchmarkError(f"{args.data}: no subject to evaluate" + ("" if args.split == "all" else
+                                                                       f" in split {args.split!r}"))
+    ids = [sid for sid, _ in subjects]
+    figure_id = args.figure_subject or ids[0]
+    if figure_id not in ids:
+        raise BenchmarkError(f"--figure-subject {figure_id!r} is not among the evaluated subjects")
+
+    pad = padding_value(settings.modality)
+    reference: str | None = None
+    figure_data: dict[str, Any] = {}
+    for index, (subject_id, load) in enumerate(subjects, start=1):
+        start = time.perf_counter()
+        try:
+            subject = load()
+        except DataError as error:
+            raise BenchmarkError(f"{subject_id}: {error}") from error
+        results = [reconstruct_volume(m.model, subject, superpatch, pad, args.batch_size) for m in methods]
+        image = results[0].image
+        body = body_mask(image, modality=settings.modality)
+        masked_index = next((i for i, r in enumerate(results) if r.hidden_mask is not None), None)
+        reference_mask = results[masked_index].hidden_mask if masked_index is not None else None
+        if masked_index is not None:
+            reference = methods[masked_index].name
+        for method, result in zip(methods, results):
+            own = result.hidden_mask is not None
+            method.masked_region = "own" if own else ("reference" if reference_mask is not None else "none")
+            row: dict[str, Any] = volume_metrics(image, result.reconstruction, result.hidden_mask, body,
+                                                 args.data_range, reference_mask=reference_mask)
+            mask = result.hidden_mask if own else reference_mask
+            row.update(subject_id=subject_id, shape="x".join(map(str, image.shape)), voxels=image.numel(),
+                       body_voxels=int(body.sum()), masked_voxels=int(mask.sum()) if mask is not None else None)
+            if lpips_net is not None:
+                row["lpips"] = lpips_volume(lpips_net, image, result.reconstruction, args.data_range)
+            method.per_volume.append(row)
+        if subject_id == figure_id:
+            figure_data = {"image": image.numpy(), "spacing": results[0].spacing,
+                           "reconstructions": {m.name: r.reconstruction.numpy() for m, r in zip(methods, results)}}
+        log.info("%d/%d %s %s: %.1f s", index, len(subjects), subject_id, "x".join(map(str, image.shape)),
+                 time.perf_counter() - start)
+
+    out: Path = args.out
+    protocol = protocol_text(methods, str(args.data), ids, args.split, args.data_range, args.lpips_weights, reference)
+    table = markdown_table(methods, lpips=lpips_net is not None)
+    write_outputs(out, methods, protocol, table, lpips=lpips_net is not None)
+    low, high = (0.0, args.data_range) if settings.modality == "ct" else (
+        float(np.percentile(figure_data["image"], 1)), float(np.percentile(figure_data["image"], 99)))
+    figure = comparison_figure(figure_data["image"], figure_data["reconstructions"], spacing=figure_data["spacing"],
+                               title=f"{figure_id}: input and reconstructions", value_range=(low, high))
+    save_figure(figure, out / "slices.png")
+    print(table)
+    print(f"\n{len(methods)} checkpoint(s) × {len(ids)} volume(s): {out / 'results.md'}, {out / 'results.csv'},"
+          f" {out / 'per_volume.csv'}, {out / 'slices.png'}")
+    return 0

@@ -1,0 +1,200 @@
+"""``python -m maesil benchmark-recon`` end to end on tiny checkpoints trained through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from maesil.cli import TOOLS, main
+from maesil.methods.base import PretrainModule
+from maesil.tools.benchmark_recon import benchmark_recon_command, format_mean_std, method_names, summarise
+from tests.helpers import REPO_ROOT, tiny_maesil_args
+
+pytestmark = pytest.mark.filterwarnings("ignore:The state dict in .* contains no parameters")
+
+
+class SeeAll(PretrainModule):
+    """An 'autoencoder' that returns its input exactly and has no mask."""
+
+    def reconstruct_for_evaluation(self, batch):
+        return batch["image"].clone(), None
+
+
+def train(data_dir: Path, run_dir: Path, *extra: str) -> Path:
+    main(["fit", *tiny_maesil_args(data_dir, run_dir, max_steps=2), "--trainer.val_check_interval", "2",
+          "--trainer.limit_val_batches", "1", *extra])
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def checkpoint_like(source: Path, target: Path, class_path: str, state_dict: dict | None = None,
+                    hyper_parameters: dict | None = None, **data_changes) -> Path:
+    """A checkpoint as `fit` writes it, for another model class and/or other data settings."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"] = {"_class_path": class_path, **(hyper_parameters or {})}
+    checkpoint["state_dict"] = state_dict or {}
+    checkpoint["datamodule_hyper_parameters"].update(data_changes)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_ct_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("benchmark_runs")
+    dual = train(tiny_ct_dir, root / "dual")
+    random = train(tiny_ct_dir, root / "random", "--model.init_args.masking", "random",
+                   "--model.init_args.mask_ratio", "0.75")
+    maesil_dual = torch.load(dual, map_location="cpu", weights_only=True)
+    see_all = checkpoint_like(dual, root / "see_all" / "checkpoints" / "last.ckpt",
+                              f"{__name__}.SeeAll")
+    assert maesil_dual["hyper_parameters"]["_class_path"] == "maesil.methods.MAESIL"
+    return {"dual": dual, "random": random, "see_all": see_all}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_tool_is_registered():
+    assert "benchmark-recon" in TOOLS
+
+
+def test_benchmark_writes_tables_and_figure(checkpoints, tiny_ct_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = benchmark_recon_command([
+        "--checkpoints", str(checkpoints["dual"]), str(checkpoints["random"]), str(checkpoints["see_all"]),
+        "--data", str(tiny_ct_dir), "--out", str(out), "--max-volumes", "2", "--batch-size", "4",
+    ])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"results.md", "results.csv", "per_volume.csv", "slices.png"}
+    assert (out / "slices.png").stat().st_size > 10_000
+
+    summary = read_csv(out / "results.csv")
+    assert [row["method"] for row in summary] == ["MAESIL (dual)", "MAESIL (random)", "SeeAll"]
+    assert [row["masked_region"] for row in summary] == ["own", "own", "reference"]
+    assert all(row["volumes"] == "2" for row in summary)
+    maesil_row, _, see_all_row = summary
+    assert int(maesil_row["params"]) > 10_000 and see_all_row["params"] == "0"
+    assert 0 < float(maesil_row["psnr_masked_mean"]) < float(maesil_row["psnr_mean"]) < 60
+    assert float(see_all_row["psnr_mean"]) == math.inf and see_all_row["psnr_std"] == ""
+    assert float(see_all_row["ssim_mean"]) == pytest.approx(1.0, abs=1e-5)
+    assert "lpips_mean" not in maesil_row
+
+    per_volume = read_csv(out / "per_volume.csv")
+    assert len(per_volume) == 3 * 2
+    by_method = {}
+    for row in per_volume:
+        by_method.setdefault(row["method"], []).append(row)
+    # the reference mask is the first masked method's, so the see-all method is scored on those voxels
+    assert [r["masked_voxels"] for r in by_method["SeeAll"]] == [r["masked_voxels"] for r in by_method["MAESIL (dual)"]]
+    assert [r["subject_id"] for r in by_method["SeeAll"]] == ["phantom_000", "phantom_001"]
+
+    markdown = (out / "results.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 3  # header + one row per checkpoint
+    assert "| SeeAll | 0.0 k | ∞ | ∞ | ∞ †" in markdown
+    assert "n/a (no weights)" in markdown
+    assert "2 volume(s)" in markdown and "superpatch 32×32×32" in markdown
+    assert "masks of **MAESIL (dual)**" in markdown
+    printed = capsys.readouterr().out
+    assert table[0] in printed and table[-1] in printed
+
+
+def test_masks_are_identical_across_runs_and_batch_sizes(checkpoints, tiny_ct_dir):
+    from maesil.evaluation.reconstruction import reconstruct_volume
+    from maesil.tools.benchmark_recon import data_settings, load_method, load_subjects
+
+    masks = []
+    for batch_size in (1, 3):
+        model, data = load_method(checkpoints["dual"])
+        settings, superpatch = data_settings(data)
+        [(_, load)] = load_subjects(tiny_ct_dir, settings, superpatch)[:1]
+        masks.append(reconstruct_volume(model, load(), superpatch, 0.0, batch_size).hidden_mask)
+    assert masks[0] is not None and masks[0].any()
+    assert torch.equal(masks[0], masks[1])
+
+
+def test_lpips_column_with_local_weights(checkpoints, tiny_ct_dir, tmp_path):
+    from maesil.evaluation.reconstruction import LPIPS2D
+
+    weights = tmp_path / "alex.pth"
+    torch.save(LPIPS2D().state_dict(), weights)
+    out = tmp_path / "bench"
+    assert benchmark_recon_command(["--checkpoints", str(checkpoints["see_all"]), "--data", str(tiny_ct_dir),
+                                    "--out", str(out), "--max-volumes", "1", "--lpips-weights", str(weights)]) == 0
+    [row] = read_csv(out / "results.csv")
+    assert float(row["lpips_mean"]) == pytest.approx(0.0, abs=1e-6)
+    assert str(weights) in (out / "results.md").read_text()
+
+
+def test_missing_or_foreign_checkpoints_fail_clearly(checkpoints, tiny_ct_dir, tmp_path, capsys):
+    args = ["--data", str(tiny_ct_dir), "--out", str(tmp_path / "out")]
+    assert benchmark_recon_command(["--checkpoints", str(tmp_path / "absent.ckpt"), *args]) == 1
+    assert "absent.ckpt: no such checkpoint file" in capsys.readouterr().err
+
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert benchmark_recon_command(["--checkpoints", str(garbage), *args]) == 1
+    assert "garbage.ckpt: cannot be read" in capsys.readouterr().err
+
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, foreign)
+    assert benchmark_recon_command(["--checkpoints", str(foreign), *args]) == 1
+    assert "does not name its model class" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_settings_fail(checkpoints, tiny_ct_dir, tmp_path, capsys):
+    other = checkpoint_like(checkpoints["dual"], tmp_path / "other" / "last.ckpt", f"{__name__}.SeeAll",
+                            target_spacing=2.0)
+    code = benchmark_recon_command(["--checkpoints", str(checkpoints["dual"]), str(other),
+                                    "--data", str(tiny_ct_dir), "--out", str(tmp_path / "out")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "different preprocessing" in err and "[2.0, 2.0, 2.0]" in err and "[4.0, 4.0, 4.0]" in err
+
+
+def tiny_ae_args(data_dir: Path, run_dir: Path) -> list[str]:
+    """The data and trainer arguments of :func:`tiny_maesil_args` with a tiny AE of ae_demo.yaml."""
+    args = tiny_maesil_args(data_dir, run_dir, max_steps=2)
+    pairs = [(args[i], args[i + 1]) for i in range(0, len(args), 2)]
+    kept = [item for key, value in pairs if not key.startswith("--model.") and key != "--config"
+            for item in (key, value)]
+    return ["--config", str(REPO_ROOT / "experiments/pretrain/ae_demo.yaml"), *kept,
+            "--model.init_args.img_size", "32", "--model.init_args.channels", "[4, 8, 8]",
+            "--model.init_args.strides", "[2, 2, 1]", "--model.init_args.num_res_units", "0",
+            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
+
+
+def test_benchmark_with_an_autoencoder(checkpoints, tiny_ct_dir, tmp_path):
+    baselines = pytest.importorskip("maesil.methods.baselines")
+    if getattr(baselines, "AE", None) is None or not (REPO_ROOT / "experiments/pretrain/ae_demo.yaml").exists():
+        pytest.skip("the AE baseline is not available")
+    main(["fit", *tiny_ae_args(tiny_ct_dir, tmp_path / "ae")])
+    ae = tmp_path / "ae" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "bench"
+    assert benchmark_recon_command(["--checkpoints", str(checkpoints["dual"]), str(ae), "--data", str(tiny_ct_dir),
+                                    "--out", str(out), "--max-volumes", "1"]) == 0
+    summary = read_csv(out / "results.csv")
+    assert [row["method"] for row in summary] == ["MAESIL", "AE"]
+    assert summary[1]["masked_region"] == "reference"
+    assert 0 < float(summary[1]["psnr_masked_mean"]) < 60
+    markdown = (out / "results.md").read_text()
+    assert "| AE |" in markdown and "masks of **MAESIL**" in markdown
+
+
+def test_names_and_summaries():
+    paths = [Path("runs/a/checkpoints/last.ckpt"), Path("runs/b/checkpoints/last.ckpt"), Path("x/ae.ckpt")]
+    assert method_names(paths, ["MAESIL", "MAESIL", "AE"], None) == ["MAESIL (a)", "MAESIL (b)", "AE"]
+    same = [Path("runs/a/checkpoints/last.ckpt")] * 2
+    assert method_names(same, ["MAESIL", "MAESIL"], None) == ["MAESIL (a) #1", "MAESIL (a) #2"]
+    assert method_names(paths, ["M", "M", "A"], ["x", "y", "z"]) == ["x", "y", "z"]
+    assert summarise([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert format_mean_std(*summarise([math.inf, 30.0]), 2) == "∞"
+    assert format_mean_std(*summarise([]), 2) == "n/a"
+    assert format_mean_std(12.345, 0.5, 2) == "12.35 ± 0.50"
