@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.maesil-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-all benchmark clean
+.PHONY: install demo test test-slow test-all benchmark recon-benchmark clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,21 @@ test-all: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/mae_throughput.py
 	$(PY) benchmarks/loader_throughput.py
+
+# MAESIL against AE, VAE and VQ-VAE: each *_demo.yaml trained for the same RECON_STEPS on the built-in
+# phantoms (same superpatches and DataModule), then scored by benchmark-recon on two phantoms none of them saw.
+RECON_STEPS ?= 400
+RECON_METHODS ?= maesil ae vae vqvae
+RECON_DIR ?= runs/recon_benchmark
+recon-benchmark: $(STAMP)
+	$(PY) -m maesil phantoms --out data_cache/heldout_phantoms --count 2 --seed 100
+	for method in $(RECON_METHODS); do \
+	  WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) -m maesil fit --config experiments/pretrain/$${method}_demo.yaml \
+	    --trainer.max_steps $(RECON_STEPS) --trainer.val_check_interval $(RECON_STEPS) \
+	    --trainer.default_root_dir $(RECON_DIR)/$$method || exit 1; \
+	done
+	$(PY) -m maesil benchmark-recon --data data_cache/heldout_phantoms --out $(RECON_DIR)/results \
+	  --checkpoints $(foreach m,$(RECON_METHODS),$(RECON_DIR)/$(m)/checkpoints/last.ckpt)
 
 clean:
 	rm -rf runs data_cache .pytest_cache
