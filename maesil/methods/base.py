@@ -31,6 +31,34 @@ from maesil.evaluation.figures import save_figure
 from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, decay_parameter_groups, warmup_cosine
 
 
+class ReconstructionEvaluationHooks:
+    """Validation and test hooks shared by methods that reconstruct their input (MAESIL, AE, VAE, VQ-VAE).
+
+    Each stage resets ``self.val_metrics`` and the figure candidate, scores every batch with
+    ``self._evaluation_step(batch, stage)`` and logs at ``self._evaluation_epoch_end(stage)``, which the
+    method defines. Listed before :class:`PretrainModule` in the bases so these hooks take effect.
+    """
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+        self._figure_candidate = None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluation_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_epoch_end("test")
+
+
 class PretrainModule(L.LightningModule):
     """Shared optimisation and plumbing for pretraining and fine-tuning methods.
 

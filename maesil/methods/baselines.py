@@ -44,7 +44,7 @@ from torchmetrics import Metric
 
 from maesil.evaluation.figures import volume_panels_figure
 from maesil.evaluation.metrics import ReconstructionMetrics
-from maesil.methods.base import PretrainModule
+from maesil.methods.base import PretrainModule, ReconstructionEvaluationHooks
 from maesil.models.autoencoders import (
     ae_latent_shape,
     as_size3,
@@ -79,7 +79,7 @@ class AutoencoderOutput:
     codes: Tensor | None = None
 
 
-class _AutoencoderModule(PretrainModule):
+class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
     """Training, validation, pictures and ``reconstruct_for_evaluation`` shared by the baselines.
 
     Subclasses build ``self.net`` and implement :meth:`forward`, returning an :class:`AutoencoderOutput`.
@@ -154,25 +154,6 @@ class _AutoencoderModule(PretrainModule):
         return output.reconstruction.clamp(0.0, 1.0), None
 
     # Validation and test ----------------------------------------------------------------------
-
-    def on_validation_epoch_start(self) -> None:
-        self.val_metrics.reset()
-        self._figure_candidate = None
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._evaluation_epoch_end("val")
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._evaluation_epoch_end("test")
 
     def _evaluation_step(self, batch: dict, stage: str) -> AutoencoderOutput:
         images = batch["image"]

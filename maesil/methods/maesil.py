@@ -22,14 +22,14 @@ from torch import Tensor
 
 from maesil.evaluation.figures import volume_panels_figure
 from maesil.evaluation.metrics import ReconstructionMetrics
-from maesil.methods.base import PretrainModule
+from maesil.methods.base import PretrainModule, ReconstructionEvaluationHooks
 from maesil.models.mae import MAEOutput, MaskedAutoencoder3D
 from maesil.models.masking import MaskingMode, TokenMask, expected_mask_ratio, make_mask
 from maesil.models.vit3d import unpatchify
 from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, warmup_cosine
 
 
-class MAESIL(PretrainModule):
+class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
     """3D ViT masked autoencoder with tube, dual or random masking.
 
     Args:
@@ -171,25 +171,6 @@ class MAESIL(PretrainModule):
         output = self(images, self.validation_mask(batch))
         reconstruction = self.net.reconstruct(images, output).clamp(0.0, 1.0)
         return reconstruction, self.voxel_mask(output.mask, images.shape[1])
-
-    def on_validation_epoch_start(self) -> None:
-        self.val_metrics.reset()
-        self._figure_candidate = None
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._evaluation_epoch_end("val")
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._evaluation_epoch_end("test")
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:
         images = batch["image"]
