@@ -58,6 +58,32 @@ class ReconstructionEvaluationHooks:
     def on_test_epoch_end(self) -> None:
         self._evaluation_epoch_end("test")
 
+    def keep_figure_candidate(self, batch: dict, **volumes: Tensor) -> None:
+        """Remembers the superpatch with the most structure (highest intensity std) for the picture.
+
+        Validation data (and masks) are fixed, so the same superpatch wins at every validation and
+        pictures from successive steps show the same anatomy. ``volumes`` are per-sample tensors
+        (B, C, X, Y, Z) kept alongside the image (reconstruction, mask); the candidate's dict is passed
+        to ``_log_reconstruction`` as keyword arguments at epoch end.
+        """
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        images = batch["image"]
+        scores = images.flatten(1).float().std(dim=1)
+        index = int(scores.argmax())
+        score = float(scores[index])
+        if self._figure_candidate is None or score > self._figure_candidate[0]:
+            kept = {name: v[index, 0].detach().cpu() for name, v in volumes.items()}
+            kept = {name: v.float() if v.is_floating_point() else v for name, v in kept.items()}
+            self._figure_candidate = (
+                score,
+                {
+                    "image": images[index, 0].detach().float().cpu(),
+                    **kept,
+                    "subject": (batch.get("subject_id") or ["?"] * images.shape[0])[index],
+                },
+            )
+
 
 class PretrainModule(L.LightningModule):
     """Shared optimisation and plumbing for pretraining and fine-tuning methods.

@@ -162,7 +162,7 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
         self.val_metrics.update(reconstruction, images)
         for name, value in output.losses.items():
             self.log(f"{stage}/{name}", value, batch_size=images.shape[0], sync_dist=True)
-        self._keep_figure_candidate(batch, reconstruction)
+        self.keep_figure_candidate(batch, reconstruction=reconstruction)
         return output
 
     def _evaluation_epoch_end(self, stage: str) -> None:
@@ -171,25 +171,6 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
         if self._figure_candidate is not None:
             self._log_reconstruction(**self._figure_candidate[1])
             self._figure_candidate = None
-
-    def _keep_figure_candidate(self, batch: dict, reconstruction: Tensor) -> None:
-        """Remembers the superpatch with the most structure (highest intensity std) for the picture,
-        so that pictures of successive validations show the same anatomy."""
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        images = batch["image"]
-        scores = images.flatten(1).float().std(dim=1)
-        index = int(scores.argmax())
-        score = float(scores[index])
-        if self._figure_candidate is None or score > self._figure_candidate[0]:
-            self._figure_candidate = (
-                score,
-                {
-                    "image": images[index, 0].detach().float().cpu(),
-                    "reconstruction": reconstruction[index, 0].detach().float().cpu(),
-                    "subject": (batch.get("subject_id") or ["?"] * images.shape[0])[index],
-                },
-            )
 
     def _log_reconstruction(self, image: Tensor, reconstruction: Tensor, subject: str) -> None:
         figure = volume_panels_figure(

@@ -179,7 +179,7 @@ class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
         voxel_mask = self.voxel_mask(output.mask, images.shape[1])
         self.val_metrics.update(reconstruction, images, voxel_mask)
         self.log(f"{stage}/loss", output.loss, batch_size=images.shape[0], sync_dist=True)
-        self._keep_figure_candidate(batch, voxel_mask, reconstruction)
+        self.keep_figure_candidate(batch, mask=voxel_mask, reconstruction=reconstruction)
 
     def _evaluation_epoch_end(self, stage: str) -> None:
         for name, value in self.val_metrics.compute().items():
@@ -187,29 +187,6 @@ class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
         if self._figure_candidate is not None:
             self._log_reconstruction(**self._figure_candidate[1])
             self._figure_candidate = None
-
-    def _keep_figure_candidate(self, batch: dict, voxel_mask: Tensor, reconstruction: Tensor) -> None:
-        """Remembers the superpatch with the most structure (highest intensity std) for the picture.
-
-        Validation data and masks are fixed, so the same superpatch is drawn at every validation and
-        pictures from successive steps show the same anatomy.
-        """
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        images = batch["image"]
-        scores = images.flatten(1).float().std(dim=1)
-        index = int(scores.argmax())
-        score = float(scores[index])
-        if self._figure_candidate is None or score > self._figure_candidate[0]:
-            self._figure_candidate = (
-                score,
-                {
-                    "image": images[index, 0].detach().float().cpu(),
-                    "mask": voxel_mask[index, 0].cpu(),
-                    "reconstruction": reconstruction[index, 0].detach().float().cpu(),
-                    "subject": (batch.get("subject_id") or ["?"] * images.shape[0])[index],
-                },
-            )
 
     def _log_reconstruction(self, image: Tensor, mask: Tensor, reconstruction: Tensor, subject: str) -> None:
         masked = image.clone()
