@@ -283,11 +283,17 @@ class VolumeDataModule(L.LightningDataModule):
         if self.cache_dir is None or is_cache(self.resolved_data_dir):
             return
         records = discover_subjects(self.resolved_data_dir, exclude=self.exclude)
-        self._check_source(records)
+        # Headers only: preparing reads every voxel anyway (NaN/Inf fail there), and the voxel checks of
+        # unchanged subjects are answered from the index instead of re-reading them at every run.
+        self._check_source(records, read_voxels=False, warn_small=False)
         report = prepare_cache(records, self.cache_dir, self.settings, workers=max(1, self.num_workers))
         if report.failed:
             raise DataError([f"{sid}: {message}" for sid, message in sorted(report.failed.items())],
                             header=f"{len(report.failed)} subject(s) could not be prepared into {self.cache_dir}")
+        index = CacheIndex.load(self.cache_dir)
+        errors = [p for p in cache_problems([index.entries[r.subject_id] for r in records], classes=self.label_classes(),
+                                            needs_labels=self.task.requires_labels) if p.severity == "error"]
+        raise_on_errors(errors, what=f"cache {self.cache_dir}")
         log.info("Cache %s: %d subject(s) prepared, %d unchanged", self.cache_dir, len(report.prepared),
                  len(report.skipped))
 
@@ -301,8 +307,12 @@ class VolumeDataModule(L.LightningDataModule):
             return list(range(self.num_classes))
         return declared_classes(self.resolved_data_dir)
 
-    def _check_source(self, records: Sequence[SubjectRecord]) -> None:
-        """Labels present where the task needs them; the file checks of :mod:`maesil.data.checks`."""
+    def _check_source(self, records: Sequence[SubjectRecord], read_voxels: bool | None = None,
+                      warn_small: bool = True) -> None:
+        """Labels present where the task needs them; the file checks of :mod:`maesil.data.checks`
+        (voxels too when ``read_voxels``, default ``check_voxels``; ``warn_small``: warn about volumes
+        smaller than a superpatch, which a cache's setup answers itself after preprocessing)."""
+        read_voxels = self.check_voxels if read_voxels is None else read_voxels
         if self.task.requires_labels:
             unlabeled = [r for r in records if r.label is None and r.split != "test"]
             if unlabeled:
@@ -312,8 +322,9 @@ class VolumeDataModule(L.LightningDataModule):
                     header=f"Task {self.task_name!r} needs labels (in {self.resolved_data_dir}/labels, or labelsTr,"
                     f" named like the images, or a manifest's label column); {len(unlabeled)} image(s) have none",
                 )
-        problems = check_records(records, superpatch_size=self.superpatch_size, target_spacing=self.target_spacing,
-                                 classes=self.label_classes(), read_voxels=self.check_voxels,
+        problems = check_records(records, superpatch_size=self.superpatch_size if warn_small else None,
+                                 target_spacing=self.target_spacing, classes=self.label_classes(),
+                                 read_voxels=read_voxels,
                                  workers=max(2, self.num_workers))
         raise_on_errors(problems, what=f"data of {self.resolved_data_dir}")
 
