@@ -25,8 +25,10 @@ from maesil.data.sampling import (
     grid_patches,
     is_distributed,
     set_queue_epoch,
+    task_options,
     train_queue,
 )
+from maesil.data.views import ViewSettings  # also registers the task "two_view"
 from maesil.data.cache import (
     CACHE_INDEX,
     CachedPatchDataset,
@@ -102,7 +104,9 @@ class VolumeDataModule(L.LightningDataModule):
 
     Every batch is a dict: ``image`` float32 (B, 1, X, Y, Z) in RAS (Z axial), ``subject_id``
     list[str], ``location`` int64 (B, 6) (patch bounds i0, j0, k0, i1, j1, k1 in the
-    preprocessed volume) and, for ``task="segment"``, ``label`` int64 (B, 1, X, Y, Z).
+    preprocessed volume) and, for ``task="segment"``, ``label`` int64 (B, 1, X, Y, Z); for
+    ``task="two_view"``, two augmented views and their geometry (``view1``, ``view2``, ``box1``,
+    ``box2``, ``flip1``, ``flip2``, ``overlap``; see :mod:`maesil.data.sampling`).
     Training draws ``samples_per_volume`` random patches from each volume through a
     ``tio.Queue``; validation covers every voxel of every validation volume exactly once with
     a non-overlapping grid.
@@ -125,8 +129,10 @@ class VolumeDataModule(L.LightningDataModule):
             may fix the train/val/test split); or a cache written by ``python -m maesil
             prepare`` (read as it is). ``None`` uses ``phantom_count`` synthetic phantoms
             written to ``phantom_dir`` (demo / smoke tests).
-        task: what a batch holds: ``"reconstruct"`` (images, uniform patches) or
-            ``"segment"`` (images and labels, label-centred patches; needs labels for all).
+        task: what a batch holds: ``"reconstruct"`` (images, uniform patches),
+            ``"segment"`` (images and labels, label-centred patches; needs labels for all) or
+            ``"two_view"`` (uniform patches plus two augmented views of each and the boxes relating
+            them, for BYOL-style methods such as PGL; see :mod:`maesil.data.views`).
         modality: ``"ct"`` (clip to ``hu_window``, scale to [0, 1]) or ``"mri"``
             (z-normalisation over the foreground).
         superpatch_size: training/validation patch size in voxels (X, Y, Z), one int for a
@@ -150,6 +156,9 @@ class VolumeDataModule(L.LightningDataModule):
         label_probabilities: ``task="segment"`` only: label value -> relative probability
             that a patch is centred on it, e.g. ``{0: 1, 1: 2}``; ``None`` centres every patch
             on a voxel with label > 0 (then every training label map must be non-empty).
+        views: ``task="two_view"`` only: how the two views are drawn (crop scale, view size,
+            flips, minimum overlap, intensity jitter; :class:`~maesil.data.views.ViewSettings`);
+            ``None`` = the defaults.
         exclude: glob patterns of files under ``data_dir`` that are not images and must be
             ignored (matched against the relative path, the file name and folder names).
             ``None`` = hidden files and .json/.csv/.tsv/.md/.txt. Any other non-image file
@@ -172,7 +181,7 @@ class VolumeDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str | None = None,
-        task: Literal["reconstruct", "segment"] = "reconstruct",
+        task: Literal["reconstruct", "segment", "two_view"] = "reconstruct",
         modality: Literal["ct", "mri"] = "ct",
         superpatch_size: int | tuple[int, int, int] = 128,
         target_spacing: float | tuple[float, float, float] | None = 1.5,
@@ -186,6 +195,7 @@ class VolumeDataModule(L.LightningDataModule):
         queue_length: int = 48,
         num_workers: int = 2,
         label_probabilities: dict[int, float] | None = None,
+        views: ViewSettings | None = None,
         exclude: list[str] | None = None,
         cache_dir: str | None = None,
         num_classes: int | None = None,
@@ -230,9 +240,13 @@ class VolumeDataModule(L.LightningDataModule):
                                            hu_window=self.hu_window, crop_foreground=self.crop_foreground)
         self.phantom_count = int(phantom_count)
         self.phantom_dir = phantom_dir
-        self.task: PatchTask = get_task(task, label_probabilities=self.label_probabilities)
+        self.views = views
+        self.task: PatchTask = get_task(task, label_probabilities=self.label_probabilities, views=views)
         if self.label_probabilities and not self.task.requires_labels:
             warnings.warn(f"label_probabilities is ignored for task {task!r}", UserWarning, stacklevel=2)
+        if views is not None and "views" not in task_options(task):
+            warnings.warn(f"views is ignored for task {task!r} (it is used by task 'two_view')", UserWarning,
+                          stacklevel=2)
 
         self.train_records: list[SubjectRecord] = []
         self.val_records: list[SubjectRecord] = []
@@ -424,7 +438,8 @@ class VolumeDataModule(L.LightningDataModule):
         assert self._cache is not None
         self._train_dataset = CachedPatchDataset(
             self._cache, [r.subject_id for r in self.train_records], self.superpatch_size, self.samples_per_volume,
-            with_label=self.task.requires_labels, label_probabilities=self.label_probabilities, seed=self.split_seed,
+            with_label=self.task.requires_labels, seed=self.split_seed,
+            label_probabilities=self.label_probabilities if self.task.requires_labels else None,
         )
         self._train_dataset.set_epoch(self._epoch)
         if is_distributed():

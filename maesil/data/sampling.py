@@ -7,14 +7,20 @@ Batch format (every task): a plain ``dict``
 * ``"subject_id"``: ``list[str]`` of length B;
 * ``"location"``: int64 ``(B, 6)``, TorchIO's ``(i0, j0, k0, i1, j1, k1)`` voxel bounds of the
   patch in the preprocessed (canonical, resampled, padded) volume;
-* task ``"segment"`` also ``"label"``: int64 ``(B, 1, X, Y, Z)``.
+* task ``"segment"`` also ``"label"``: int64 ``(B, 1, X, Y, Z)``;
+* task ``"two_view"`` (:mod:`maesil.data.views`, BYOL-style methods) also ``"view1"``/``"view2"``:
+  float32 ``(B, 1, *view_size)``, two augmented crops of ``image``; ``"box1"``/``"box2"``: float32
+  ``(B, 6)``, the crops ``(x0, y0, z0, x1, y1, z1)`` in voxel-edge coordinates of the superpatch;
+  ``"flip1"``/``"flip2"``: bool ``(B, 3)``, the axes each view is flipped along; ``"overlap"``:
+  float32 ``(B,)``, intersection volume / smaller box volume.
 
-A new task (e.g. a two-view task for BYOL-style methods) is a :class:`PatchTask` subclass
-registered with :func:`register_task`: it picks the training patch sampler and the collation.
+A new task is a :class:`PatchTask` subclass registered with :func:`register_task`: it picks the
+training patch sampler and the collation.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -248,12 +254,29 @@ def register_task(cls: type[PatchTask]) -> type[PatchTask]:
     return cls
 
 
-def get_task(name: str, **kwargs: Any) -> PatchTask:
+def task_options(name: str) -> frozenset[str]:
+    """The keyword options the constructor of task ``name`` takes (e.g. ``label_probabilities``)."""
     try:
         cls = TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
-    return cls(**kwargs)
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return frozenset(p.name for p in parameters if p.name != "self"
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def get_task(name: str, **options: Any) -> PatchTask:
+    """The registered task ``name``, built with those of ``options`` its constructor takes.
+
+    The DataModule hands every task option it has (``label_probabilities``, ``views`` ...) and warns
+    itself about the ones the chosen task ignores (see :func:`task_options`); the others are dropped,
+    unless the constructor takes ``**options`` itself.
+    """
+    accepted = task_options(name)
+    cls = TASKS[name]
+    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
+        return cls(**options)
+    return cls(**{key: value for key, value in options.items() if key in accepted})
 
 
 @register_task

@@ -83,3 +83,76 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def _box_rectangle(ax, box_xy: Sequence[float], width_x: int, color: str, label: str | None = None) -> None:
+    """Draws an (x0, y0, x1, y1) voxel-edge box on an axial slice shown by :func:`orthogonal_slices`
+    (x reversed along the columns, y up)."""
+    from matplotlib.patches import Rectangle
+
+    x0, y0, x1, y1 = (float(v) for v in box_xy)
+    ax.add_patch(Rectangle((width_x - x1 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color,
+                           linewidth=1.5, label=label))
+
+
+def _view_coordinates(box: np.ndarray, view_box: np.ndarray, flips: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """A superpatch box (x0, y0, z0, x1, y1, z1) in the voxel-edge coordinates of a view cut at
+    ``view_box`` and flipped along ``flips``."""
+    start = (box[:3] - view_box[:3]) / (view_box[3:] - view_box[:3]) * np.asarray(size)
+    stop = (box[3:] - view_box[:3]) / (view_box[3:] - view_box[:3]) * np.asarray(size)
+    flipped = np.asarray(flips, dtype=bool)
+    start, stop = np.where(flipped, np.asarray(size) - stop, start), np.where(flipped, np.asarray(size) - start, stop)
+    return np.concatenate([start, stop])
+
+
+def two_view_figure(
+    image: np.ndarray,
+    views: Sequence[np.ndarray],
+    boxes: Sequence[np.ndarray],
+    flips: Sequence[np.ndarray],
+    overlap: np.ndarray,
+    title: str = "",
+    value_range: tuple[float, float] = (0.0, 1.0),
+) -> Figure:
+    """Axial slices of a superpatch and of its two views through the centre of their overlap.
+
+    The superpatch panel shows both crop boxes and the overlap; each view panel shows where the overlap
+    lies in that view (after its resize and flips), which is the region PGL aligns.
+
+    Args:
+        image: (X, Y, Z) superpatch.
+        views: two (X', Y', Z') views.
+        boxes: two (6,) crop boxes in superpatch voxel-edge coordinates.
+        flips: two (3,) bool flip flags.
+        overlap: (6,) overlap box in superpatch coordinates.
+    """
+    colors = ("tab:blue", "tab:orange")
+    overlap = np.asarray(overlap, dtype=np.float64)
+    z_center = 0.5 * (overlap[2] + overlap[5])
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.6))
+    z_index = int(np.clip(np.floor(z_center), 0, image.shape[2] - 1))
+    axes[0].imshow(orthogonal_slices(np.asarray(image, np.float32), (0, 0, z_index))["axial"], cmap="gray",
+                   vmin=value_range[0], vmax=value_range[1], origin="lower", interpolation="nearest")
+    for index, (box, color) in enumerate(zip(boxes, colors)):
+        box = np.asarray(box, dtype=np.float64)
+        _box_rectangle(axes[0], (box[0], box[1], box[3], box[4]), image.shape[0], color, f"view {index + 1}")
+    _box_rectangle(axes[0], (overlap[0], overlap[1], overlap[3], overlap[4]), image.shape[0], "tab:green", "overlap")
+    axes[0].set_title("superpatch")
+    axes[0].legend(loc="lower left", fontsize=7, framealpha=0.6)
+    for index, (view, box, flip, color) in enumerate(zip(views, boxes, flips, colors)):
+        view = np.asarray(view, dtype=np.float32)
+        in_view = _view_coordinates(overlap, np.asarray(box, np.float64), np.asarray(flip), view.shape)
+        z_view = int(np.clip(np.floor(0.5 * (in_view[2] + in_view[5])), 0, view.shape[2] - 1))
+        ax = axes[index + 1]
+        ax.imshow(orthogonal_slices(view, (0, 0, z_view))["axial"], cmap="gray", vmin=value_range[0],
+                  vmax=value_range[1], origin="lower", interpolation="nearest")
+        _box_rectangle(ax, (in_view[0], in_view[1], in_view[3], in_view[4]), view.shape[0], "tab:green")
+        flipped = "".join(axis for axis, f in zip("xyz", np.asarray(flip, bool)) if f) or "none"
+        ax.set_title(f"view {index + 1} (flips: {flipped})", color=color)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

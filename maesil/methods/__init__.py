@@ -2,6 +2,8 @@
 
 from maesil.methods.base import PretrainModule
 from maesil.methods.baselines import AE, VAE, VQVAE
+from maesil.methods.byol import BYOL
 from maesil.methods.maesil import MAESIL
+from maesil.methods.pgl import PGL
 
-__all__ = ["AE", "MAESIL", "PretrainModule", "VAE", "VQVAE"]
+__all__ = ["AE", "BYOL", "MAESIL", "PGL", "PretrainModule", "VAE", "VQVAE"]
