@@ -46,7 +46,7 @@ class RunSummary(Callback):
                 lines.append(f"metrics CSV:     {Path(logger.experiment.metrics_file_path).resolve()}")
         figure = getattr(pl_module, "last_figure_path", None)
         if figure:
-            lines.append(f"reconstruction:  {Path(figure).resolve()}")
+            lines.append(f"last picture:    {Path(figure).resolve()}")
         for key, values in self.history.items():
             if values:
                 (first_step, first), (last_step, last) = values[0], values[-1]

@@ -51,3 +51,29 @@ def test_ddp_prepares_the_cache_once_and_trains_from_it(tiny_ct_dir, tmp_path):
     assert (cache / "index.json").is_file() and len(list(cache.glob("subjects/*/image.npy"))) == 3
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2
+
+
+def test_ddp_pgl_with_synchronised_batchnorm(tiny_ct_dir, tmp_path):
+    """PGL under DDP: two-view batches on both ranks, BatchNorm of the local heads synchronised, the EMA
+    target updated identically on each rank (it follows the all-reduced online weights)."""
+    from tests.methods.test_pgl import tiny_args
+
+    run_dir = tmp_path / "run"
+    args = tiny_args("pgl", tiny_ct_dir, run_dir, max_steps=3) + [
+        "--model.init_args.num_scales", "2",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2",
+        "--trainer.strategy", "ddp",
+        "--trainer.sync_batchnorm", "true",
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "maesil", "fit", *args],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    state = checkpoint["state_dict"]
+    assert any("projector.0.1.running_mean" in key for key in state)  # SyncBatchNorm keeps BatchNorm's keys
+    assert sorted(run_dir.glob("logs/version_*/views/step_*.png"))

@@ -160,14 +160,27 @@ class BootstrapModule(PretrainModule):
         self.log(f"{stage}/loss", loss, batch_size=batch_size, sync_dist=True, prog_bar=stage == "val")
         for name, value in stats.items():
             self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=True)
-        if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._figure_batch = {key: value[:1].detach().cpu() if isinstance(value, Tensor) else value[:1]
-                                  for key, value in batch.items()}
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._keep_figure_candidate(batch)
+
+    def _keep_figure_candidate(self, batch: dict) -> None:
+        """Keeps the validation pair whose superpatch has the most structure (highest intensity std):
+        validation views are fixed, so successive pictures show the same pair."""
+        scores = batch["image"].flatten(1).float().std(dim=1)
+        index = int(scores.argmax())
+        score = float(scores[index])
+        if self._figure_batch is None or score > self._figure_batch["score"]:
+            self._figure_batch = {key: value[index:index + 1].detach().cpu() if isinstance(value, Tensor)
+                                  else value[index:index + 1] for key, value in batch.items()}
+            self._figure_batch["score"] = score
 
     def on_validation_epoch_end(self) -> None:
         if self._figure_batch is not None and getattr(self.hparams, "log_views_figure", False):
             self._log_views(self._figure_batch)
         self._figure_batch = None
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
 
     def _log_views(self, batch: dict) -> None:
         from maesil.evaluation.figures import two_view_figure
