@@ -114,11 +114,19 @@ def benchmark_recon_command(argv: Sequence[str]) -> int:
     return command(argv)
 
 
+def export_encoder_command(argv: Sequence[str]) -> int:
+    """``python -m maesil export-encoder``: see :mod:`maesil.tools.export_encoder`."""
+    from maesil.tools.export_encoder import export_encoder_command as command
+
+    return command(argv)
+
+
 TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
     "phantoms": phantoms_command,
     "check-data": check_data_command,
     "prepare": prepare_command,
     "benchmark-recon": benchmark_recon_command,
+    "export-encoder": export_encoder_command,
 }
 
 
