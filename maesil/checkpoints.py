@@ -300,6 +300,7 @@ class LoadReport:
         unexpected: renamed checkpoint keys the model does not have.
         shape_mismatched: ``(model key, checkpoint shape, model shape)`` of keys skipped for their shape.
         ignored: checkpoint keys outside the mapping (other heads, EMA ``target_*`` networks, ...).
+        metadata: the file's metadata (:func:`load_checkpoint_state`), e.g. for :func:`check_preprocessing`.
     """
 
     source: str
@@ -310,6 +311,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     shape_mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def summary(self, examples: int = 5) -> str:
         """A printable multi-line report: the four counts with up to ``examples`` keys each."""
@@ -473,6 +475,7 @@ def load_pretrained(
     result = model.load_state_dict(to_load, strict=False)
     if result.unexpected_keys:  # cannot happen: only model keys are loaded
         raise RuntimeError(f"unexpected keys while loading {path}: {result.unexpected_keys[:5]}")
+    report.metadata = dict(metadata)
     log.info(report.summary())
     return report
 

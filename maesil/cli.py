@@ -9,6 +9,10 @@ YAML by ``class_path``; several ``--config`` files compose (later ones override)
 * ``python -m maesil prepare DIR --out CACHE``: preprocess once into a cache for fast loading.
 * ``python -m maesil benchmark-recon --checkpoints A.ckpt B.ckpt --data DIR --out OUT``: whole-volume
   reconstruction benchmark (PSNR, SSIM, optional LPIPS) with a table and a slice figure.
+* ``python -m maesil export-encoder CKPT --out enc.safetensors``: the pretrained encoder alone, as safetensors
+  plus a JSON sidecar (architecture, preprocessing).
+* ``python -m maesil compare-init --checkpoints A.ckpt B.ckpt``: fine-tune from scratch and from each
+  checkpoint with the same budget over several seeds; Dice/HD95 table and plot.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class MaesilCLI(LightningCLI):
     * A ``ModelCheckpoint`` without ``dirpath`` writes to ``default_root_dir/checkpoints``, a fixed
       folder, so that ``--ckpt_path last`` finds ``last.ckpt`` when a run resumes.
     * ``config.yaml`` is overwritten on repeated runs in one folder instead of failing.
+    * With ``--ckpt_path``, LightningCLI rebuilds the model from the checkpoint's hyperparameters, which
+      override the command's config. A method's ``runtime_hparams`` (e.g. the segmentation ``output_dir``
+      and sliding-window settings of ``predict``) are settings of this command, not of the trained network:
+      for those the command's config wins.
     """
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs) -> None:
@@ -60,6 +68,24 @@ class MaesilCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand") if self.config else None
+        before = self.config.get(subcommand, {}).get("model") if subcommand else None
+        super()._parse_ckpt_path()
+        if before is None or not getattr(before, "class_path", None):
+            return
+        import importlib
+
+        module_name, _, class_name = str(before.class_path).rpartition(".")
+        try:
+            model_class = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            return
+        after = self.config[subcommand]["model"]
+        for key in getattr(model_class, "runtime_hparams", ()):
+            if key in before.init_args and "init_args" in after:
+                after.init_args[key] = before.init_args[key]
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -121,12 +147,20 @@ def export_encoder_command(argv: Sequence[str]) -> int:
     return command(argv)
 
 
+def compare_init_command(argv: Sequence[str]) -> int:
+    """``python -m maesil compare-init``: see :mod:`maesil.tools.compare_init`."""
+    from maesil.tools.compare_init import compare_init_command as command
+
+    return command(argv)
+
+
 TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
     "phantoms": phantoms_command,
     "check-data": check_data_command,
     "prepare": prepare_command,
     "benchmark-recon": benchmark_recon_command,
     "export-encoder": export_encoder_command,
+    "compare-init": compare_init_command,
 }
 
 

@@ -67,6 +67,57 @@ class WarmupCosineLR(LambdaLR):
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
 
 
+class PolyLR(LambdaLR):
+    """nnU-Net's polynomial decay ``(1 − step / total)^exponent``, after an optional linear warm-up.
+
+    With ``warmup_steps`` = w > 0 the factor rises linearly from ``warmup_start_ratio`` to 1 over the first w
+    steps (as :class:`WarmupCosineLR`), then decays as ``(1 − (step − w) / (total − w))^exponent``, reaching
+    0 at ``total_steps``. nnU-Net (and S3D) use exponent 0.9 and no warm-up.
+
+    Args:
+        optimizer: Wrapped optimizer.
+        total_steps: Optimizer steps of the whole run (warm-up included).
+        exponent: Power of the decay (0.9 in nnU-Net; 1 is linear, 0 constant).
+        warmup_steps: Steps of linear warm-up. Capped at ``total_steps``.
+        warmup_start_ratio: First learning rate as a fraction of the base rate.
+
+    Example:
+        >>> opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-2, momentum=0.99, nesterov=True)
+        >>> sched = PolyLR(opt, total_steps=1000, exponent=0.9)
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int,
+        exponent: float = 0.9,
+        warmup_steps: int = 0,
+        warmup_start_ratio: float = 0.0,
+    ) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if exponent < 0:
+            raise ValueError(f"exponent must be >= 0, got {exponent}")
+        if not 0.0 <= warmup_start_ratio <= 1.0:
+            raise ValueError(f"warmup_start_ratio must be in [0, 1], got {warmup_start_ratio}")
+        self.total_steps = int(total_steps)
+        self.warmup_steps = min(int(warmup_steps), self.total_steps)
+        self.exponent = float(exponent)
+        self.warmup_start_ratio = warmup_start_ratio
+        super().__init__(optimizer, self.lr_factor)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the base learning rate at optimizer step ``step``."""
+        if step < self.warmup_steps:
+            fraction = (step + 1) / self.warmup_steps
+            return self.warmup_start_ratio + (1.0 - self.warmup_start_ratio) * fraction
+        decay_steps = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return (1.0 - progress) ** self.exponent
+
+
 def adamw(params: Iterable) -> Optimizer:
     """AdamW as MAE-style pretraining uses it: lr 1.5e-4, betas (0.9, 0.95), weight decay 0.05."""
     return torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)

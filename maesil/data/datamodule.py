@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,12 +17,13 @@ import torchio as tio
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from maesil.data.io import subject_from_record
+from maesil.data.io import read_volume, subject_from_record
 from maesil.data.preprocess import PadToMinShape, PreprocessSettings, padding_value
 from maesil.data.sampling import (
     PatchTask,
     QueueSampler,
     as_patch_size,
+    collate_volumes,
     get_task,
     grid_patches,
     is_distributed,
@@ -111,6 +114,15 @@ class VolumeDataModule(L.LightningDataModule):
     ``tio.Queue``; validation covers every voxel of every validation volume exactly once with
     a non-overlapping grid.
 
+    Whole volumes: for tasks with ``whole_volume_evaluation`` (``"segment"``), validation and
+    test batches are instead one whole preprocessed volume each (:meth:`whole_volumes`,
+    :func:`~maesil.data.sampling.collate_volumes`): ``image`` (1, C, X, Y, Z), ``label``
+    (1, 1, X, Y, Z), ``subject_id``, ``spacing`` (1, 3) in mm, ``location`` (the whole volume) and
+    ``subject`` (the preprocessed ``tio.Subject``, with its affine). ``predict_dataloader`` yields
+    every image of ``data_dir`` the same way, without label, plus ``source`` (the original
+    image's path; :meth:`source_image` reads it), so that predictions can be mapped back onto the
+    input grid (:func:`maesil.evaluation.segmentation.to_original_geometry`).
+
     All input files are checked in ``setup`` (headers, and with ``check_voxels`` every voxel;
     see :mod:`maesil.data.checks`) and every problem is reported in one ``DataError`` before
     training starts.
@@ -119,7 +131,11 @@ class VolumeDataModule(L.LightningDataModule):
     ``DistributedSampler``, and both loaders already carry a ``DistributedSampler``, so
     Lightning does not re-shard them; ``Trainer(use_distributed_sampler=False)`` is
     recommended for clarity but not required. Lightning calls ``set_epoch`` on the training
-    sampler each epoch; ``set_epoch`` can also be called by hand.
+    sampler each epoch; ``set_epoch`` can also be called by hand. Whole-volume validation/test
+    loaders shard subjects with ``DistributedSampler(shuffle=False)``, which repeats a few
+    subjects so that every rank gets as many: per-volume scores should be de-duplicated by
+    ``subject_id`` when gathered (:class:`~maesil.evaluation.segmentation.SegmentationScoreboard`
+    does). The predict loader shards without repetition.
 
     Args:
         data_dir: where the volumes are: a folder with ``images/`` (or ``imagesTr/``) and
@@ -146,7 +162,8 @@ class VolumeDataModule(L.LightningDataModule):
             are >= 2 subjects; 0 = no validation).
         split_seed: seed of the subject split and of the training subject shuffle.
         batch_size: training patches per batch (per device).
-        val_batch_size: validation patches per batch; defaults to ``batch_size``.
+        val_batch_size: validation patches per batch; defaults to ``batch_size`` (whole-volume
+            evaluation always has one volume per batch).
         samples_per_volume: patches drawn from each loaded training volume per visit.
         queue_length: capacity (in patches) of the training queue; larger mixes patches of
             more volumes per batch but costs memory (patch bytes x queue_length).
@@ -257,6 +274,9 @@ class VolumeDataModule(L.LightningDataModule):
         self._setup_key: tuple | None = None
         self._train_subjects: tio.SubjectsDataset | None = None
         self._val_patches: Dataset | None = None
+        self._whole_volumes: dict[str, list[tio.Subject]] = {}
+        self.predict_records: list[SubjectRecord] = []
+        self._predict_key: tuple | None = None
         self._queue: tio.Queue | None = None
         self._epoch = 0
 
@@ -348,7 +368,13 @@ class VolumeDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Discover and check all subjects (every problem in one ``DataError``), split them and
         build the datasets. Idempotent. Reads the cache when ``data_dir`` is one or
-        ``cache_dir`` is set (call ``prepare_data`` first, as Lightning does)."""
+        ``cache_dir`` is set (call ``prepare_data`` first, as Lightning does).
+
+        ``stage="predict"`` only lists the images to predict (:meth:`setup_predict`): labels are
+        neither needed nor read, and there is no split."""
+        if stage == "predict":
+            self.setup_predict()
+            return
         data_dir = self.resolved_data_dir
         if self.data_dir is None and not data_dir.exists():
             self.prepare_data()
@@ -357,6 +383,7 @@ class VolumeDataModule(L.LightningDataModule):
         if self._setup_key == key:
             return
         self._val_patches = self._test_patches = None
+        self._whole_volumes = {}
         self._queue = self._train_dataset = None
         self._train_subjects = None
         if cache_root is not None:
@@ -467,6 +494,44 @@ class VolumeDataModule(L.LightningDataModule):
                                       load_getitem=False)
         return list(DataLoader(dataset, batch_size=1, num_workers=self.num_workers, collate_fn=_first))
 
+    def whole_volumes(self, split: Literal["val", "test"]) -> list[tio.Subject]:
+        """The whole preprocessed volumes of ``split`` (labels included when the task needs them),
+        preprocessed once and kept in memory (validation runs many times), from the cache or the
+        files like :meth:`val_patches`. Volumes smaller than a superpatch are padded up to it, as
+        for training.
+
+        Raises:
+            DataError: when the task needs labels and a subject of ``split`` has none (a
+                manifest's test subjects may have no label: predict them instead).
+        """
+        self._require_setup()
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        if split not in self._whole_volumes:
+            records = self.val_records if split == "val" else self.test_records
+            if self.task.requires_labels:
+                unlabeled = [r for r in records if r.label is None]
+                if unlabeled:
+                    raise DataError([f"{r.image}: subject {r.subject_id!r} has no label" for r in unlabeled],
+                                    header=f"Task {self.task_name!r} scores {split} subjects against their labels;"
+                                    f" {len(unlabeled)} have none (use predict for unlabelled images)")
+            self._whole_volumes[split] = self._preprocessed_subjects(records)
+        return self._whole_volumes[split]
+
+    def _volume_dataloader(self, subjects: list[tio.Subject], name: str) -> DataLoader:
+        """One whole in-memory volume per batch; sharded (with repeats) over ranks when distributed."""
+        sampler = DistributedSampler(subjects, shuffle=False) if is_distributed() else None
+        _silence_worker_warning(name)
+        return DataLoader(
+            subjects,  # type: ignore[arg-type]
+            batch_size=1,
+            shuffle=False,
+            sampler=sampler,
+            num_workers=0,  # in memory already
+            collate_fn=self.task.volume_collate,
+            pin_memory=False,  # pinning would rebuild the tio.Subject dicts of the batch
+        )
+
     def val_patches(self) -> Dataset:
         """Non-overlapping grid patches of the validation volumes, preprocessed once and kept
         in memory (validation runs many times; volumes are small after resampling)."""
@@ -486,10 +551,14 @@ class VolumeDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         """Every voxel of every validation volume once (sharded over ranks when distributed;
-        ``DistributedSampler`` then repeats a few patches to even out the ranks)."""
+        ``DistributedSampler`` then repeats a few patches to even out the ranks): a patch grid, or
+        whole volumes one per batch for tasks with ``whole_volume_evaluation`` (see the class
+        docstring)."""
         self._require_setup()
         if not self.val_records:
             return []
+        if self.task.whole_volume_evaluation:
+            return self._volume_dataloader(self.whole_volumes("val"), "val_dataloader")
         return self._grid_dataloader(self.val_patches())
 
     def _grid_dataloader(self, patches: Dataset) -> DataLoader:
@@ -511,7 +580,85 @@ class VolumeDataModule(L.LightningDataModule):
         self._require_setup()
         if not self.test_records:
             return self.val_dataloader()
+        if self.task.whole_volume_evaluation:
+            return self._volume_dataloader(self.whole_volumes("test"), "test_dataloader")
         return self._grid_dataloader(self.test_patches())
+
+    # ---------------------------------------------------------------- prediction
+    def setup_predict(self) -> None:
+        """List every image of ``data_dir`` (all records, whatever their split) for prediction.
+
+        Labels are ignored (not required, not read). When ``data_dir`` is a prepared cache, its
+        subjects' original images are predicted (they must still exist): predictions are mapped
+        back onto those images' grids. Headers (and, with ``check_voxels``, voxels) are checked as
+        in :meth:`setup`. Idempotent; called by :meth:`predict_dataloader` if needed.
+        """
+        data_dir = self.resolved_data_dir
+        if self.data_dir is None and not data_dir.exists():
+            self.prepare_data()
+        key = (str(data_dir), self.exclude)
+        if self._predict_key == key:
+            return
+        if is_cache(data_dir):
+            index = CacheIndex.load(data_dir)
+            records = [SubjectRecord(sid, Path(e.source.image), None, series_uid=e.source.series_uid)
+                       for sid, e in sorted(index.entries.items())]
+            missing = [r for r in records if not r.image.exists()]
+            if missing:
+                raise DataError([f"{r.image}: original image of cached subject {r.subject_id!r} not found"
+                                 for r in missing], header=f"Cannot predict the cache {data_dir}")
+        else:
+            records = [dataclasses.replace(r, label=None) for r in discover_subjects(data_dir, exclude=self.exclude)]
+        problems = check_records(records, target_spacing=self.target_spacing, read_voxels=self.check_voxels,
+                                 workers=max(2, self.num_workers))
+        raise_on_errors(problems, what=f"data of {data_dir}")
+        self.predict_records = records
+        self._predict_key = key
+        log.info("%d image(s) to predict in %s", len(records), data_dir)
+
+    def _make_predict_subject(self, record: SubjectRecord) -> tio.Subject:
+        image = subject_from_record(record, with_label=False)["image"]
+        return tio.Subject(subject_id=record.subject_id, source=str(record.image), image=image)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every image of ``data_dir``, preprocessed as for training, one whole volume per batch
+        (:func:`~maesil.data.sampling.collate_volumes` without label, plus ``source``).
+
+        Volumes are read and preprocessed lazily in ``num_workers`` processes, so memory does not
+        grow with the number of images. Sharded without repetition over ranks when distributed.
+        """
+        self.setup_predict()
+        dataset = tio.SubjectsDataset([self._make_predict_subject(r) for r in self.predict_records],
+                                      transform=self.preprocessing(), load_getitem=False)
+        sampler = None
+        if is_distributed():
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        return DataLoader(
+            dataset,
+            batch_size=1,
+            shuffle=False,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_volumes,
+            pin_memory=False,  # pinning would rebuild the tio.Subject dicts of the batch
+        )
+
+    def source_image(self, subject_id: str) -> tio.ScalarImage:
+        """The original (unpreprocessed) image of a subject, lazily read with the project's reader:
+        the target grid of :func:`~maesil.evaluation.segmentation.to_original_geometry`."""
+        records = {r.subject_id: r for r in (*self.train_records, *self.val_records, *self.test_records)}
+        if self._cache is not None:  # the records point into the cache: use the sources it recorded
+            records = {sid: SubjectRecord(sid, Path(self._cache.entries[sid].source.image),
+                                          series_uid=self._cache.entries[sid].source.series_uid)
+                       for sid in records if sid in self._cache.entries}
+        records.update((r.subject_id, r) for r in self.predict_records)
+        try:
+            record = records[subject_id]
+        except KeyError:
+            raise KeyError(f"unknown subject {subject_id!r} (call setup() or setup_predict() first)") from None
+        return tio.ScalarImage(record.image, reader=partial(read_volume, series_uid=record.series_uid))
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the training subject order for ``epoch`` (forwarded to the queue's

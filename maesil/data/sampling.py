@@ -8,6 +8,9 @@ Batch format (every task): a plain ``dict``
 * ``"location"``: int64 ``(B, 6)``, TorchIO's ``(i0, j0, k0, i1, j1, k1)`` voxel bounds of the
   patch in the preprocessed (canonical, resampled, padded) volume;
 * task ``"segment"`` also ``"label"``: int64 ``(B, 1, X, Y, Z)``;
+* whole-volume batches (:func:`collate_volumes`: validation/test of tasks with
+  ``whole_volume_evaluation``, and prediction) hold one whole preprocessed volume
+  (``location`` then spans it) plus ``"spacing"``, ``"subject"`` and, for prediction, ``"source"``;
 * task ``"two_view"`` (:mod:`maesil.data.views`, BYOL-style methods) also ``"view1"``/``"view2"``:
   float32 ``(B, 1, *view_size)``, two augmented crops of ``image``; ``"box1"``/``"box2"``: float32
   ``(B, 6)``, the crops ``(x0, y0, z0, x1, y1, z1)`` in voxel-edge coordinates of the superpatch;
@@ -216,11 +219,63 @@ def collate_patches(patches: Sequence[tio.Subject | dict[str, Any]], label_key: 
     return batch
 
 
+class HostList(list):
+    """A ``list`` that Lightning's batch transfer leaves where it is (on the host).
+
+    Lightning moves a batch to the device by rebuilding every ``Mapping`` it finds; a
+    ``tio.Subject`` (a ``dict`` of ``tio.Image`` dicts) cannot be rebuilt that way and the transfer
+    fails. Any object with a callable ``to`` is treated as a leaf instead, so this list's ``to``
+    returns the list itself: its items (whole subjects, kept on the CPU for aggregation and
+    resampling) are passed through untouched.
+    """
+
+    def to(self, *args: Any, **kwargs: Any) -> HostList:
+        """No-op: the items stay on the host."""
+        return self
+
+
+def collate_volumes(subjects: Sequence[tio.Subject], label_key: str | None = None) -> dict[str, Any]:
+    """Batch whole preprocessed volumes (in practice one: volumes differ in shape).
+
+    Returns a dict with ``"image"`` float32 (B, C, X, Y, Z), ``"subject_id"`` list[str],
+    ``"spacing"`` float32 (B, 3) (voxel size in mm of the preprocessed volume), ``"location"``
+    int64 (B, 6) (``0, 0, 0, X, Y, Z``: the patch is the whole volume, as in every other batch),
+    ``"subject"`` the preprocessed ``tio.Subject`` objects (a :class:`HostList`, left on the CPU by
+    Lightning, with their affines, to map predictions back to the input geometry), with
+    ``label_key`` also ``"label"`` int64 (B, 1, X, Y, Z), and ``"source"`` list[str] when the
+    subjects carry a ``source`` entry (the path of the original image, for prediction).
+    Tensors are copies: the cached subjects are never modified through a batch.
+    """
+    if not subjects:
+        raise ValueError("cannot collate an empty list of volumes")
+    shapes = {tuple(s.spatial_shape) for s in subjects}
+    if len(shapes) > 1:
+        ids = ", ".join(f"{s.get('subject_id', '?')} {tuple(s.spatial_shape)}" for s in subjects)
+        raise ValueError(f"whole volumes of different shapes cannot share a batch ({ids}); use batch size 1")
+    batch: dict[str, Any] = {
+        "image": torch.stack([s["image"].data.to(torch.float32) for s in subjects]),
+        "subject_id": [str(s.get("subject_id", "?")) for s in subjects],
+        "spacing": torch.tensor([[float(v) for v in s["image"].spacing] for s in subjects], dtype=torch.float32),
+        "location": torch.tensor([[0, 0, 0, *s.spatial_shape] for s in subjects], dtype=torch.long),
+        "subject": HostList(subjects),
+    }
+    if label_key is not None:
+        missing = [str(s.get("subject_id", "?")) for s in subjects if label_key not in s]
+        if missing:
+            raise ValueError(f"subject(s) {', '.join(missing)} have no {label_key!r} image")
+        batch["label"] = torch.stack([s[label_key].data.to(torch.long) for s in subjects])
+    if all("source" in s for s in subjects):
+        batch["source"] = [str(s["source"]) for s in subjects]
+    return batch
+
+
 class PatchTask:
     """What a training/validation batch holds for one kind of method.
 
-    Subclasses set ``name`` and ``requires_labels`` and may override :meth:`train_sampler`,
-    :meth:`collate` and :meth:`val_collate`. Instances must be picklable.
+    Subclasses set ``name``, ``requires_labels`` and ``whole_volume_evaluation`` and may override
+    :meth:`train_sampler`, :meth:`collate` and :meth:`val_collate`. Instances must be picklable.
+    ``whole_volume_evaluation = True`` makes the DataModule validate and test on whole
+    preprocessed volumes, one per batch (:func:`collate_volumes`), instead of a patch grid.
 
     Args:
         label_probabilities: label -> relative probability of being the patch centre (tasks
@@ -229,6 +284,7 @@ class PatchTask:
 
     name: ClassVar[str] = ""
     requires_labels: ClassVar[bool] = False
+    whole_volume_evaluation: ClassVar[bool] = False
 
     def __init__(self, label_probabilities: dict[int, float] | None = None) -> None:
         self.label_probabilities = label_probabilities
@@ -241,6 +297,10 @@ class PatchTask:
 
     def val_collate(self, patches: Sequence[tio.Subject]) -> dict[str, Any]:
         return self.collate(patches)
+
+    def volume_collate(self, subjects: Sequence[tio.Subject]) -> dict[str, Any]:
+        """Whole-volume batches of validation/test (:func:`collate_volumes`, labels if required)."""
+        return collate_volumes(subjects, label_key="label" if self.requires_labels else None)
 
 
 TASKS: dict[str, type[PatchTask]] = {}
@@ -289,10 +349,13 @@ class ReconstructTask(PatchTask):
 @register_task
 class SegmentTask(PatchTask):
     """Segmentation fine-tuning: patches centred by ``tio.LabelSampler`` (``label_probabilities``
-    or, if ``None``, any voxel with label > 0), batches carry the label map."""
+    or, if ``None``, any voxel with label > 0), batches carry the label map. Validation and test
+    are whole volumes (``whole_volume_evaluation``): Dice and HD95 are defined per volume and
+    organ, and sliding-window inference needs the whole volume with its geometry."""
 
     name = "segment"
     requires_labels = True
+    whole_volume_evaluation = True
 
     def train_sampler(self, patch_size: tuple[int, int, int]) -> tio.data.PatchSampler:
         return tio.LabelSampler(patch_size, label_name="label", label_probabilities=self.label_probabilities)

@@ -5,5 +5,7 @@ from maesil.methods.baselines import AE, VAE, VQVAE
 from maesil.methods.byol import BYOL
 from maesil.methods.maesil import MAESIL
 from maesil.methods.pgl import PGL
+from maesil.methods.s3d import S3D
+from maesil.methods.segmentation import Segmentation
 
-__all__ = ["AE", "BYOL", "MAESIL", "PGL", "PretrainModule", "VAE", "VQVAE"]
+__all__ = ["AE", "BYOL", "MAESIL", "PGL", "PretrainModule", "S3D", "Segmentation", "VAE", "VQVAE"]

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import re
 
-import importlib.util
 import sys
 import types
 from collections import Counter
@@ -110,8 +109,9 @@ def test_segment_task(labeled_ct_dir: Path) -> None:
         assert (label[:, 0, centre[0], centre[1], centre[2]] == 1).all()  # centred on label 1
         seen += len(label)
     assert seen == 12
-    val = next(iter(dm.val_dataloader()))
-    assert val["label"].dtype == torch.long and val["label"].shape[1:] == (1, *PATCH)
+    val = next(iter(dm.val_dataloader()))  # whole volumes for segmentation
+    assert val["label"].dtype == torch.long and val["label"].shape[:2] == (1, 1)
+    assert val["label"].shape[2:] == val["image"].shape[2:]
 
 
 def test_segment_needs_labels(flat_ct_dir: Path) -> None:
@@ -223,7 +223,6 @@ def test_data_dir_none_writes_phantoms_in_prepare_data(tmp_path: Path, monkeypat
     assert "label" in next(iter(dm.train_dataloader()))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("maesil.data.phantoms") is None, reason="phantoms module not written yet")
 def test_real_phantoms(tiny_ct_dir: Path) -> None:
     """The project's phantom folder (session fixture of tests/conftest.py) loads as segment data."""
     dm = _dm(tiny_ct_dir, task="segment", val_fraction=0.34, batch_size=2, target_spacing=4.0)
@@ -231,7 +230,8 @@ def test_real_phantoms(tiny_ct_dir: Path) -> None:
     assert len(dm.train_records) == 2 and len(dm.val_records) == 1
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 1, *PATCH) and batch["label"].shape == (2, 1, *PATCH)
-    assert next(iter(dm.val_dataloader()))["image"].shape[1:] == (1, *PATCH)
+    assert next(iter(dm.val_dataloader()))["image"].shape[:2] == (1, 1)  # a whole volume
+    assert dm.val_patches()[0]["image"].shape == (1, *PATCH)
 
 
 def test_manifest_splits_and_test_loader(labeled_ct_dir: Path) -> None:
@@ -322,3 +322,169 @@ def test_dicom_tree_trains(tmp_path: Path) -> None:
         "patient0_study", "patient1_study", "patient2_study"]
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (3, 1, *PATCH) and float(batch["image"].max()) > 0.2
+
+
+# ---------------------------------------------------------------- whole volumes (segmentation) and prediction
+
+
+def test_segment_validation_yields_whole_volumes(labeled_ct_dir: Path) -> None:
+    import torchio as tio
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    dm = _dm(labeled_ct_dir, task="segment", val_fraction=0.34, num_classes=3)
+    dm.setup("fit")
+    subjects = dm.whole_volumes("val")
+    assert dm.whole_volumes("val") is subjects  # preprocessed once, kept in memory
+    assert [s["subject_id"] for s in subjects] == [r.subject_id for r in dm.val_records]
+    loader = dm.val_dataloader()
+    assert loader.batch_size == 1
+    batches = list(loader)
+    assert [b["subject_id"] for b in batches] == [[r.subject_id] for r in dm.val_records]
+    for batch, subject in zip(batches, subjects):
+        assert set(batch) == {"image", "label", "subject_id", "spacing", "location", "subject"}
+        shape = tuple(subject.spatial_shape)
+        assert all(s >= p for s, p in zip(shape, PATCH)) and shape != PATCH  # whole (padded) volume, not a patch
+        assert batch["image"].shape == (1, 1, *shape) and batch["image"].dtype == torch.float32
+        assert batch["label"].shape == (1, 1, *shape) and batch["label"].dtype == torch.long
+        assert set(torch.unique(batch["label"]).tolist()) == {0, 1, 2}
+        assert batch["spacing"].shape == (1, 3) and batch["spacing"].dtype == torch.float32
+        torch.testing.assert_close(batch["spacing"], torch.tensor([[3.0, 3.0, 3.0]]))
+        assert batch["location"].tolist() == [[0, 0, 0, *shape]]
+        assert isinstance(batch["subject"][0], tio.Subject) and batch["subject"][0] is subject
+        assert torch.equal(batch["image"][0], subject["image"].data)
+        assert batch["image"].data_ptr() != subject["image"].data.data_ptr()  # a copy: the cache stays intact
+        moved = move_data_to_device(batch, torch.device("cpu"))  # what Lightning does with every batch
+        assert moved["subject"][0] is subject
+    test_batches = list(dm.test_dataloader())  # no test split: the validation subjects
+    assert [b["subject_id"] for b in test_batches] == [b["subject_id"] for b in batches]
+    reconstruct = _dm(labeled_ct_dir, val_fraction=0.34)
+    reconstruct.setup("fit")
+    assert next(iter(reconstruct.val_dataloader()))["image"].shape[2:] == PATCH  # other tasks: patch grid
+
+
+def test_whole_volume_loader_under_ddp(labeled_ct_dir: Path, tmp_path: Path) -> None:
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        dm = _dm(labeled_ct_dir, task="segment", val_fraction=0.34)
+        dm.setup("fit")
+        loader = dm.val_dataloader()
+        assert isinstance(loader.sampler, DistributedSampler) and not loader.sampler.shuffle
+        assert len(list(loader)) == len(dm.val_records)
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+        assert isinstance(dm.predict_dataloader().sampler, UnrepeatedDistributedSampler)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_test_subjects_without_label_cannot_be_scored(labeled_ct_dir: Path) -> None:
+    rows = ["subject_id,image,label,split"]
+    for i in range(5):
+        rows.append(f"s{i},images/case_{i:03d}.nii.gz,labels/case_{i:03d}.nii.gz,{'val' if i == 4 else ''}")
+    rows.append("s5,images/case_005.nii.gz,,test")
+    (labeled_ct_dir / "subjects.csv").write_text("\n".join(rows) + "\n")
+    dm = _dm(labeled_ct_dir / "subjects.csv", task="segment")
+    dm.setup("fit")
+    assert [b["subject_id"] for b in dm.val_dataloader()] == [["s4"]]
+    with pytest.raises(DataError, match=r"case_005\.nii\.gz: subject 's5' has no label"):
+        dm.test_dataloader()
+
+
+def test_predict_dataloader_yields_every_image(flat_ct_dir: Path) -> None:
+    dm = _dm(flat_ct_dir, task="segment")  # segmentation model, unlabelled images
+    dm.setup("predict")  # no label needed for prediction
+    loader = dm.predict_dataloader()
+    batches = list(loader)
+    records = discover_subjects(flat_ct_dir)
+    assert [b["subject_id"] for b in batches] == [[r.subject_id] for r in records]
+    for batch, record in zip(batches, records):
+        assert set(batch) == {"image", "subject_id", "spacing", "location", "subject", "source"}
+        assert batch["source"] == [str(record.image)] and Path(batch["source"][0]).is_file()
+        subject = batch["subject"][0]
+        assert batch["image"].shape == (1, 1, *subject.spatial_shape)
+        assert all(s >= p for s, p in zip(subject.spatial_shape, PATCH))
+        torch.testing.assert_close(batch["spacing"], torch.tensor([[3.0, 3.0, 3.0]]))
+        assert dm.source_image(record.subject_id).path == record.image
+    with pytest.raises(DataError, match="no label"):
+        dm.setup("fit")  # training still needs labels
+
+
+def test_predict_ignores_labels_and_maps_back(tiny_ct_dir: Path) -> None:
+    """Labels are not part of prediction batches; a prediction maps back onto the source grid."""
+    import numpy as np
+    import torchio as tio
+
+    from maesil.data.io import read_volume
+    from maesil.evaluation.segmentation import segmentation_scores, to_original_geometry
+
+    dm = _dm(tiny_ct_dir, task="segment", target_spacing=4.0, num_workers=1)
+    dm.setup("predict")
+    assert len(dm.predict_records) == 3 and all(r.label is None for r in dm.predict_records)
+    batch = next(iter(dm.predict_dataloader()))
+    assert "label" not in batch and "label" not in batch["subject"][0]
+    source = dm.source_image(batch["subject_id"][0])
+    assert str(source.path) == batch["source"][0]
+    # a "model" that thresholds the preprocessed image: body vs air
+    body = (batch["image"][0, 0] > 0.05).long()
+    probabilities = torch.stack([1 - body, body]).float()
+    mapped = to_original_geometry(probabilities, batch["subject"][0], source)
+    assert mapped.spatial_shape == source.spatial_shape and np.allclose(mapped.affine, source.affine)
+    hu = tio.ScalarImage(batch["source"][0], reader=read_volume).data[0]
+    expected = (hu > -175 + 0.05 * 425).long()
+    assert segmentation_scores(mapped.data[0].long(), expected, 2, source.spacing)["dice"][0] > 0.9
+
+
+class _ThresholdSegmenter(L.LightningModule):
+    """Body vs air by thresholding, through the whole-volume evaluation path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(40.0))
+        self.scored: list[str] = []
+
+    def _probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        from maesil.evaluation.segmentation import sliding_window_probabilities
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.zeros_like(x), self.scale * (x - 0.05)], dim=1)
+
+        return sliding_window_probabilities(predict, image, PATCH, overlap=0.5, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        from maesil.evaluation.segmentation import segmentation_scores
+
+        probabilities = self._probabilities(batch["image"][0])
+        assert probabilities.shape[1:] == batch["image"].shape[2:]
+        spacing = tuple(batch["spacing"][0].tolist())
+        body = probabilities.argmax(0)
+        scores = segmentation_scores(body, body.clone(), 2, spacing)
+        assert float(scores["dice"][0]) == 1.0 and float(scores["hd95"][0]) == 0.0
+        organs = batch["label"][0, 0] > 0
+        assert bool(body[organs].all())  # the labelled organs lie inside the body
+        self.scored.extend(batch["subject_id"])
+
+    def predict_step(self, batch, batch_idx):
+        from maesil.evaluation.segmentation import to_original_geometry
+
+        probabilities = self._probabilities(batch["image"][0])
+        label_map = to_original_geometry(probabilities, batch["subject"][0], self.trainer.datamodule.source_image(
+            batch["subject_id"][0]))
+        return label_map.data, label_map.affine  # Lightning moves predictions to the CPU: no tio objects here
+
+
+def test_lightning_whole_volume_validate_and_predict(labeled_ct_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    dm = _dm(labeled_ct_dir, task="segment", val_fraction=0.34)
+    model = _ThresholdSegmenter()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.validate(model, datamodule=dm)
+    assert model.scored == [r.subject_id for r in dm.val_records]
+    label_maps = trainer.predict(model, datamodule=dm)
+    assert len(label_maps) == 6
+    for (data, affine), record in zip(label_maps, dm.predict_records):
+        source = dm.source_image(record.subject_id)
+        assert tuple(data.shape[1:]) == source.spatial_shape and np.allclose(affine, source.affine)
+        assert set(torch.unique(data).tolist()) == {0, 1}

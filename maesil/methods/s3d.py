@@ -1,0 +1,251 @@
+"""S3D: sparse masked-autoencoder pretraining of a residual-encoder 3D U-Net (Wald et al., CVPR 2025; nnssl).
+
+Each training batch draws one mask ratio from U(``mask_ratio_range``) (default U(0.6, 0.9), the paper's) or
+uses the fixed ``mask_ratio`` when the range is None; every superpatch then hides exactly
+``round(ratio · cells)`` cubic cells of ``mask_block_size`` voxels (16³ in the paper). The sparse ResEnc
+encoder sees only the visible cells, mask tokens fill the rest of every stage's features, a densify conv per
+stage and the dense decoder predict the intensities, and the loss is the MSE over masked voxels (see
+:mod:`maesil.models.sparse`). ``sparse: false`` trains the plain zero-fill MAE with the same network, for the
+ablation.
+
+Optimisation follows the paper by default: SGD with Nesterov momentum 0.99, lr 1e-2, weight decay 3e-5 and
+nnU-Net's poly schedule ``(1 − step / total)^0.9`` (:class:`maesil.optim.PolyLR`); AdamW (or any torch
+optimizer) is selected in YAML like every other method's. Mask tokens, biases and norm weights get no
+weight decay.
+
+Validation and test reconstruct every held-out superpatch with masks seeded by subject and location
+(``crc32("val_mask_seed:subject:location")``, as MAESIL), so every epoch, run and checkpoint is scored on the
+same masks. The paper fixes no validation ratio; we use a fixed one, the middle of ``mask_ratio_range``
+(0.75 for U(0.6, 0.9)) or ``mask_ratio`` when no range is set, so that scores do not fluctuate with the
+ratio drawn. They log ``loss``, PSNR and 3D SSIM over the whole superpatch (visible voxels copied from the
+input) and over the masked voxels, and a picture (input / masked input / reconstruction).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from maesil.evaluation.figures import volume_panels_figure
+from maesil.evaluation.metrics import ReconstructionMetrics
+from maesil.methods.base import PretrainModule, ReconstructionEvaluationHooks
+from maesil.models.autoencoders import as_size3
+from maesil.models.sparse import (
+    SparseMaskedUNet,
+    block_mask,
+    draw_mask_ratio,
+    mask_grid,
+    masked_cell_count,
+    masked_mse,
+    upsample_mask,
+)
+from maesil.models.unet import UNET_PRESETS
+from maesil.optim import OptimizerFactory, PolyLR, SchedulerFactory
+
+__all__ = ["S3D", "nesterov_sgd", "poly_lr"]
+
+
+def nesterov_sgd(params: Iterable) -> Optimizer:
+    """S3D's optimizer (as nnU-Net's): SGD, Nesterov momentum 0.99, lr 1e-2, weight decay 3e-5."""
+    return torch.optim.SGD(params, lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+
+
+def poly_lr(optimizer: Optimizer, total_steps: int) -> LRScheduler:
+    """S3D's schedule: nnU-Net's poly decay ``(1 − step / total)^0.9``, no warm-up."""
+    return PolyLR(optimizer, total_steps, exponent=0.9, warmup_steps=0)
+
+
+class S3D(ReconstructionEvaluationHooks, PretrainModule):
+    """Sparse masked image modelling with a ResEnc U-Net (see the module docstring).
+
+    Args:
+        unet_preset: preset of :data:`maesil.models.unet.UNET_PRESETS` (``resenc_l`` as the paper, ``cpu``,
+            ``tiny``).
+        features: per-stage widths overriding the preset.
+        blocks_per_stage: residual blocks per encoder stage overriding the preset.
+        strides: per-stage strides overriding the preset (the first must be 1).
+        img_size: superpatch size the model is built for; must equal the DataModule's ``superpatch_size`` and
+            be a multiple of ``mask_block_size`` and of the U-Net's total stride.
+        in_channels: image channels (also predicted).
+        mask_block_size: side of a mask cell in voxels (paper: 16).
+        mask_ratio: masked fraction of cells when ``mask_ratio_range`` is None.
+        mask_ratio_range: ``(low, high)``: a ratio drawn from U(low, high) once per training batch (paper:
+            (0.6, 0.9)); when set it wins over ``mask_ratio``.
+        sparse: sparse encoder with mask tokens (S3D); False: the dense zero-fill MAE ablation.
+        val_mask_seed: seed of the validation masks.
+        metric_data_range: intensity range for PSNR/SSIM (1.0 for windowed CT in [0, 1]).
+        optimizer: optimizer factory (default :func:`nesterov_sgd`).
+        scheduler: ``(optimizer, total_steps)`` → schedule (default :func:`poly_lr`), or None.
+    """
+
+    def __init__(
+        self,
+        unet_preset: str = "resenc_l",
+        features: Sequence[int] | None = None,
+        blocks_per_stage: Sequence[int] | None = None,
+        strides: Sequence[int] | None = None,
+        img_size: int | tuple[int, int, int] = 160,
+        in_channels: int = 1,
+        mask_block_size: int = 16,
+        mask_ratio: float = 0.75,
+        mask_ratio_range: tuple[float, float] | None = (0.6, 0.9),
+        sparse: bool = True,
+        val_mask_seed: int = 0,
+        metric_data_range: float = 1.0,
+        optimizer: OptimizerFactory = nesterov_sgd,
+        scheduler: SchedulerFactory | None = poly_lr,
+    ) -> None:
+        super().__init__(optimizer=optimizer, scheduler=scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if unet_preset not in UNET_PRESETS:
+            raise ValueError(f"unknown U-Net preset {unet_preset!r}; choose from {sorted(UNET_PRESETS)}.")
+        config = dict(UNET_PRESETS[unet_preset])
+        config.update({name: list(value) for name, value in
+                       (("features", features), ("blocks_per_stage", blocks_per_stage), ("strides", strides))
+                       if value is not None})  # fmt: skip
+        self.net = SparseMaskedUNet(in_channels=in_channels, **config, block_size=mask_block_size, sparse=sparse)
+        self.img_size: tuple[int, int, int] = as_size3(img_size)
+        self.in_channels = in_channels
+        self.block_size = self.net.block_size
+        self.grid = mask_grid(self.img_size, self.block_size)
+        # Fails now on a size the U-Net cannot take (stride multiple, > 1 voxel at the deepest stage).
+        self.net.check_input(torch.empty(1, in_channels, *self.img_size, device="meta"))
+
+        if mask_ratio_range is not None:
+            low, high = (float(v) for v in mask_ratio_range)
+            if not 0.0 < low <= high < 1.0:
+                raise ValueError(f"mask_ratio_range must satisfy 0 < low <= high < 1, got {tuple(mask_ratio_range)}.")
+            self.mask_ratio_range: tuple[float, float] | None = (low, high)
+            self.val_mask_ratio = (low + high) / 2
+            ratios = (low, high, self.val_mask_ratio)
+        else:
+            self.mask_ratio_range = None
+            self.val_mask_ratio = float(mask_ratio)
+            ratios = (self.val_mask_ratio,)
+        for ratio in ratios:
+            masked_cell_count(self.grid, ratio)  # ValueError when a ratio hides no or every cell of img_size
+        self.mask_ratio = float(mask_ratio)
+        self.sparse = bool(sparse)
+        self.val_mask_seed = val_mask_seed
+        self.val_metrics = ReconstructionMetrics(data_range=metric_data_range)
+        self._figure_candidate: tuple[float, dict] | None = None
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        self.check_input_size(self.img_size)
+
+    def describe(self) -> str:
+        """One line: parameters, input, masking, variant (printed at fit start)."""
+        count = sum(p.numel() for p in self.net.parameters())
+        ratio = (f"U({self.mask_ratio_range[0]:g}, {self.mask_ratio_range[1]:g}) per batch"
+                 if self.mask_ratio_range is not None else f"{self.mask_ratio:g}")  # fmt: skip
+        variant = "sparse encoder + mask tokens" if self.sparse else "dense zero-fill (sparse: false)"
+        return (
+            f"S3D: {count / 1e6:.2f} M parameters, input {self.img_size}, {self.block_size}³ mask blocks "
+            f"(grid {self.grid}), mask ratio {ratio}, validation {self.val_mask_ratio:g}, {variant}"
+        )
+
+    def on_fit_start(self) -> None:
+        self.print(self.describe())
+
+    def draw_mask(
+        self, batch_size: int, spatial_shape: Sequence[int] | None = None, ratio: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:  # fmt: skip
+        """A cell mask ``(B, 1, gx, gy, gz)`` (True = masked) for inputs of ``spatial_shape`` (default
+        ``img_size``), with ``ratio`` (default: drawn as configured).
+
+        Without a generator it is drawn on the model's device; a seeded generator draws on the CPU.
+        """
+        grid = mask_grid(spatial_shape if spatial_shape is not None else self.img_size, self.block_size)
+        if ratio is None:
+            ratio = draw_mask_ratio(self.mask_ratio, self.mask_ratio_range)
+        device = self.device if generator is None else None
+        return block_mask(batch_size, grid, ratio, generator=generator, device=device).to(self.device)
+
+    def voxel_mask(self, mask: Tensor, channels: int = 1) -> Tensor:
+        """Cell mask ``(B, 1, gx, gy, gz)`` → boolean voxel mask ``(B, channels, X, Y, Z)``."""
+        voxels = upsample_mask(mask, self.block_size)
+        return voxels.expand(-1, channels, -1, -1, -1).contiguous()
+
+    def loss(self, prediction: Tensor, images: Tensor, mask: Tensor) -> Tensor:
+        """MSE over the masked voxels only (the cell ``mask`` upsampled to voxels)."""
+        return masked_mse(prediction, images, upsample_mask(mask, self.block_size))
+
+    def forward(self, images: Tensor, mask: Tensor) -> Tensor:
+        """Predicted intensities of every voxel, ``(B, C, X, Y, Z)``, from the cells visible in ``mask``."""
+        return self.net(images, mask)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        images = batch["image"]
+        ratio = draw_mask_ratio(self.mask_ratio, self.mask_ratio_range)
+        mask = self.draw_mask(images.shape[0], images.shape[2:], ratio)
+        loss = self.loss(self(images, mask), images, mask)
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        self.log("train/mask_ratio", ratio, batch_size=images.shape[0])
+        return loss
+
+    def validation_mask(self, batch: dict) -> Tensor:
+        """Cell masks at ``val_mask_ratio`` seeded by each superpatch's subject and location.
+
+        The same superpatch gets the same mask in every epoch and run, whatever the batch size or the number
+        of DDP processes (the seed string is MAESIL's: ``"val_mask_seed:subject:location"``).
+        """
+        images = batch["image"]
+        subjects = batch.get("subject_id") or ["?"] * images.shape[0]
+        locations = batch.get("location")
+        masks = []
+        for index, subject in enumerate(subjects):
+            where = locations[index].tolist() if locations is not None else index
+            seed = zlib.crc32(f"{self.val_mask_seed}:{subject}:{where}".encode())
+            generator = torch.Generator().manual_seed(seed)
+            masks.append(self.draw_mask(1, images.shape[2:], self.val_mask_ratio, generator))
+        return torch.cat(masks)
+
+    def masked_reconstruction(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """``(reconstruction, hidden voxel mask, loss)`` with the validation masks; the reconstruction is the
+        prediction clamped to [0, 1] (windowed CT, as MAESIL) on hidden voxels and the input elsewhere."""
+        images = batch["image"]
+        mask = self.validation_mask(batch)
+        prediction = self(images, mask)
+        hidden = self.voxel_mask(mask, images.shape[1])
+        reconstruction = torch.where(hidden, prediction.clamp(0.0, 1.0).to(images.dtype), images)
+        return reconstruction, hidden, self.loss(prediction, images, mask)
+
+    @torch.no_grad()
+    def reconstruct_for_evaluation(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """Masked reconstruction with the validation masks (seeded by subject and location): visible voxels
+        copied from the input, hidden ones predicted; the mask (B, C, X, Y, Z) marks the predicted voxels."""
+        reconstruction, hidden, _ = self.masked_reconstruction(batch)
+        return reconstruction, hidden
+
+    def _evaluation_step(self, batch: dict, stage: str) -> None:
+        images = batch["image"]
+        reconstruction, hidden, loss = self.masked_reconstruction(batch)
+        self.val_metrics.update(reconstruction, images, hidden)
+        self.log(f"{stage}/loss", loss, batch_size=images.shape[0], sync_dist=True)
+        self.keep_figure_candidate(batch, mask=hidden, reconstruction=reconstruction)
+
+    def _evaluation_epoch_end(self, stage: str) -> None:
+        for name, value in self.val_metrics.compute().items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "psnr_masked")
+        if self._figure_candidate is not None:
+            self._log_reconstruction(**self._figure_candidate[1])
+            self._figure_candidate = None
+
+    def _log_reconstruction(self, image: Tensor, mask: Tensor, reconstruction: Tensor, subject: str) -> None:
+        masked = image.clone()
+        masked[mask] = float("nan")
+        variant = "sparse" if self.sparse else "zero-fill"
+        figure = volume_panels_figure(
+            {"input": image.numpy(), "masked input": masked.numpy(), "reconstruction": reconstruction.numpy()},
+            title=f"{subject} · step {self.global_step} · S3D {variant}, {self.block_size}³ blocks, "
+            f"mask {self.val_mask_ratio:.0%}",
+        )
+        self.log_figure("reconstructions", figure)

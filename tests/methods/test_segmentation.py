@@ -1,0 +1,139 @@
+"""Segmentation fine-tuning: networks, optimiser groups, the encoder warm-up, and runs through the CLI."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from maesil.callbacks import EncoderWarmup
+from maesil.cli import main
+from maesil.methods import Segmentation
+from tests.helpers import REPO_ROOT, TINY_SPACING
+
+
+def test_unet_and_unetr_networks_and_their_encoders():
+    unet = Segmentation(num_classes=3, architecture="unet", preset="tiny", img_size=32)
+    assert unet(torch.randn(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+    assert all(name.startswith("net.encoder.") for name, _ in unet.named_parameters()
+               if any(p is _ for p in unet.encoder.parameters()))
+    unetr = Segmentation(num_classes=4, architecture="unetr", preset="tiny", img_size=32)
+    assert unetr(torch.randn(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
+    with pytest.raises(ValueError, match="num_classes"):
+        Segmentation(num_classes=1, preset="tiny")
+    with pytest.raises(ValueError, match="class_names"):
+        Segmentation(num_classes=3, preset="tiny", class_names=["liver"])
+
+
+def test_layerwise_lr_decay_groups():
+    module = Segmentation(num_classes=3, architecture="unetr", preset="tiny", img_size=32, layer_decay=0.5)
+    groups = module.parameter_groups()
+    layers = module.net.num_lr_layers  # depth + 2
+    by_layer = {group["layer"]: group["lr_scale"] for group in groups}
+    assert by_layer[layers - 1] == 1.0  # decoder and head
+    assert by_layer[0] == pytest.approx(0.5 ** (layers - 1))  # patch embedding
+    assert by_layer[1] == pytest.approx(0.5 ** (layers - 2))  # first block
+    assert sum(len(g["params"]) for g in groups) == len(list(module.net.parameters()))
+    encoder_params = {id(p) for p in module.encoder.parameters()}
+    for group in groups:
+        assert all((id(p) in encoder_params) == group["is_encoder"] for p in group["params"])
+        if any(p.ndim < 2 for p in group["params"]):
+            assert group["weight_decay"] == 0.0
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    # configure_optimizers scales each group's rate by its lr_scale
+    base = optimizer.defaults["lr"]
+    for group in optimizer.param_groups:
+        group["lr"] = base * group["lr_scale"]
+    assert min(g["lr"] for g in optimizer.param_groups) == pytest.approx(1e-3 * 0.5 ** (layers - 1))
+
+
+def test_encoder_warmup_factor():
+    warmup = EncoderWarmup(decoder_only_steps=10, encoder_warmup_steps=4)
+    assert [warmup.encoder_factor(s) for s in (0, 9, 10, 11, 12, 13, 50)] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert EncoderWarmup(0, 0).encoder_factor(0) == 1.0
+    with pytest.raises(ValueError):
+        EncoderWarmup(-1, 0)
+
+
+def tiny_finetune_args(data_dir: Path, run_dir: Path, max_steps: int = 4, pretrained: Path | None = None) -> list[str]:
+    """experiments/finetune/unet_demo.yaml shrunk to a seconds-long run on the tiny phantoms."""
+    return [
+        "--config", str(REPO_ROOT / "experiments/finetune/unet_demo.yaml"),
+        "--data.init_args.data_dir", str(data_dir),
+        "--data.init_args.superpatch_size", "32",
+        "--data.init_args.target_spacing", "4.0",
+        "--data.init_args.num_workers", "0",
+        "--data.init_args.batch_size", "2",
+        "--data.init_args.samples_per_volume", "2",
+        "--data.init_args.queue_length", "4",
+        "--model.init_args.preset", "tiny",
+        "--model.init_args.img_size", "32",
+        "--model.init_args.pretrained", str(pretrained) if pretrained else "null",
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.val_check_interval", str(max_steps),
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.default_root_dir", str(run_dir),
+    ]  # fmt: skip
+
+
+def metric(run_dir: Path, key: str) -> list[float]:
+    [metrics_file] = sorted(run_dir.glob("logs/version_*/metrics.csv"))[-1:]
+    with open(metrics_file) as handle:
+        return [float(row[key]) for row in csv.DictReader(handle) if row.get(key)]
+
+
+@pytest.fixture(scope="module")
+def tiny_pgl_checkpoint(tiny_ct_dir, tmp_path_factory) -> Path:
+    from tests.methods.test_pgl import tiny_args
+
+    run_dir = tmp_path_factory.mktemp("pgl")
+    main(["fit", *tiny_args("pgl", tiny_ct_dir, run_dir, max_steps=1), "--model.init_args.num_scales", "2"])
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def test_fine_tune_from_pgl_then_predict_in_original_geometry(tiny_ct_dir, tiny_pgl_checkpoint, tmp_path, capsys):
+    run_dir = tmp_path / "finetune"
+    main(["fit", *tiny_finetune_args(tiny_ct_dir, run_dir, pretrained=tiny_pgl_checkpoint)])
+    out = capsys.readouterr().out
+    assert "pretrained weights from" in out and "loaded" in out
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    pgl = torch.load(tiny_pgl_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    dice = metric(run_dir, "val/dice")
+    assert len(dice) == 1 and 0.0 <= dice[0] <= 1.0
+    assert metric(run_dir, "val/dice_liver")
+    lr = metric(run_dir, "lr-AdamW/pg1")
+    assert lr, "learning rates are logged per parameter group"
+    assert any(key.startswith("net.encoder.") for key in checkpoint["state_dict"])
+    assert any(key.startswith("backbone.encoder.") for key in pgl)
+
+    out_dir = tmp_path / "predictions"
+    main(["predict", *tiny_finetune_args(tiny_ct_dir, run_dir), "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"),
+          "--model.init_args.output_dir", str(out_dir)])
+    inputs = sorted((tiny_ct_dir / "images").glob("*.nii.gz"))
+    outputs = sorted(out_dir.glob("*.nii.gz"))
+    assert [p.name for p in outputs] == [p.name for p in inputs]
+    for source, predicted in zip(inputs, outputs):
+        a, b = nib.load(source), nib.load(predicted)
+        assert b.shape == a.shape
+        np.testing.assert_allclose(b.affine, a.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(b.dataobj)).tolist()) <= set(range(8))
+
+
+def test_frozen_encoder_does_not_move_during_decoder_warmup(tiny_ct_dir, tiny_pgl_checkpoint, tmp_path):
+    run_dir = tmp_path / "frozen"
+    args = tiny_finetune_args(tiny_ct_dir, run_dir, max_steps=2, pretrained=tiny_pgl_checkpoint)
+    main(["fit", *args])  # 2 steps, inside the demo's 30 decoder-only steps (EncoderWarmup)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    pgl = torch.load(tiny_pgl_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    encoder = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.encoder.")}
+    decoder_moved = False
+    for key, value in encoder.items():
+        assert torch.equal(value, pgl[f"backbone.{key}"]), key
+    for key, value in state.items():
+        if key.startswith("net.decoder.") and not torch.equal(value, pgl[f"backbone.{key[len('net.'):]}"]):
+            decoder_moved = True
+    assert decoder_moved
