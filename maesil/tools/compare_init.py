@@ -82,7 +82,7 @@ def write_phantom_manifest(folder: Path, train_count: int, test_count: int, seed
 
 
 def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: int, steps: int,
-                       out_dir: Path) -> dict[str, float]:
+                       out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, float]:
     """One fine-tuning run through the same CLI users run; returns the test metrics."""
     import json
 
@@ -103,6 +103,9 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
         args += ["--model.init_args.preset", arm.preset]
     if arm.network_args:
         args += ["--model.init_args.network_args", json.dumps(arm.network_args)]
+    for override in overrides:
+        key, _, value = override.partition("=")
+        args += [f"--{key.lstrip('-')}", value]
     cli = MaesilCLI(args=args, run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     [metrics] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -179,10 +182,14 @@ def compare_init_command(argv: Sequence[str]) -> int:
     parser.add_argument("--unetr-config", type=Path, default=DEFAULT_UNETR_CONFIG)
     parser.add_argument("--families", nargs="*", choices=["unet", "unetr"], default=None,
                         help="scratch baselines to run without a checkpoint of that family (default: those of the checkpoints, else unet)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run, e.g. data.init_args.num_workers=0")
     parser.add_argument("--out", type=Path, default=Path("runs/compare_init"))
     args = parser.parse_args(list(argv))
     if args.train_count < 1 or args.test_count < 1 or args.steps < 1:
         parser.error("--train-count, --test-count and --steps must be >= 1")
+    if any("=" not in item for item in args.set):
+        parser.error(f"--set takes KEY=VALUE items, got {args.set}")
 
     try:
         arms = [describe_checkpoint(path) for path in args.checkpoints]
@@ -206,7 +213,7 @@ def compare_init_command(argv: Sequence[str]) -> int:
     for arm in arms:
         for seed in args.seeds:
             print(f"== {arm.name}, seed {seed}: {args.steps} steps", flush=True)
-            metrics = fine_tune_and_test(arm, configs[arm.family], manifest, seed, args.steps, args.out)
+            metrics = fine_tune_and_test(arm, configs[arm.family], manifest, seed, args.steps, args.out, args.set)
             results[arm.name].append(metrics)
             rows.append({"initialisation": arm.name, "seed": seed, **metrics})
     args.out.mkdir(parents=True, exist_ok=True)
