@@ -1,4 +1,4 @@
-"""Every shipped experiment YAML parses, alone and with each trainer overlay; mixed precision runs on CPU."""
+"""Every shipped experiment YAML (pretrain, finetune) parses, alone and with each trainer overlay; bf16 runs on CPU."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import yaml
 from maesil.cli import main
 from tests.helpers import REPO_ROOT, tiny_maesil_args
 
-METHOD_CONFIGS = sorted((REPO_ROOT / "experiments" / "pretrain").glob("*.yaml"))
+METHOD_CONFIGS = sorted([*(REPO_ROOT / "experiments" / "pretrain").glob("*.yaml"),
+                         *(REPO_ROOT / "experiments" / "finetune").glob("*.yaml")])
 TRAINER_OVERLAYS = sorted((REPO_ROOT / "experiments" / "trainer").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("overlay", [None, *TRAINER_OVERLAYS], ids=lambda p: p.name if p else "alone")
-@pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_experiment_configs_parse(config, overlay, capsys):
     args = ["fit", "--config", str(config)] + (["--config", str(overlay)] if overlay else []) + ["--print_config"]
     with pytest.raises(SystemExit) as exit_info:
