@@ -82,8 +82,12 @@ def write_phantom_manifest(folder: Path, train_count: int, test_count: int, seed
 
 
 def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: int, steps: int,
-                       out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, float]:
-    """One fine-tuning run through the same CLI users run; returns the test metrics."""
+                       out_dir: Path, overrides: Sequence[str] = (), cache_dir: Path | None = None) -> dict[str, float]:
+    """One fine-tuning run through the same CLI users run; returns the test metrics.
+
+    With ``cache_dir`` every run reads the volumes from one prepared cache (written by the first run), so the
+    runs do not each decode and resample the same volumes again.
+    """
     import json
 
     from maesil.cli import MaesilCLI
@@ -99,6 +103,8 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
         "--trainer.default_root_dir", str(run_dir),
         "--model.init_args.pretrained", str(arm.checkpoint) if arm.checkpoint else "null",
     ]  # fmt: skip
+    if cache_dir is not None:
+        args += ["--data.init_args.cache_dir", str(cache_dir)]
     if arm.preset:
         args += ["--model.init_args.preset", arm.preset]
     if arm.network_args:
@@ -184,6 +190,8 @@ def compare_init_command(argv: Sequence[str]) -> int:
                         help="scratch baselines to run without a checkpoint of that family (default: those of the checkpoints, else unet)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run, e.g. data.init_args.num_workers=0")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="read the volumes from their files in every run instead of one prepared cache in OUT/cache")
     parser.add_argument("--out", type=Path, default=Path("runs/compare_init"))
     args = parser.parse_args(list(argv))
     if args.train_count < 1 or args.test_count < 1 or args.steps < 1:
@@ -213,7 +221,8 @@ def compare_init_command(argv: Sequence[str]) -> int:
     for arm in arms:
         for seed in args.seeds:
             print(f"== {arm.name}, seed {seed}: {args.steps} steps", flush=True)
-            metrics = fine_tune_and_test(arm, configs[arm.family], manifest, seed, args.steps, args.out, args.set)
+            metrics = fine_tune_and_test(arm, configs[arm.family], manifest, seed, args.steps, args.out, args.set,
+                                         cache_dir=None if args.no_cache else args.out / "cache")
             results[arm.name].append(metrics)
             rows.append({"initialisation": arm.name, "seed": seed, **metrics})
     args.out.mkdir(parents=True, exist_ok=True)

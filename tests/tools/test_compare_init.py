@@ -51,6 +51,7 @@ def test_compare_init_runs_scratch_and_pretrained_arms(tiny_ct_dir, tmp_path, ca
     assert sorted({row["initialisation"] for row in rows}) == sorted(["scratch (unet)", arm.name])
     assert len(rows) == 4 and all(0.0 <= float(row["test/dice"]) <= 1.0 for row in rows)
     assert (out / "compare_init.png").stat().st_size > 0 and (out / "summary.csv").is_file()
+    assert (out / "cache" / "index.json").is_file()  # one prepared cache shared by the runs
 
 
 def test_compare_init_refuses_a_checkpoint_without_encoder(tmp_path, capsys):
