@@ -22,6 +22,7 @@ import csv
 import math
 import statistics
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,9 +76,9 @@ def write_phantom_manifest(folder: Path, train_count: int, test_count: int, seed
         writer = csv.writer(handle)
         writer.writerow(["subject_id", "image", "label", "split"])
         for index, image in enumerate(paths):
-            label = image.parent.parent / "labels" / image.name
             split = "train" if index < train_count else "test"
-            writer.writerow([image.name.split(".")[0], str(image), str(label), split])
+            # Paths relative to the manifest's folder, as manifests resolve them.
+            writer.writerow([image.name.split(".")[0], f"images/{image.name}", f"labels/{image.name}", split])
     return manifest
 
 
@@ -92,7 +93,8 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
 
     from maesil.cli import MaesilCLI
 
-    run_dir = out_dir / "runs" / f"{arm.name}_seed{seed}"
+    slug = "".join(c if c.isalnum() else "_" for c in arm.name.lower()).strip("_")
+    run_dir = out_dir / "runs" / f"{slug}_seed{seed}"
     args = [
         "--config", str(config),
         "--seed_everything", str(seed),
@@ -112,7 +114,9 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
     for override in overrides:
         key, _, value = override.partition("=")
         args += [f"--{key.lstrip('-')}", value]
-    cli = MaesilCLI(args=args, run=False)
+    with warnings.catch_warnings():  # the arguments come from here, not from sys.argv: nothing to warn about
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = MaesilCLI(args=args, run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     [metrics] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     return {key: float(value) for key, value in metrics.items()}
