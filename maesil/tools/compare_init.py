@@ -158,7 +158,7 @@ def plot(results: dict[str, list[dict[str, float]]], class_names: Sequence[str],
 
     labels = ["overall", *class_names]
     keys = ["test/dice", *[f"test/dice_{c}" for c in class_names]]
-    figure, axis = plt.subplots(figsize=(max(8.0, 1.1 * len(labels) * max(1, len(results)) / 2), 4.2))
+    figure, axis = plt.subplots(figsize=(min(14.0, max(8.0, 0.3 * len(labels) * max(1, len(results)))), 4.5))
     width = 0.8 / max(1, len(results))
     for index, (name, runs) in enumerate(results.items()):
         stats = [mean_std([run.get(key, math.nan) for run in runs]) for key in keys]
