@@ -76,6 +76,15 @@ def volume_panels_figure(
     return fig
 
 
+def masked_reconstruction_figure(image: np.ndarray, mask: np.ndarray, reconstruction: np.ndarray,
+                                 title: str = "") -> Figure:
+    """Input, masked input (hidden voxels in blue) and reconstruction of one (X, Y, Z) volume, three views:
+    the picture of every masked method (MAESIL, S3D)."""
+    masked = np.array(image, dtype=np.float32, copy=True)
+    masked[np.asarray(mask, dtype=bool)] = np.nan
+    return volume_panels_figure({"input": image, "masked input": masked, "reconstruction": reconstruction}, title=title)
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Writes ``fig`` as PNG (creating folders) and closes it to free memory."""
     path = Path(path)

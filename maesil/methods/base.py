@@ -32,11 +32,12 @@ from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, decay_parame
 
 
 class ReconstructionEvaluationHooks:
-    """Validation and test hooks shared by methods that reconstruct their input (MAESIL, AE, VAE, VQ-VAE).
+    """Validation and test hooks shared by methods that reconstruct their input (MAESIL, S3D, AE, VAE, VQ-VAE).
 
-    Each stage resets ``self.val_metrics`` and the figure candidate, scores every batch with
-    ``self._evaluation_step(batch, stage)`` and logs at ``self._evaluation_epoch_end(stage)``, which the
-    method defines. Listed before :class:`PretrainModule` in the bases so these hooks take effect.
+    Each stage resets ``self.val_metrics`` and the figure candidate, scores every batch with the method's
+    ``self._evaluation_step(batch, stage)``, and at ``_evaluation_epoch_end(stage)`` logs the metrics and
+    draws the kept candidate with the method's ``_log_reconstruction``. Listed before
+    :class:`PretrainModule` in the bases so these hooks take effect.
     """
 
     def on_validation_epoch_start(self) -> None:
@@ -57,6 +58,17 @@ class ReconstructionEvaluationHooks:
 
     def on_test_epoch_end(self) -> None:
         self._evaluation_epoch_end("test")
+
+    #: The metric of ``val_metrics`` shown in the progress bar.
+    progress_metric: str = "psnr_masked"
+
+    def _evaluation_epoch_end(self, stage: str) -> None:
+        """Logs the stage's metrics and draws the kept figure candidate (``_log_reconstruction``)."""
+        for name, value in self.val_metrics.compute().items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == self.progress_metric)
+        if self._figure_candidate is not None:
+            self._log_reconstruction(**self._figure_candidate[1])
+            self._figure_candidate = None
 
     def keep_figure_candidate(self, batch: dict, **volumes: Tensor) -> None:
         """Remembers the superpatch with the most structure (highest intensity std) for the picture.

@@ -93,6 +93,8 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
         scheduler: ``(optimizer, total_steps)`` → schedule, or None.
     """
 
+    progress_metric = "psnr"  # autoencoders see every voxel: no masked region
+
     net: nn.Module
 
     def __init__(
@@ -164,13 +166,6 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
             self.log(f"{stage}/{name}", value, batch_size=images.shape[0], sync_dist=True)
         self.keep_figure_candidate(batch, reconstruction=reconstruction)
         return output
-
-    def _evaluation_epoch_end(self, stage: str) -> None:
-        for name, value in self.val_metrics.compute().items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "psnr")
-        if self._figure_candidate is not None:
-            self._log_reconstruction(**self._figure_candidate[1])
-            self._figure_candidate = None
 
     def _log_reconstruction(self, image: Tensor, reconstruction: Tensor, subject: str) -> None:
         figure = volume_panels_figure(

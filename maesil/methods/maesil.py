@@ -20,7 +20,7 @@ import zlib
 import torch
 from torch import Tensor
 
-from maesil.evaluation.figures import volume_panels_figure
+from maesil.evaluation.figures import masked_reconstruction_figure
 from maesil.evaluation.metrics import ReconstructionMetrics
 from maesil.methods.base import PretrainModule, ReconstructionEvaluationHooks
 from maesil.models.mae import MAEOutput, MaskedAutoencoder3D
@@ -181,18 +181,9 @@ class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
         self.log(f"{stage}/loss", output.loss, batch_size=images.shape[0], sync_dist=True)
         self.keep_figure_candidate(batch, mask=voxel_mask, reconstruction=reconstruction)
 
-    def _evaluation_epoch_end(self, stage: str) -> None:
-        for name, value in self.val_metrics.compute().items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "psnr_masked")
-        if self._figure_candidate is not None:
-            self._log_reconstruction(**self._figure_candidate[1])
-            self._figure_candidate = None
-
     def _log_reconstruction(self, image: Tensor, mask: Tensor, reconstruction: Tensor, subject: str) -> None:
-        masked = image.clone()
-        masked[mask] = float("nan")
-        figure = volume_panels_figure(
-            {"input": image.numpy(), "masked input": masked.numpy(), "reconstruction": reconstruction.numpy()},
+        figure = masked_reconstruction_figure(
+            image.numpy(), mask.numpy(), reconstruction.numpy(),
             title=f"{subject} · step {self.global_step} · {self.masking} mask {self.effective_mask_ratio:.0%}",
         )
         self.log_figure("reconstructions", figure)

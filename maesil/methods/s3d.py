@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from maesil.evaluation.figures import volume_panels_figure
+from maesil.evaluation.figures import masked_reconstruction_figure
 from maesil.evaluation.metrics import ReconstructionMetrics
 from maesil.methods.base import PretrainModule, ReconstructionEvaluationHooks
 from maesil.models.autoencoders import as_size3
@@ -232,19 +232,10 @@ class S3D(ReconstructionEvaluationHooks, PretrainModule):
         self.log(f"{stage}/loss", loss, batch_size=images.shape[0], sync_dist=True)
         self.keep_figure_candidate(batch, mask=hidden, reconstruction=reconstruction)
 
-    def _evaluation_epoch_end(self, stage: str) -> None:
-        for name, value in self.val_metrics.compute().items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "psnr_masked")
-        if self._figure_candidate is not None:
-            self._log_reconstruction(**self._figure_candidate[1])
-            self._figure_candidate = None
-
     def _log_reconstruction(self, image: Tensor, mask: Tensor, reconstruction: Tensor, subject: str) -> None:
-        masked = image.clone()
-        masked[mask] = float("nan")
         variant = "sparse" if self.sparse else "zero-fill"
-        figure = volume_panels_figure(
-            {"input": image.numpy(), "masked input": masked.numpy(), "reconstruction": reconstruction.numpy()},
+        figure = masked_reconstruction_figure(
+            image.numpy(), mask.numpy(), reconstruction.numpy(),
             title=f"{subject} · step {self.global_step} · S3D {variant}, {self.block_size}³ blocks, "
             f"mask {self.val_mask_ratio:.0%}",
         )
