@@ -135,7 +135,7 @@ class PGL(BootstrapModule):
         online = self.aligned_features(self.backbone, views, boxes, flips, rois)
         with torch.no_grad():
             target = self.aligned_features(self.target_backbone, views, boxes, flips, rois)
-        losses, spread = [], None
+        losses = []
         for scale, (online_features, target_features) in enumerate(zip(online, target)):
             projection = self.projector[scale](online_features)
             prediction = self.predictor[scale](projection)
@@ -144,9 +144,8 @@ class PGL(BootstrapModule):
             first, second = prediction.chunk(2)
             target_first, target_second = target_projection.chunk(2)
             losses.append(0.5 * (bootstrap_loss(first, target_second) + bootstrap_loss(second, target_first)))
-            spread = projection  # the finest scale's last
-        assert spread is not None
-        embeddings = spread.detach().movedim(1, -1).reshape(-1, spread.shape[1])
+        # Collapse indicator on the finest scale's projections (the loop's last), one embedding per voxel.
+        embeddings = projection.detach().movedim(1, -1).reshape(-1, projection.shape[1])
         stats = {f"loss_scale{index}": loss.detach() for index, loss in enumerate(losses)}
         stats["embedding_spread"] = embedding_spread(embeddings)
         stats["overlap"] = batch["overlap"].float().mean()

@@ -129,6 +129,7 @@ class Segmentation(PretrainModule):
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.pretrained_report = None
         self._scoreboard = None
+        self._check_batch_labels = True
 
     # ------------------------------------------------------------------ setup
     @property
@@ -138,6 +139,15 @@ class Segmentation(PretrainModule):
 
     def setup(self, stage: str) -> None:
         self.check_input_size(self.img_size)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        declared = getattr(datamodule, "num_classes", None)
+        if declared is not None and int(declared) != self.num_classes:
+            raise ValueError(f"the model predicts {self.num_classes} classes but the DataModule declares "
+                             f"num_classes={declared}; set model.init_args.num_classes and "
+                             f"data.init_args.num_classes to the same value")
+        # The DataModule checked every label map against its declared classes in its setup; only data
+        # without declared classes is checked batch by batch (a device sync per step).
+        self._check_batch_labels = declared is None
         if stage == "fit" and self.hparams.pretrained and getattr(self.trainer, "ckpt_path", None) is None:
             self.load_pretrained_weights()
 
@@ -205,7 +215,7 @@ class Segmentation(PretrainModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, labels = batch["image"], batch["label"]
-        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
+        if self._check_batch_labels and (int(labels.max()) >= self.num_classes or int(labels.min()) < 0):
             raise ValueError(f"label values {sorted(labels.unique().tolist())} in subjects {batch.get('subject_id')} "
                              f"are outside 0..{self.num_classes - 1} (num_classes={self.num_classes})")
         loss = self.loss_fn(self(images), labels)

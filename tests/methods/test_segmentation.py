@@ -43,12 +43,12 @@ def test_layerwise_lr_decay_groups():
         assert all((id(p) in encoder_params) == group["is_encoder"] for p in group["params"])
         if any(p.ndim < 2 for p in group["params"]):
             assert group["weight_decay"] == 0.0
-    optimizer = torch.optim.AdamW(groups, lr=1e-3)
-    # configure_optimizers scales each group's rate by its lr_scale
-    base = optimizer.defaults["lr"]
-    for group in optimizer.param_groups:
-        group["lr"] = base * group["lr_scale"]
-    assert min(g["lr"] for g in optimizer.param_groups) == pytest.approx(1e-3 * 0.5 ** (layers - 1))
+    module.optimizer_factory = lambda params: torch.optim.AdamW(params, lr=1e-3)
+    module.scheduler_factory = None
+    optimizer = module.configure_optimizers()  # scales each group's rate by its lr_scale
+    rates = {group["layer"]: group["lr"] for group in optimizer.param_groups}
+    assert rates[layers - 1] == pytest.approx(1e-3)
+    assert rates[0] == pytest.approx(1e-3 * 0.5 ** (layers - 1))
 
 
 def test_encoder_warmup_factor():
@@ -137,3 +137,12 @@ def test_frozen_encoder_does_not_move_during_decoder_warmup(tiny_ct_dir, tiny_pg
         if key.startswith("net.decoder.") and not torch.equal(value, pgl[f"backbone.{key[len('net.'):]}"]):
             decoder_moved = True
     assert decoder_moved
+
+
+def test_class_count_mismatch_with_the_datamodule_fails_at_setup():
+    from types import SimpleNamespace
+
+    module = Segmentation(num_classes=3, preset="tiny", img_size=32)
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(num_classes=8, superpatch_size=(32, 32, 32)))
+    with pytest.raises(ValueError, match="num_classes=8"):
+        module.setup("fit")
