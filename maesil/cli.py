@@ -30,6 +30,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 import maesil.methods  # noqa: F401  (registers the methods for short class_path names)
+from maesil.checkpoint_io import AtomicCheckpointIO
 from maesil.data import VolumeDataModule  # noqa: F401
 from maesil.methods.base import PretrainModule
 
@@ -42,6 +43,8 @@ class MaesilCLI(LightningCLI):
     * Without an explicit logger, metrics go to a CSV file under ``default_root_dir/logs``.
     * A ``ModelCheckpoint`` without ``dirpath`` writes to ``default_root_dir/checkpoints``, a fixed
       folder, so that ``--ckpt_path last`` finds ``last.ckpt`` when a run resumes.
+    * Checkpoints are written atomically (:class:`maesil.checkpoint_io.AtomicCheckpointIO`) unless
+      ``trainer.plugins`` is set: a failed write keeps the previous checkpoint.
     * ``config.yaml`` is overwritten on repeated runs in one folder instead of failing.
     * With ``--ckpt_path``, LightningCLI rebuilds the model from the checkpoint's hyperparameters, which
       override the command's config. A method's ``runtime_hparams`` (e.g. the segmentation ``output_dir``
@@ -90,6 +93,8 @@ class MaesilCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         config = self._get(self.config_init, "trainer", default={})
         root = Path(config.get("default_root_dir") or os.getcwd())
+        if not config.get("plugins") and "plugins" not in kwargs:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         if config.get("logger") in (None, True) and "logger" not in kwargs:
             kwargs["logger"] = CSVLogger(save_dir=str(root), name="logs")
         callbacks = config.get("callbacks") or []
