@@ -20,6 +20,7 @@ from torch.utils.data.distributed import DistributedSampler
 from maesil.data.io import read_volume, subject_from_record
 from maesil.data.preprocess import PadToMinShape, PreprocessSettings, padding_value
 from maesil.data.sampling import (
+    ResumableSampler,
     PatchTask,
     QueueSampler,
     as_patch_size,
@@ -279,6 +280,7 @@ class VolumeDataModule(L.LightningDataModule):
         self._predict_key: tuple | None = None
         self._queue: tio.Queue | None = None
         self._epoch = 0
+        self._resume_position: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- properties
     @property
@@ -452,10 +454,12 @@ class VolumeDataModule(L.LightningDataModule):
         )
         set_queue_epoch(self._queue, self._epoch)
         _silence_worker_warning("train_dataloader")
+        sampler = QueueSampler(self._queue)
+        self._apply_resume_position(sampler)
         return DataLoader(
             self._queue,
             batch_size=self.batch_size,
-            sampler=QueueSampler(self._queue),
+            sampler=sampler,
             num_workers=0,  # required by tio.Queue: it spawns its own loader processes
             collate_fn=self.task.collate,
             pin_memory=torch.cuda.is_available(),
@@ -470,19 +474,52 @@ class VolumeDataModule(L.LightningDataModule):
         )
         self._train_dataset.set_epoch(self._epoch)
         if is_distributed():
-            sampler = DistributedSampler(self._train_dataset, shuffle=True, seed=self.split_seed)
+            sampler = ResumableSampler(self._train_dataset, shuffle=True, seed=self.split_seed)
         else:
-            sampler = DistributedSampler(self._train_dataset, num_replicas=1, rank=0, shuffle=True, seed=self.split_seed)
+            sampler = ResumableSampler(self._train_dataset, num_replicas=1, rank=0, shuffle=True, seed=self.split_seed)
         sampler.set_epoch(self._epoch)
+        outer = _EpochForwardingSampler(sampler, self._train_dataset)
+        self._apply_resume_position(outer)
         return DataLoader(
             self._train_dataset,
             batch_size=self.batch_size,
-            sampler=_EpochForwardingSampler(sampler, self._train_dataset),
+            sampler=outer,
             num_workers=self.num_workers,
             collate_fn=self.task.collate,
             pin_memory=torch.cuda.is_available(),
             drop_last=False,
         )
+
+    # ---------------------------------------------------------------- resuming
+    def state_dict(self) -> dict[str, Any]:
+        """The data position, saved in every checkpoint: the epoch and the training batches already
+        used in it, so that ``--ckpt_path last`` continues the epoch instead of restarting it."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": int(trainer.current_epoch), "batches_in_epoch": int(progress.processed),
+                "batch_size": int(self.batch_size)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remembers a checkpoint's data position for the next :meth:`train_dataloader`."""
+        self._resume_position = dict(state_dict) if state_dict else None
+
+    def _apply_resume_position(self, sampler: ResumableSampler) -> None:
+        """Makes the first pass of a resumed run's training sampler skip what the checkpointed run used.
+
+        With a prepared cache the resumed epoch continues at the exact superpatch (locations are seeded
+        by epoch and index). With the TorchIO queue it continues after the last whole subject used
+        (patches of a subject still in the queue at the checkpoint are drawn again).
+        """
+        position, self._resume_position = self._resume_position, None
+        if not position or position.get("epoch") != self._epoch:
+            return
+        samples = int(position.get("batches_in_epoch", 0)) * int(position.get("batch_size", self.batch_size))
+        if samples > 0:
+            sampler.skip_once(samples)
+            log.info("resuming epoch %d after %d training batches (%d superpatches already used)",
+                     self._epoch, position["batches_in_epoch"], samples)
 
     def _preprocessed_subjects(self, records: Sequence[SubjectRecord]) -> list[tio.Subject]:
         """Whole preprocessed (and padded to one superpatch) volumes, from the cache or the files."""
@@ -670,7 +707,7 @@ class VolumeDataModule(L.LightningDataModule):
             self._train_dataset.set_epoch(self._epoch)
 
 
-class _EpochForwardingSampler(DistributedSampler):
+class _EpochForwardingSampler(ResumableSampler):
     """The cached loader's sampler: Lightning calls ``set_epoch`` on it every epoch, and the epoch
     must reach the dataset too (it seeds the superpatch locations) before the workers start."""
 
@@ -684,6 +721,9 @@ class _EpochForwardingSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return len(self.inner)
+
+    def skip_once(self, count: int) -> None:
+        self.inner.skip_once(count)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)

@@ -92,9 +92,9 @@ def train_queue(
     if tuple(int(v) for v in sampler.patch_size) != patch_size:
         raise ValueError(f"patch_size {patch_size} differs from the sampler's {tuple(sampler.patch_size)}")
     if is_distributed():
-        subject_sampler = DistributedSampler(subjects_dataset, shuffle=True, seed=shuffle_seed)
+        subject_sampler = ResumableSampler(subjects_dataset, shuffle=True, seed=shuffle_seed)
     else:
-        subject_sampler = DistributedSampler(subjects_dataset, num_replicas=1, rank=0, shuffle=True, seed=shuffle_seed)
+        subject_sampler = ResumableSampler(subjects_dataset, num_replicas=1, rank=0, shuffle=True, seed=shuffle_seed)
     return tio.Queue(
         subjects_dataset,
         max_length=max_length,
@@ -115,7 +115,29 @@ def set_queue_epoch(queue: tio.Queue, epoch: int) -> None:
         subject_sampler.set_epoch(int(epoch))
 
 
-class QueueSampler(DistributedSampler):
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` whose next pass can start part-way through the epoch.
+
+    :meth:`skip_once` makes the next ``__iter__`` drop its first ``n`` indices (the ones a resumed run
+    already trained on); later passes are whole again. ``len`` stays the full epoch, so Lightning's
+    epoch length and progress counters are unchanged.
+    """
+
+    _skip: int = 0
+
+    def skip_once(self, count: int) -> None:
+        """Drop the first ``count`` indices of the next pass (0: no skip)."""
+        if count < 0:
+            raise ValueError(f"cannot skip a negative number of samples ({count})")
+        self._skip = int(count)
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self._skip = self._skip, 0
+        return iter(indices[skip:])
+
+
+class QueueSampler(ResumableSampler):
     """Sequential sampler over a ``tio.Queue`` for the outer (``num_workers=0``) DataLoader.
 
     It subclasses ``DistributedSampler`` (with one replica: the queue is already sharded per
@@ -130,10 +152,20 @@ class QueueSampler(DistributedSampler):
         self.queue = queue
 
     def __iter__(self):
-        return iter(range(len(self.queue)))
+        skip, self._skip = self._skip, 0
+        return iter(range(min(skip, len(self.queue)), len(self.queue)))
 
     def __len__(self) -> int:
         return len(self.queue)
+
+    def skip_once(self, count: int) -> None:
+        """Resume part-way through an epoch: the next pass yields ``count`` patches fewer, and the
+        queue's subject sampler skips the subjects whose patches those were (whole subjects only:
+        patches of a partly used subject are drawn again, as the queue mixes subjects)."""
+        super().skip_once(count)
+        subject_sampler = getattr(self.queue, "subject_sampler", None)
+        if isinstance(subject_sampler, ResumableSampler):
+            subject_sampler.skip_once(count // max(1, int(self.queue.samples_per_volume)))
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)

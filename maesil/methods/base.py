@@ -24,10 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch import Tensor
+from torch.optim import Optimizer
 from matplotlib.figure import Figure
 
 from maesil.evaluation.figures import save_figure
+from maesil.nonfinite import guard_training_step
+from maesil.random_state import capture_rng_state, restore_rng_state
 from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, decay_parameter_groups, warmup_cosine
 
 
@@ -108,6 +112,18 @@ class PretrainModule(L.LightningModule):
     #: Parameter-name fragments excluded from weight decay besides biases and norms.
     no_weight_decay: Sequence[str] = ("mask_token", "pos_embed")
 
+    #: Batches with a NaN/Inf loss the run may skip before it stops (set by
+    #: :class:`maesil.nonfinite.NonFiniteLossGuard`), and how many it has skipped (checkpointed).
+    max_skipped_batches: int = 0
+    skipped_batches: int = 0
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Every method's ``training_step`` stops on a NaN/Inf loss, naming the step and the subjects
+        (:func:`maesil.nonfinite.guard_training_step`)."""
+        super().__init_subclass__(**kwargs)
+        if "training_step" in cls.__dict__:
+            cls.training_step = guard_training_step(cls.__dict__["training_step"])
+
     def __init__(
         self,
         optimizer: OptimizerFactory = adamw,
@@ -117,6 +133,10 @@ class PretrainModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.last_figure_path: Path | None = None
+        # Multiplies the optimizer's configured learning rate (linear scaling rule, lr = base x
+        # batch / 256). Set at run time by ``maesil.callbacks.LinearLRScaling``, which knows the
+        # effective batch; 1.0 leaves the YAML's lr as it is. Not a hyperparameter: not checkpointed.
+        self.batch_lr_factor: float = 1.0
 
     def reconstruct_for_evaluation(self, batch: dict) -> tuple[Tensor, Tensor | None]:
         """Reconstruct a batch of superpatches for whole-volume evaluation (``benchmark-recon``).
@@ -133,14 +153,67 @@ class PretrainModule(L.LightningModule):
         """
         raise NotImplementedError(f"{type(self).__name__} does not reconstruct its input")
 
+    def scale_learning_rates(self, optimizer: Optimizer) -> None:
+        """Multiplies every param group's ``lr`` by ``batch_lr_factor``.
+
+        Called right after the optimizer is built and before the scheduler, so that the scheduler's
+        ``base_lrs`` (and ``initial_lr``) are the scaled rates.
+        """
+        if self.batch_lr_factor == 1.0:
+            return
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * self.batch_lr_factor
+            if "initial_lr" in group:
+                group["initial_lr"] = group["initial_lr"] * self.batch_lr_factor
+
     def configure_optimizers(self):
-        """Builds the injected optimizer over decay/no-decay groups and a per-step schedule."""
+        """Builds the injected optimizer over decay/no-decay groups and a per-step schedule.
+
+        The configured lr is multiplied by ``batch_lr_factor`` (see ``LinearLRScaling``).
+        """
         optimizer = self.optimizer_factory(decay_parameter_groups(self, self.no_weight_decay))
+        self.scale_learning_rates(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = self.scheduler_factory(optimizer, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Stores every process's RNG state and the count of skipped non-finite batches, so that
+        ``--ckpt_path last`` continues the random streams instead of replaying them from the seed."""
+        state = capture_rng_state()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            states: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint["maesil_rng"] = states
+        checkpoint["maesil_skipped_batches"] = int(self.skipped_batches)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Keeps this process's RNG state (when the checkpoint has one for its rank) for the first
+        training batch, and restores the skip count.
+
+        The state is set at the first resumed batch, not here: building the training iterator draws a
+        worker seed from the global RNG, which the interrupted run did at its epoch start, long before
+        the checkpoint. Restoring after that draw makes a resumed run with a prepared cache continue
+        the very same random stream (masks, dropout) as an uninterrupted one.
+        """
+        self.skipped_batches = int(checkpoint.get("maesil_skipped_batches", 0))
+        states = checkpoint.get("maesil_rng")
+        trainer = self._trainer
+        world_size = trainer.world_size if trainer is not None else 1
+        if states and len(states) == world_size:
+            self._pending_rng_state = states[trainer.global_rank if trainer is not None else 0]
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Restores the RNG state of a checkpoint being resumed (see :meth:`on_load_checkpoint`)."""
+        state = getattr(self, "_pending_rng_state", None)
+        if state is not None:
+            restore_rng_state(state)
+            self._pending_rng_state = None
 
     def on_train_epoch_start(self) -> None:
         """Reshuffles the DDP subject split of the DataModule each epoch."""

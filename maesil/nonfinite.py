@@ -1,0 +1,139 @@
+"""A non-finite training loss stops the run loudly, naming the step and the subjects of the batch.
+
+A NaN loss usually comes from the data (a NaN or Inf voxel that slipped past ``check_voxels: false``, a
+corrupt volume), sometimes from the optimisation (a learning rate that is too high). Either way, training
+on would silently turn every weight into NaN and the run would go on for hours producing nothing.
+Every method's ``training_step`` is guarded (:class:`maesil.methods.base.PretrainModule` wraps it with
+:func:`guard_training_step`): when the loss is NaN or Inf the run raises :class:`NonFiniteLossError` with the
+global step, the epoch, the batch index and the subject ids of the batch.
+
+A run may instead skip up to K such batches (no gradients: the optimizer leaves the weights alone; the step counter still advances), each one logged as a
+warning and counted in ``train/skipped_batches``; the (K+1)-th raises. Configure it with the
+:class:`NonFiniteLossGuard` callback::
+
+    trainer:
+      callbacks:
+        - class_path: maesil.nonfinite.NonFiniteLossGuard
+          init_args: {max_skipped_batches: 10}
+
+Under DDP the check is agreed across processes (one all-reduce of a flag per step), so every process raises
+or skips together and none waits forever for the others.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "guard_training_step", "batch_subjects"]
+
+log = logging.getLogger("maesil")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss was NaN or Inf (more often than the run allows)."""
+
+
+def batch_subjects(batch: Any) -> list[str]:
+    """Subject ids of a batch (``subject_id`` of the DataModule's batch dict), or ``[]`` if it has none."""
+    if isinstance(batch, dict):
+        ids = batch.get("subject_id")
+        if isinstance(ids, str):
+            return [ids]
+        if isinstance(ids, Sequence):
+            return [str(i) for i in ids]
+    return []
+
+
+def _loss_tensor(output: Any) -> Tensor | None:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict) and isinstance(output.get("loss"), Tensor):
+        return output["loss"]
+    return None
+
+
+class NonFiniteLossGuard(Callback):
+    """Lets a run skip up to ``max_skipped_batches`` batches whose loss is NaN/Inf instead of stopping.
+
+    Without this callback the budget is 0: the first non-finite loss raises :class:`NonFiniteLossError`.
+    The number of skipped batches is saved in checkpoints, so a resumed run does not get a fresh budget.
+    """
+
+    def __init__(self, max_skipped_batches: int = 0) -> None:
+        if max_skipped_batches < 0:
+            raise ValueError(f"max_skipped_batches must be >= 0, got {max_skipped_batches}")
+        self.max_skipped_batches = int(max_skipped_batches)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.max_skipped_batches = self.max_skipped_batches
+
+
+def _all_finite(module: L.LightningModule, finite: bool) -> bool:
+    """``finite`` agreed across DDP processes (False if any process saw a non-finite loss)."""
+    trainer = module._trainer
+    if trainer is None or trainer.world_size <= 1:
+        return finite
+    flag = torch.tensor(1.0 if finite else 0.0, device=module.device)
+    return bool(trainer.strategy.reduce(flag, reduce_op="min") > 0.5)
+
+
+def _gathered_subjects(module: L.LightningModule, subjects: list[str]) -> list[str]:
+    trainer = module._trainer
+    if trainer is None or trainer.world_size <= 1 or not torch.distributed.is_initialized():
+        return subjects
+    gathered: list[list[str] | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, subjects)
+    return [s for part in gathered for s in (part or [])]
+
+
+def guard_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps a LightningModule's ``training_step``: a NaN/Inf loss raises or, within the module's
+    ``max_skipped_batches`` budget, returns ``None`` (Lightning then skips backward and the optimizer step)."""
+
+    if getattr(step, "_maesil_guarded", False):
+        return step
+
+    @functools.wraps(step)
+    def guarded(self: L.LightningModule, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
+        output = step(self, batch, batch_idx, *args, **kwargs)
+        loss = _loss_tensor(output)
+        if loss is None:
+            return output
+        finite = _all_finite(self, bool(torch.isfinite(loss.detach()).all()))
+        if finite:
+            return output
+        subjects = _gathered_subjects(self, batch_subjects(batch))
+        value = float(loss.detach().float().reshape(-1)[0]) if loss.numel() else math.nan
+        where = (f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+                 if self._trainer is not None else f"batch {batch_idx}")
+        names = ", ".join(subjects) if subjects else "unknown (the batch has no subject_id)"
+        skipped = int(getattr(self, "skipped_batches", 0))
+        budget = int(getattr(self, "max_skipped_batches", 0))
+        if skipped < budget:
+            self.skipped_batches = skipped + 1
+            if self._trainer is None or self.trainer.is_global_zero:
+                log.warning("non-finite loss (%s) at %s; subjects: %s. Batch skipped (%d of at most %d).",
+                            value, where, names, skipped + 1, budget)
+            if self._trainer is not None:
+                self.log("train/skipped_batches", float(skipped + 1), on_step=True, on_epoch=False, sync_dist=False)
+            return None
+        allowance = (f" {skipped} such batches were already skipped (max_skipped_batches={budget})." if budget
+                     else " To skip such batches instead, add the callback maesil.nonfinite.NonFiniteLossGuard "
+                          "with max_skipped_batches > 0.")
+        raise NonFiniteLossError(
+            f"non-finite training loss ({value}) at {where}. Subjects in this batch: {names}. "
+            f"Check these volumes for NaN/Inf voxels (python -m maesil check-data DIR reads every voxel), "
+            f"or lower the learning rate if the data are clean.{allowance}"
+        )
+
+    guarded._maesil_guarded = True  # type: ignore[attr-defined]
+    return guarded

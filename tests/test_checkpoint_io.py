@@ -1,0 +1,80 @@
+"""Atomic checkpoint writes: a failed write leaves the previous checkpoint intact and says so."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import torch
+
+import maesil.checkpoint_io as checkpoint_io
+from maesil.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, atomic_torch_save
+from maesil.cli import main
+from tests.helpers import tiny_maesil_args
+
+
+def test_atomic_save_writes_a_loadable_file_and_no_temporaries(tmp_path):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"weights": torch.arange(5.0), "global_step": 3}, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["global_step"] == 3 and torch.equal(loaded["weights"], torch.arange(5.0))
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"global_step": 1}, path)
+    before = path.read_bytes()
+
+    monkeypatch.setattr(checkpoint_io.os, "fsync", _disk_full)
+    with pytest.raises(CheckpointWriteError) as error:
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2}, path)
+    message = str(error.value)
+    assert str(path) in message and "No space left on device" in message and "intact" in message
+    assert error.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the temporary file was removed
+
+
+def test_failed_first_write_says_nothing_was_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_io.os, "replace", _disk_full)
+    with pytest.raises(CheckpointWriteError, match="no file was written"):
+        atomic_torch_save({"global_step": 2}, tmp_path / "new.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+CHECKPOINT_EVERY_2 = """
+trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {every_n_train_steps: 2, save_last: true, save_top_k: -1}
+"""
+
+
+def test_fit_stops_on_a_failed_checkpoint_write_and_keeps_the_last_good_one(tiny_ct_dir, tmp_path, monkeypatch):
+    """The third save (step 4: a top-k file, then last.ckpt) fails like a full disk would."""
+    overlay = tmp_path / "every2.yaml"
+    overlay.write_text(CHECKPOINT_EVERY_2)
+    run_dir = tmp_path / "run"
+    real_fsync = checkpoint_io.os.fsync
+    calls = {"n": 0}
+
+    def fsync_until_full(fd):
+        calls["n"] += 1
+        if calls["n"] > 2:  # step 2 writes epoch=...-step=2.ckpt and last.ckpt; step 4 fails
+            _disk_full()
+        return real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint_io.os, "fsync", fsync_until_full)
+    args = tiny_maesil_args(tiny_ct_dir, run_dir, max_steps=6)
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        main(["fit", *args, "--config", str(overlay), "--trainer.val_check_interval", "100",
+              "--trainer.limit_val_batches", "0"])
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 2
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
