@@ -11,27 +11,51 @@ from lightning.pytorch.loggers import CSVLogger
 
 
 class RunSummary(Callback):
-    """Prints where a finished run left its outputs, and how the monitored metrics moved.
+    """Prints where a finished run left its outputs and how the monitored metrics moved; writes ``summary.json``.
 
     At the end of ``fit`` (rank 0 only) it prints the last checkpoint, the metrics CSV, the latest
     picture a method saved, and the first and last validation values of each key in ``monitor``, so a
     user sees at a glance whether the run learned.
 
+    It also writes ``<trainer.default_root_dir>/summary.json``: ``status`` (``finished``, ``interrupted`` or,
+    from :meth:`on_exception`, ``failed`` with the ``error``), ``global_step``, ``metrics`` (the final value of
+    every scalar in ``trainer.callback_metrics``: every validation metric's last value, the last training
+    loss), ``history`` (``[step, value]`` pairs of every validation metric, ``val/...``) and, for masked
+    methods, ``effective_mask_ratio``. Tools read this file instead of a logger's files, so it works the same
+    with the CSV logger, W&B or no logger (``python -m maesil sweep-local`` collects each run's results from
+    it). Non-finite values are written as JSON ``NaN``/``Infinity``, which Python's ``json`` reads back.
+
     Args:
         monitor: Metric keys to report first → last, e.g. ``["val/psnr_masked", "val/ssim"]``.
+        summary_file: File name of the summary in ``default_root_dir``; None writes none.
     """
 
-    def __init__(self, monitor: Sequence[str] = ("val/psnr_masked", "val/psnr", "val/ssim")) -> None:
+    def __init__(
+        self,
+        monitor: Sequence[str] = ("val/psnr_masked", "val/psnr", "val/ssim"),
+        summary_file: str | None = "summary.json",
+    ) -> None:
         self.monitor = list(monitor)
+        self.summary_file = summary_file
+        # Every monitored key and every validation metric seen, in the order first logged.
         self.history: dict[str, list[tuple[int, float]]] = {key: [] for key in self.monitor}
+
+    @staticmethod
+    def _scalar(value: object) -> float | None:
+        """A logged metric as a float, or None when it is not a single number."""
+        try:
+            return float(value)  # tensors with one element, numbers
+        except (TypeError, ValueError, RuntimeError):
+            return None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        for key in self.monitor:
-            value = trainer.callback_metrics.get(key)
-            if value is not None:
-                self.history[key].append((trainer.global_step, float(value)))
+        for key, value in trainer.callback_metrics.items():
+            if key in self.monitor or key.startswith(("val/", "val_")):
+                number = self._scalar(value)
+                if number is not None:
+                    self.history.setdefault(key, []).append((trainer.global_step, number))
 
     def summary_lines(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
         """The lines :meth:`on_fit_end` prints."""
@@ -47,17 +71,57 @@ class RunSummary(Callback):
         figure = getattr(pl_module, "last_figure_path", None)
         if figure:
             lines.append(f"last picture:    {Path(figure).resolve()}")
-        for key, values in self.history.items():
+        for key in self.monitor:
+            values = self.history.get(key)
             if values:
                 (first_step, first), (last_step, last) = values[0], values[-1]
                 lines.append(f"{key}: {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step})")
         return lines
+
+    def summary_record(self, trainer: L.Trainer, pl_module: L.LightningModule, status: str) -> dict:
+        """The content of ``summary.json`` (see the class docstring)."""
+        metrics = {}
+        for key, value in trainer.callback_metrics.items():
+            number = self._scalar(value)
+            if number is not None:
+                metrics[key] = number
+        record: dict = {
+            "status": status,
+            "global_step": int(trainer.global_step),
+            "metrics": metrics,
+            "history": {key: [[step, value] for step, value in values] for key, values in self.history.items()
+                        if values},
+        }
+        effective = self._scalar(getattr(pl_module, "effective_mask_ratio", None))
+        if effective is not None:
+            record["effective_mask_ratio"] = effective
+        return record
+
+    def write_summary(self, trainer: L.Trainer, record: dict) -> Path | None:
+        """Writes ``record`` to ``default_root_dir/summary_file`` (rank 0); returns the path."""
+        import json
+
+        if self.summary_file is None or not trainer.is_global_zero:
+            return None
+        path = Path(trainer.default_root_dir) / self.summary_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        return path
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             lines = self.summary_lines(trainer, pl_module)
             if lines:
                 print("\n== run summary ==\n" + "\n".join(lines), flush=True)
+            status = "interrupted" if trainer.interrupted else "finished"
+            self.write_summary(trainer, self.summary_record(trainer, pl_module, status))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero:
+            status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+            record = self.summary_record(trainer, pl_module, status)
+            record["error"] = f"{type(exception).__name__}: {exception}"
+            self.write_summary(trainer, record)
 
 
 class EncoderWarmup(BaseFinetuning):
@@ -132,3 +196,91 @@ class EncoderWarmup(BaseFinetuning):
             for group, rate in zip(optimizer.param_groups, scheduled):
                 if group.get("is_encoder"):
                     group["lr"] = rate * factor
+
+
+class LinearLRScaling(Callback):
+    """Linear learning-rate scaling rule: lr = configured lr × effective batch / ``base_batch_size``.
+
+    MAE and SelfMedMAE give a *base* rate for a batch of 256 and scale it with the batch actually used.
+    The optimizer comes from the YAML as a factory, and the effective batch is only known at run time
+    (it depends on ``--data.init_args.batch_size``, gradient accumulation and the number of processes), so
+    this callback computes it in ``setup`` (which Lightning runs before ``configure_optimizers``) as::
+
+        effective batch = datamodule.batch_size × trainer.accumulate_grad_batches × trainer.world_size
+
+    and sets the module's ``batch_lr_factor`` to ``effective / base_batch_size``. The module multiplies
+    every param group's rate by it before building the scheduler, so the schedule's base rates are the
+    scaled ones and ``LearningRateMonitor`` logs the scaled rate.
+
+    On resume (``--ckpt_path``) Lightning restores the optimizer and scheduler state after
+    ``configure_optimizers``, so the rates are those of the checkpoint, scaled for the batch it was trained
+    with; a resume with a different effective batch keeps the old rates and warns.
+
+    Args:
+        base_batch_size: the batch the configured lr refers to (256 in MAE and SelfMedMAE).
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: maesil.callbacks.LinearLRScaling
+              init_args: {base_batch_size: 256}
+    """
+
+    def __init__(self, base_batch_size: int = 256) -> None:
+        if int(base_batch_size) != base_batch_size or base_batch_size < 1:
+            raise ValueError(f"base_batch_size must be a positive integer, got {base_batch_size!r}")
+        self.base_batch_size = int(base_batch_size)
+        self.effective_batch_size: int | None = None
+        self.factor: float | None = None
+
+    def effective_batch(self, trainer: L.Trainer) -> tuple[int, str]:
+        """The effective batch and how it was formed (``"4 per device × 1 accumulated × 1 process(es)"``)."""
+        datamodule = getattr(trainer, "datamodule", None)
+        batch_size = getattr(datamodule, "batch_size", None)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(
+                "LinearLRScaling needs a DataModule with an integer `batch_size` (per device) to compute the "
+                f"effective batch; got datamodule {type(datamodule).__name__} with batch_size {batch_size!r}. "
+                "Run through a DataModule such as maesil.data.VolumeDataModule, or remove the callback."
+            )
+        accumulate = int(trainer.accumulate_grad_batches)
+        processes = int(trainer.world_size)
+        how = f"{batch_size} per device × {accumulate} accumulated × {processes} process(es)"
+        return batch_size * accumulate * processes, how
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from maesil.methods.base import PretrainModule
+
+        if not isinstance(pl_module, PretrainModule):
+            raise TypeError(
+                f"LinearLRScaling scales the optimizer of maesil's methods (PretrainModule subclasses, which "
+                f"apply `batch_lr_factor` in configure_optimizers); got {type(pl_module).__name__}"
+            )
+        self.effective_batch_size, how = self.effective_batch(trainer)
+        self.factor = self.effective_batch_size / self.base_batch_size
+        pl_module.batch_lr_factor = self.factor
+        if trainer.is_global_zero:
+            print(
+                f"lr scaled by {self.effective_batch_size}/{self.base_batch_size} = {self.factor:.3g} "
+                f"(linear scaling rule, base batch {self.base_batch_size}; effective batch = {how})",
+                flush=True,
+            )
+
+    def state_dict(self) -> dict:
+        return {"effective_batch_size": self.effective_batch_size, "base_batch_size": self.base_batch_size}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Warns when a resumed run's effective batch differs from the checkpoint's (its rates are kept)."""
+        import warnings
+
+        saved = state_dict.get("effective_batch_size")
+        if saved is not None and self.effective_batch_size is not None and saved != self.effective_batch_size:
+            warnings.warn(
+                f"LinearLRScaling: resuming with effective batch {self.effective_batch_size}, but the checkpoint "
+                f"was trained with {saved}. The optimizer and scheduler state of the checkpoint are restored, so "
+                f"the learning rates stay scaled for batch {saved}.",
+                stacklevel=2,
+            )

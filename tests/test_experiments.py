@@ -45,3 +45,110 @@ def test_paper_sized_maesil_config_builds_the_paper_model():
     assert module.effective_mask_ratio == pytest.approx(0.75)
     encoder_params = sum(p.numel() for p in module.net.encoder.parameters())
     assert 42e6 < encoder_params < 44e6  # ViT embed 768, depth 6, plus the 8³ patch embedding
+
+
+# ----------------------------------------------------------------------------------------- the catalogue
+def _experiment_dirs():
+    return [REPO_ROOT / "experiments" / "pretrain", REPO_ROOT / "experiments" / "finetune"]
+
+
+def _callbacks(config: dict) -> list[dict]:
+    return config.get("trainer", {}).get("callbacks", [])
+
+
+@pytest.mark.parametrize("folder", _experiment_dirs(), ids=lambda p: p.name)
+def test_every_experiment_has_a_paper_sized_yaml_and_a_cpu_demo(folder):
+    stems = {path.stem for path in folder.glob("*.yaml")}
+    paper = {stem for stem in stems if not stem.endswith("_demo")}
+    demos = {stem.removesuffix("_demo") for stem in stems if stem.endswith("_demo")}
+    assert paper == demos, f"unpaired in {folder}: {sorted(paper ^ demos)}"
+
+
+def test_the_catalogue_holds_selfmedmae_and_mri():
+    names = {path.stem for path in METHOD_CONFIGS}
+    assert {"selfmedmae", "selfmedmae_demo", "maesil_mri", "maesil_mri_demo"} <= names
+
+
+@pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_experiment_is_seeded_checkpoints_periodically_and_resumes(config):
+    raw = yaml.safe_load(config.read_text())
+    assert isinstance(raw.get("seed_everything"), int)
+    checkpoints = [c for c in _callbacks(raw) if c["class_path"].endswith("ModelCheckpoint")]
+    assert len(checkpoints) == 1
+    args = checkpoints[0].get("init_args", {})
+    assert isinstance(args.get("every_n_train_steps"), int) and args["every_n_train_steps"] > 0
+    assert args.get("save_last") is True  # `--ckpt_path last` finds it
+    assert raw["trainer"]["default_root_dir"].startswith("runs/")
+
+
+def test_run_folders_are_distinct():
+    folders = [yaml.safe_load(path.read_text())["trainer"]["default_root_dir"] for path in METHOD_CONFIGS]
+    assert len(folders) == len(set(folders)), sorted(folders)
+
+
+def test_selfmedmae_config_is_the_paper_mae_and_matches_its_unetr_finetuning():
+    from maesil.methods import MAESIL
+    from maesil.models.unetr import UNETR_PRESETS
+
+    config = yaml.safe_load((REPO_ROOT / "experiments/pretrain/selfmedmae.yaml").read_text())
+    init_args = {k: v for k, v in config["model"]["init_args"].items() if k not in ("optimizer", "scheduler")}
+    with torch.device("meta"):
+        module = MAESIL(**init_args)
+    assert module.img_size == (96, 96, 96) and module.grid == (6, 6, 6)
+    assert module.masking == "random" and module.effective_mask_ratio == pytest.approx(0.75)
+    assert module.net.norm_pix_loss
+    encoder_params = sum(p.numel() for p in module.net.encoder.parameters())
+    assert 85e6 < encoder_params < 90e6  # ViT-B: 12 blocks of 7.1 M plus the 16³ patch embedding
+
+    scaling = [c for c in _callbacks(config) if c["class_path"] == "maesil.callbacks.LinearLRScaling"]
+    assert scaling and scaling[0]["init_args"]["base_batch_size"] == 256
+    lr = config["model"]["init_args"]["optimizer"]["init_args"]["lr"]
+    assert lr * config["data"]["init_args"]["batch_size"] / 256 == pytest.approx(1.5e-4)  # SelfMedMAE's 1-GPU rate
+
+    finetune = yaml.safe_load((REPO_ROOT / "experiments/finetune/unetr.yaml").read_text())
+    preset = UNETR_PRESETS[finetune["model"]["init_args"]["preset"]]
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        assert preset[key] == init_args[key], key
+    assert tuple(preset["skip_layers"]) == (3, 6, 9)
+    for key in ("superpatch_size", "target_spacing", "hu_window", "modality"):
+        assert finetune["data"]["init_args"][key] == config["data"]["init_args"][key], key
+
+
+@pytest.mark.parametrize("name", ["maesil_mri", "maesil_mri_demo"])
+def test_mri_configs_z_normalise_and_score_beyond_the_unit_range(name):
+    config = yaml.safe_load((REPO_ROOT / f"experiments/pretrain/{name}.yaml").read_text())
+    data = config["data"]["init_args"]
+    assert data["modality"] == "mri" and "hu_window" not in data
+    assert config["model"]["init_args"]["metric_data_range"] > 1.0
+
+
+def _tiny_args(config_name: str, data_dir, run_dir) -> list[str]:
+    """tiny_maesil_args (a seconds-long run) with another demo YAML underneath."""
+    args = tiny_maesil_args(data_dir, run_dir, max_steps=2)
+    assert args[0] == "--config"
+    args[1] = str(REPO_ROOT / "experiments" / "pretrain" / f"{config_name}.yaml")
+    return args
+
+
+def _first_group(run_dir) -> tuple[dict, dict]:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return checkpoint, checkpoint["optimizer_states"][0]["param_groups"][0]
+
+
+def test_selfmedmae_demo_runs_with_the_linear_scaling_rule(tiny_ct_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    main(["fit", *_tiny_args("selfmedmae_demo", tiny_ct_dir, run_dir)])
+    assert "lr scaled by 2/256 = 0.00781 (linear scaling rule, base batch 256" in capsys.readouterr().out
+    checkpoint, group = _first_group(run_dir)
+    assert checkpoint["global_step"] == 2
+    assert checkpoint["hyper_parameters"]["masking"] == "random"
+    assert group["initial_lr"] == pytest.approx(6.4e-2 * 2 / 256)  # the YAML's base lr × batch 2 / 256
+
+
+def test_maesil_mri_demo_runs_z_normalised(tiny_ct_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    main(["fit", *_tiny_args("maesil_mri_demo", tiny_ct_dir, run_dir)])
+    checkpoint, group = _first_group(run_dir)
+    assert checkpoint["global_step"] == 2
+    assert checkpoint["datamodule_hyper_parameters"]["modality"] == "mri"
+    assert group["initial_lr"] == pytest.approx(1.0e-3)  # no LinearLRScaling: the YAML's lr as it is

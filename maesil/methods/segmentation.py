@@ -198,8 +198,10 @@ class Segmentation(PretrainModule):
         return list(groups.values())
 
     def configure_optimizers(self):
+        """The injected optimizer over :meth:`parameter_groups`: each group's rate is the configured lr ×
+        ``batch_lr_factor`` (linear scaling rule, see ``LinearLRScaling``) × its layer-decay ``lr_scale``."""
         optimizer = self.optimizer_factory(self.parameter_groups())
-        base_lr = optimizer.defaults["lr"]
+        base_lr = optimizer.defaults["lr"] * self.batch_lr_factor
         for group in optimizer.param_groups:
             group["lr"] = base_lr * group.get("lr_scale", 1.0)
             group["initial_lr"] = group["lr"]
