@@ -7,9 +7,12 @@ Every method's ``training_step`` is guarded (:class:`maesil.methods.base.Pretrai
 :func:`guard_training_step`): when the loss is NaN or Inf the run raises :class:`NonFiniteLossError` with the
 global step, the epoch, the batch index and the subject ids of the batch.
 
-A run may instead skip up to K such batches (no gradients: the optimizer leaves the weights alone; the step counter still advances), each one logged as a
-warning and counted in ``train/skipped_batches``; the (K+1)-th raises. Configure it with the
-:class:`NonFiniteLossGuard` callback::
+A run may instead skip up to K such batches, each one logged as a warning and counted in
+``train/skipped_batches``; the (K+1)-th raises. A skipped batch leaves the weights exactly as they were: its
+loss is replaced by a zero that gives every parameter a zero gradient (so DDP's gradient all-reduce still sees
+every parameter on every process, which returning ``None`` would break) and the optimizer steps with a learning
+rate of 0 (:func:`skip_optimizer_update`). The step counter and the schedule advance, and momentum-type optimizer
+state decays by one step. Configure it with the :class:`NonFiniteLossGuard` callback::
 
     trainer:
       callbacks:
@@ -33,7 +36,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "guard_training_step", "batch_subjects"]
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "guard_training_step", "batch_subjects",
+           "skip_optimizer_update", "restore_learning_rates"]
 
 log = logging.getLogger("maesil")
 
@@ -95,9 +99,34 @@ def _gathered_subjects(module: L.LightningModule, subjects: list[str]) -> list[s
     return [s for part in gathered for s in (part or [])]
 
 
+def _zero_loss(module: L.LightningModule, like: Tensor) -> Tensor:
+    """0, with a zero gradient for every trainable parameter (and no path through the NaN computation)."""
+    zero = torch.zeros((), device=like.device, dtype=torch.float32)
+    for parameter in module.parameters():
+        if parameter.requires_grad:
+            zero = zero + parameter.sum() * 0.0
+    return zero
+
+
+def skip_optimizer_update(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Sets every param group's learning rate to 0 (so neither the update nor decoupled weight decay
+    moves a weight) and returns the previous rates for :func:`restore_learning_rates`."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    return rates
+
+
+def restore_learning_rates(optimizer: torch.optim.Optimizer, rates: Sequence[float]) -> None:
+    """Undoes :func:`skip_optimizer_update`."""
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+
+
 def guard_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
     """Wraps a LightningModule's ``training_step``: a NaN/Inf loss raises or, within the module's
-    ``max_skipped_batches`` budget, returns ``None`` (Lightning then skips backward and the optimizer step)."""
+    ``max_skipped_batches`` budget, returns a zero loss and flags the module so that its optimizer step
+    changes nothing (see the module docstring)."""
 
     if getattr(step, "_maesil_guarded", False):
         return step
@@ -125,7 +154,8 @@ def guard_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
                             value, where, names, skipped + 1, budget)
             if self._trainer is not None:
                 self.log("train/skipped_batches", float(skipped + 1), on_step=True, on_epoch=False, sync_dist=False)
-            return None
+            self._skip_optimizer_update = True
+            return _zero_loss(self, loss)
         allowance = (f" {skipped} such batches were already skipped (max_skipped_batches={budget})." if budget
                      else " To skip such batches instead, add the callback maesil.nonfinite.NonFiniteLossGuard "
                           "with max_skipped_batches > 0.")

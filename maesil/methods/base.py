@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 from matplotlib.figure import Figure
 
 from maesil.evaluation.figures import save_figure
-from maesil.nonfinite import guard_training_step
+from maesil.nonfinite import guard_training_step, restore_learning_rates, skip_optimizer_update
 from maesil.random_state import capture_rng_state, restore_rng_state
 from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, decay_parameter_groups, warmup_cosine
 
@@ -65,6 +65,28 @@ class ReconstructionEvaluationHooks:
 
     #: The metric of ``val_metrics`` shown in the progress bar.
     progress_metric: str = "psnr_masked"
+
+    #: Modality of the inputs when no DataModule is attached; ``benchmark-recon`` sets it from the
+    #: checkpoint's data settings. None: CT.
+    input_modality: str | None = None
+
+    @property
+    def data_modality(self) -> str:
+        """``"ct"`` or ``"mri"``: the attached DataModule's ``modality``, else ``input_modality``, else CT.
+
+        The intensity conventions follow it, so one method YAML serves both: CT is windowed to [0, 1],
+        MRI is z-normalised and unbounded (clamp in :meth:`clamp_reconstruction`, metric range in
+        :class:`~maesil.evaluation.metrics.ReconstructionMetrics`, picture range in
+        :func:`~maesil.evaluation.figures.display_range`)."""
+        trainer = getattr(self, "_trainer", None)
+        modality = getattr(getattr(trainer, "datamodule", None), "modality", None)
+        return str(modality or self.input_modality or "ct").lower()
+
+    def clamp_reconstruction(self, reconstruction: Tensor) -> Tensor:
+        """A reconstruction clamped to the inputs' range before scoring: [0, 1] for windowed CT; as it is
+        for MRI, whose z-normalised intensities have no fixed bounds (clipping would score a clipped
+        reconstruction against an unclipped target)."""
+        return reconstruction.clamp(0.0, 1.0) if self.data_modality == "ct" else reconstruction
 
     def _evaluation_epoch_end(self, stage: str) -> None:
         """Logs the stage's metrics and draws the kept figure candidate (``_log_reconstruction``)."""
@@ -178,6 +200,28 @@ class PretrainModule(L.LightningModule):
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = self.scheduler_factory(optimizer, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step; for a batch the non-finite guard skipped, the optimizer runs with a learning
+        rate of 0, so the weights stay exactly as they were (:mod:`maesil.nonfinite`)."""
+        if optimizer_closure is None:
+            super().optimizer_step(epoch, batch_idx, optimizer)
+            return
+        rates: list[float] | None = None
+
+        def closure():
+            nonlocal rates
+            result = optimizer_closure()
+            if getattr(self, "_skip_optimizer_update", False):
+                self._skip_optimizer_update = False
+                rates = skip_optimizer_update(optimizer)
+            return result
+
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, closure)
+        finally:
+            if rates is not None:
+                restore_learning_rates(optimizer, rates)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Stores every process's RNG state and the count of skipped non-finite batches, so that
