@@ -156,7 +156,10 @@ class VolumeDataModule(L.LightningDataModule):
             cube. Smaller volumes are padded up to it.
         target_spacing: voxel size in mm after resampling (one number = isotropic); ``None``
             keeps each volume's native spacing.
-        hu_window: CT window (HU) mapped to [0, 1]; [-175, 250] as in the MAESIL paper.
+        hu_window: CT window (HU) mapped to [0, 1]; [-175, 250] as in the MAESIL paper. Ignored
+            for MRI, where ``null`` is allowed and caches are never refused over a window (see
+            :class:`~maesil.data.preprocess.PreprocessSettings`). ``null`` with CT is an error: CT
+            needs a window, and a silent default would hide a config mistake.
         crop_foreground: crop each volume to the bounding box of the body (plus 4 voxels) after
             the intensity step, so superpatches are not spent on the air around the patient.
         val_fraction: fraction of subjects held out for validation (at least one when there
@@ -203,7 +206,7 @@ class VolumeDataModule(L.LightningDataModule):
         modality: Literal["ct", "mri"] = "ct",
         superpatch_size: int | tuple[int, int, int] = 128,
         target_spacing: float | tuple[float, float, float] | None = 1.5,
-        hu_window: tuple[float, float] = (-175.0, 250.0),
+        hu_window: tuple[float, float] | None = (-175.0, 250.0),
         crop_foreground: bool = True,
         val_fraction: float = 0.2,
         split_seed: int = 0,
@@ -238,7 +241,8 @@ class VolumeDataModule(L.LightningDataModule):
         self.modality = modality
         self._superpatch_size = as_patch_size(superpatch_size)
         self.target_spacing = target_spacing
-        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        # None with CT is refused by PreprocessSettings below.
+        self.hu_window = None if hu_window is None else (float(hu_window[0]), float(hu_window[1]))
         self.crop_foreground = bool(crop_foreground)
         self.val_fraction = float(val_fraction)
         self.split_seed = int(split_seed)

@@ -241,13 +241,14 @@ def padding_value(modality: Modality) -> float | str:
 def preprocessing_steps(
     modality: Modality = "ct",
     target_spacing: float | tuple[float, float, float] | None = 1.5,
-    hu_window: tuple[float, float] = MAESIL_HU_WINDOW,
+    hu_window: tuple[float, float] | None = MAESIL_HU_WINDOW,
     min_shape: int | tuple[int, int, int] | None = None,
     mri_mask_background: bool = True,
     reference: str = "image",
     crop_foreground: bool = True,
 ) -> list[tio.Transform]:
-    """The steps of :func:`build_preprocessing` as a list (see the module docstring)."""
+    """The steps of :func:`build_preprocessing` as a list (see the module docstring); ``hu_window`` is
+    used for CT only (``None`` is allowed for MRI)."""
     if modality not in ("ct", "mri"):
         raise ValueError(f"modality must be 'ct' or 'mri', got {modality!r}")
     steps: list[tio.Transform] = [LoadVolume(reference), tio.ToCanonical(copy=False)]
@@ -301,11 +302,15 @@ class PreprocessSettings:
 
     Padding to the superpatch size is not part of it: the cache keeps unpadded volumes and pads
     at read time, so one cache serves every superpatch size.
+
+    ``hu_window`` only decides CT volumes: for MRI (z-normalised, no window) it is normalised to
+    ``None``, so that MRI settings, and MRI caches, never differ over a window they do not use. CT
+    needs a window: ``None`` is an error there rather than a silent default.
     """
 
     modality: Modality = "ct"
     target_spacing: tuple[float, float, float] | None = (1.5, 1.5, 1.5)
-    hu_window: tuple[float, float] = MAESIL_HU_WINDOW
+    hu_window: tuple[float, float] | None = MAESIL_HU_WINDOW
     crop_foreground: bool = True
     mri_mask_background: bool = True
 
@@ -317,10 +322,16 @@ class PreprocessSettings:
             if any(s <= 0 for s in spacing):
                 raise ValueError(f"target_spacing must be positive, got {self.target_spacing!r}")
             object.__setattr__(self, "target_spacing", spacing)
-        low, high = (float(v) for v in self.hu_window)
-        if not high > low:
-            raise ValueError(f"hu_window must be (low, high) with high > low, got {self.hu_window!r}")
-        object.__setattr__(self, "hu_window", (low, high))
+        if self.modality == "mri":
+            object.__setattr__(self, "hu_window", None)
+        elif self.hu_window is None:
+            raise ValueError("hu_window is None, but CT needs a window (HU mapped to [0, 1]), e.g. "
+                             f"{list(MAESIL_HU_WINDOW)}; None is only meaningful for modality 'mri'")
+        else:
+            low, high = (float(v) for v in self.hu_window)
+            if not high > low:
+                raise ValueError(f"hu_window must be (low, high) with high > low, got {self.hu_window!r}")
+            object.__setattr__(self, "hu_window", (low, high))
         object.__setattr__(self, "crop_foreground", bool(self.crop_foreground))
         object.__setattr__(self, "mri_mask_background", bool(self.mri_mask_background))
 
@@ -338,7 +349,7 @@ class PreprocessSettings:
         return {
             "modality": self.modality,
             "target_spacing": list(self.target_spacing) if self.target_spacing is not None else None,
-            "hu_window": list(self.hu_window),
+            "hu_window": list(self.hu_window) if self.hu_window is not None else None,
             "crop_foreground": self.crop_foreground,
             "mri_mask_background": self.mri_mask_background,
         }
@@ -349,7 +360,7 @@ class PreprocessSettings:
         return cls(
             modality=data["modality"],
             target_spacing=tuple(spacing) if spacing is not None else None,
-            hu_window=tuple(data["hu_window"]),
+            hu_window=tuple(data["hu_window"]) if data.get("hu_window") is not None else None,
             crop_foreground=data["crop_foreground"],
             mri_mask_background=data.get("mri_mask_background", True),
         )

@@ -3,6 +3,10 @@
 Slices follow the radiological convention: axial and coronal views show the patient's right on the
 viewer's left, anterior is up in axial views, superior is up in coronal and sagittal views. Arrays are
 (X, Y, Z) in RAS+ order, as TorchIO gives them after ``ToCanonical``.
+
+Grey levels span :func:`display_range`: [0, 1] for CT windowed to [0, 1]; for z-normalised MRI, whose
+range varies per volume, the input's 1st–99th percentile, so pictures are neither saturated nor washed
+out.
 """
 
 from __future__ import annotations
@@ -18,6 +22,28 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 VIEWS = ("axial", "coronal", "sagittal")
+
+#: Percentiles of the input that bound MRI pictures (robust to a few very bright or dark voxels).
+MRI_DISPLAY_PERCENTILES = (1.0, 99.0)
+
+
+def display_range(image: np.ndarray, modality: str = "ct") -> tuple[float, float]:
+    """Grey-level range (vmin, vmax) of pictures of ``image``.
+
+    CT: (0, 1), the windowed range, identical for every volume so pictures compare. MRI: the
+    :data:`MRI_DISPLAY_PERCENTILES` of the finite voxels of ``image``, since z-normalised intensities
+    (about [−5, 6]) have no fixed range; widened to a span of 1 if the image is (nearly) constant.
+    """
+    if modality == "ct":
+        return 0.0, 1.0
+    values = np.asarray(image, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(values, MRI_DISPLAY_PERCENTILES))
+    if high - low < 1e-6:
+        low, high = low - 0.5, low + 0.5
+    return low, high
 
 
 def orthogonal_slices(volume: np.ndarray, center: Sequence[int] | None = None) -> dict[str, np.ndarray]:
@@ -43,23 +69,26 @@ def volume_panels_figure(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     value_range: tuple[float, float] = (0.0, 1.0),
     center: Sequence[int] | None = None,
+    row_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> Figure:
     """One row per named (X, Y, Z) volume, one column per view.
 
     NaN voxels (e.g. masked patches) are drawn in a muted blue so that hidden regions stand out from
-    dark anatomy.
+    dark anatomy. Rows span ``value_range`` (see :func:`display_range`) unless ``row_ranges`` gives
+    their own, e.g. for a difference map.
     """
     cmap = plt.get_cmap("gray").with_extremes(bad=(0.25, 0.35, 0.55))
     fig, axes = plt.subplots(len(rows), len(VIEWS), figsize=(3.2 * len(VIEWS), 3.2 * len(rows)), squeeze=False)
     for row_index, (name, volume) in enumerate(rows.items()):
         slices = orthogonal_slices(np.asarray(volume, dtype=np.float32), center)
+        vmin, vmax = (row_ranges or {}).get(name, value_range)
         for col_index, view in enumerate(VIEWS):
             ax = axes[row_index, col_index]
             ax.imshow(
                 np.ma.masked_invalid(slices[view]),
                 cmap=cmap,
-                vmin=value_range[0],
-                vmax=value_range[1],
+                vmin=vmin,
+                vmax=vmax,
                 origin="lower",
                 aspect=_aspect(view, spacing),
                 interpolation="nearest",
@@ -77,12 +106,13 @@ def volume_panels_figure(
 
 
 def masked_reconstruction_figure(image: np.ndarray, mask: np.ndarray, reconstruction: np.ndarray,
-                                 title: str = "") -> Figure:
-    """Input, masked input (hidden voxels in blue) and reconstruction of one (X, Y, Z) volume, three views:
-    the picture of every masked method (MAESIL, S3D)."""
+                                 title: str = "", value_range: tuple[float, float] = (0.0, 1.0)) -> Figure:
+    """Input, masked input (hidden voxels in blue) and reconstruction of one (X, Y, Z) volume, three views,
+    over ``value_range`` (:func:`display_range`): the picture of every masked method (MAESIL, S3D)."""
     masked = np.array(image, dtype=np.float32, copy=True)
     masked[np.asarray(mask, dtype=bool)] = np.nan
-    return volume_panels_figure({"input": image, "masked input": masked, "reconstruction": reconstruction}, title=title)
+    return volume_panels_figure({"input": image, "masked input": masked, "reconstruction": reconstruction},
+                                title=title, value_range=value_range)
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:

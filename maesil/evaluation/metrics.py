@@ -1,17 +1,80 @@
 """Reconstruction metrics: PSNR and 3D SSIM over whole superpatches and over masked voxels only.
 
 Every method that reconstructs its input (MAE variants, AE baselines) logs the same metrics, so tables
-compare like with like. ``data_range`` is always given explicitly: without it torchmetrics would use the
-batch's own max − min and PSNR would change with the content of the batch.
+compare like with like. The data range (the peak of PSNR, and what SSIM's stabilising constants scale
+with) follows the modality of the inputs unless a method fixes it (``metric_data_range``):
+
+* CT, windowed to [0, 1]: 1.0. Without a fixed range torchmetrics would use the batch's own
+  max − min and PSNR would change with the content of the batch.
+* MRI, z-normalised over the foreground (about [−5, 6], varying per volume): there is no fixed range,
+  so each target's own max − min is used (each superpatch in validation, each volume in
+  ``benchmark-recon``, as fastMRI scores each volume against its own range), floored at
+  :data:`MIN_MRI_DATA_RANGE`. Reconstructions are not clipped for MRI either. A fixed
+  ``metric_data_range`` remains the choice for curves that compare across data sets.
+
+Scores are computed on :func:`normalise_intensities`: both volumes divided by the data range (so
+torchmetrics always works with range 1) and, for MRI, first shifted by the target's minimum. PSNR does
+not change with the shift; SSIM's luminance term assumes intensities ≥ 0 like windowed CT's, and
+without the shift float32 SSIM of a volume with itself drops below 1 on the constant negative
+background of z-normalised volumes (torchmetrics clamps the variances but not the covariance).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
+
+Modality = Literal["ct", "mri"]
+
+#: Smallest per-target data range of MRI's default: one foreground standard deviation after
+#: z-normalisation, so that a near-constant background superpatch does not get a vanishing range
+#: (its small errors would then count as huge and dominate the pooled PSNR).
+MIN_MRI_DATA_RANGE = 1.0
+
+
+def check_data_range(data_range: float | None) -> float | None:
+    """``data_range`` as a float, or None (= from the modality); raises ``ValueError`` unless > 0."""
+    if data_range is None:
+        return None
+    if not float(data_range) > 0:
+        raise ValueError(f"data_range must be > 0, got {data_range}")
+    return float(data_range)
+
+
+def resolve_data_range(target: Tensor, data_range: float | None = None, modality: Modality = "ct") -> Tensor:
+    """The PSNR/SSIM data range of each sample of ``target`` (B, ...), as a (B,) float tensor.
+
+    An explicit ``data_range`` is used as it is. ``None`` follows the modality: 1.0 for CT (windowed to
+    [0, 1]); for MRI each sample's own max − min, at least :data:`MIN_MRI_DATA_RANGE`.
+    """
+    data_range = check_data_range(data_range)
+    if modality not in ("ct", "mri"):
+        raise ValueError(f"modality must be 'ct' or 'mri', got {modality!r}")
+    batch = target.shape[0]
+    if data_range is None and modality == "mri":
+        flat = target.detach().flatten(1).float()
+        return (flat.amax(dim=1) - flat.amin(dim=1)).clamp_min(MIN_MRI_DATA_RANGE)
+    return torch.full((batch,), 1.0 if data_range is None else data_range, device=target.device)
+
+
+def normalise_intensities(reconstruction: Tensor, target: Tensor, data_range: float | None = None,
+                          modality: Modality = "ct") -> tuple[Tensor, Tensor]:
+    """``reconstruction`` and ``target`` (B, ...) as float32 in units of each sample's data range
+    (:func:`resolve_data_range`); for MRI first shifted by each target's minimum (see the module
+    docstring). Scored with range 1 they give the PSNR/SSIM of the data range."""
+    target = target.detach().float()
+    reconstruction = reconstruction.detach().float()
+    shape = (-1,) + (1,) * (target.ndim - 1)
+    scale = resolve_data_range(target, data_range, modality).view(shape)
+    if modality == "mri":
+        offset = target.flatten(1).amin(dim=1).view(shape)
+        return (reconstruction - offset) / scale, (target - offset) / scale
+    return reconstruction / scale, target / scale
 
 
 class ReconstructionMetrics(nn.Module):
@@ -21,8 +84,13 @@ class ReconstructionMetrics(nn.Module):
     SSIM is the mean of the 3D SSIM map (Gaussian window 11, σ 1.5) over all voxels, or over masked
     voxels only. The torchmetrics states synchronise across DDP processes.
 
+    Each superpatch is scored in units of its data range (:func:`normalise_intensities`) with range 1:
+    the same numbers as scoring with that range (PSNR and SSIM are scale-invariant given the range), and
+    it lets MRI's per-superpatch ranges pool into one PSNR.
+
     Args:
-        data_range: Intensity range of the images (1.0 for CT windowed to [0, 1]).
+        data_range: Intensity range of the images; ``None`` (default) = from the modality given to
+            :meth:`update`: 1.0 for CT windowed to [0, 1], each target superpatch's max − min for MRI.
 
     Example:
         >>> metrics = ReconstructionMetrics()
@@ -32,24 +100,23 @@ class ReconstructionMetrics(nn.Module):
         ['psnr', 'psnr_masked', 'ssim', 'ssim_masked']
     """
 
-    def __init__(self, data_range: float = 1.0) -> None:
+    def __init__(self, data_range: float | None = None) -> None:
         super().__init__()
-        if data_range <= 0:
-            raise ValueError(f"data_range must be > 0, got {data_range}")
-        self.data_range = float(data_range)
-        self.psnr = PeakSignalNoiseRatio(data_range=self.data_range)
-        self.psnr_masked = PeakSignalNoiseRatio(data_range=self.data_range)
+        self.data_range = check_data_range(data_range)
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.psnr_masked = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = MeanMetric()
         self.ssim_masked = MeanMetric()
 
     @torch.no_grad()
-    def update(self, reconstruction: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
-        """Adds a batch (B, C, X, Y, Z); ``mask`` is a boolean voxel mask (True = was hidden)."""
-        reconstruction = reconstruction.detach().float()
-        target = target.detach().float()
+    def update(self, reconstruction: Tensor, target: Tensor, mask: Tensor | None = None,
+               modality: Modality = "ct") -> None:
+        """Adds a batch (B, C, X, Y, Z); ``mask`` is a boolean voxel mask (True = was hidden); ``modality``
+        of the inputs decides the data range when none was fixed."""
+        reconstruction, target = normalise_intensities(reconstruction, target, self.data_range, modality)
         self.psnr.update(reconstruction, target)
         _, ssim_map = structural_similarity_index_measure(
-            reconstruction, target, data_range=self.data_range, return_full_image=True
+            reconstruction, target, data_range=1.0, return_full_image=True
         )
         self.ssim.update(ssim_map)
         if mask is not None:

@@ -9,7 +9,9 @@ A held-out volume is scored as a whole rather than superpatch by superpatch:
    with ``tio.GridAggregator`` and crops the padding off again.
 2. :func:`body_mask` marks the patient (lungs included), so that scores are not dominated by air.
 3. :func:`volume_metrics` gives PSNR and 3D SSIM over the whole volume, the body and the masked
-   voxels. PSNR of an exact reconstruction is ``+inf`` (not capped).
+   voxels. PSNR of an exact reconstruction is ``+inf`` (not capped). The data range is 1 for CT
+   windowed to [0, 1] and, for z-normalised MRI, the volume's own max − min, unless fixed
+   (:func:`maesil.evaluation.metrics.normalise_intensities`).
 4. :class:`LPIPS2D` optionally adds slice-wise LPIPS (AlexNet variant), built only from local weights.
 """
 
@@ -33,6 +35,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from maesil.data.sampling import as_patch_size, collate_patches, pad_to_multiple
+from maesil.evaluation.metrics import Modality, normalise_intensities
 
 #: Default threshold of :func:`body_mask` on windowed CT in [0, 1]: 0.05 is ≈ −154 HU for the
 #: default window [−175, 250] HU, below fat (≈ −100 HU) and above air (clipped to exactly 0).
@@ -213,14 +216,15 @@ def volume_metrics(
     reconstruction: Tensor,
     hidden_mask: Tensor | None = None,
     body: Tensor | None = None,
-    data_range: float = 1.0,
+    data_range: float | None = None,
     reference_mask: Tensor | None = None,
+    modality: Modality = "ct",
 ) -> dict[str, float]:
     """PSNR and 3D SSIM of one reconstructed (X, Y, Z) volume, overall and in regions.
 
-    PSNR pools the squared error over the region's voxels (torchmetrics, fixed ``data_range``); an
+    PSNR pools the squared error over the region's voxels (torchmetrics, one data range per volume); an
     exact reconstruction gives ``inf`` (reported as such, not capped). SSIM is the 3D SSIM map
-    (torchmetrics, Gaussian window 11, σ 1.5, fixed ``data_range``) computed once on the whole volume
+    (torchmetrics, Gaussian window 11, σ 1.5, the same data range) computed once on the whole volume
     and averaged over the region's voxels, so that the regions' structure comparisons see the same
     neighbourhoods.
 
@@ -229,9 +233,11 @@ def volume_metrics(
         reconstruction: the reconstruction, same shape.
         hidden_mask: voxels the model did not see (its own masks), or ``None``.
         body: the body mask (:func:`body_mask`), or ``None`` to skip the body scores.
-        data_range: intensity range (1.0 for windowed CT).
+        data_range: intensity range; ``None`` (default) follows ``modality``: 1.0 for CT windowed to
+            [0, 1], the input volume's max − min for z-normalised MRI.
         reference_mask: voxels to score as "masked" when the model has no mask of its own, e.g. the
             masks of a masked method, so that every method is scored on the same voxels.
+        modality: ``"ct"`` or ``"mri"``, the preprocessing of ``image``.
 
     Returns:
         ``psnr``, ``ssim`` (whole volume); ``psnr_body``, ``ssim_body`` when ``body`` is given;
@@ -241,12 +247,10 @@ def volume_metrics(
     if image.shape != reconstruction.shape or image.ndim != 3:
         raise ValueError(f"expected two (X, Y, Z) volumes of one shape, got {tuple(image.shape)} and "
                          f"{tuple(reconstruction.shape)}")
-    if data_range <= 0:
-        raise ValueError(f"data_range must be > 0, got {data_range}")
-    image = image.detach().float().cpu()
-    reconstruction = reconstruction.detach().float().cpu()
+    reconstruction, image = normalise_intensities(reconstruction.cpu()[None], image.cpu()[None], data_range, modality)
+    reconstruction, image, data_range = reconstruction[0], image[0], 1.0  # in units of the data range
     _, ssim_map = structural_similarity_index_measure(
-        reconstruction[None, None], image[None, None], data_range=float(data_range),
+        reconstruction[None, None], image[None, None], data_range=data_range,
         gaussian_kernel=True, sigma=1.5, kernel_size=11, return_full_image=True,
     )
     ssim_map = ssim_map[0, 0]
@@ -439,11 +443,14 @@ def _normalise_lpips_keys(state: Mapping[str, Tensor], path: Path) -> dict[str, 
 
 @torch.no_grad()
 def lpips_volume(network: LPIPS2D, image: Tensor, reconstruction: Tensor, data_range: float = 1.0,
-                 batch_size: int = 16) -> float:
-    """Mean LPIPS over the axial (X, Y) slices of two (X, Y, Z) volumes, on the network's device."""
+                 batch_size: int = 16, low: float = 0.0) -> float:
+    """Mean LPIPS over the axial (X, Y) slices of two (X, Y, Z) volumes, on the network's device.
+
+    Grey levels in ``[low, low + data_range]`` are shown to the network ([0, 1] for windowed CT; for
+    z-normalised MRI, e.g. the input volume's min and max − min)."""
     device = next(network.parameters()).device
-    image = image.detach().float()
-    reconstruction = reconstruction.detach().float()
+    image = image.detach().float() - low
+    reconstruction = reconstruction.detach().float() - low
     values = []
     for z0 in range(0, image.shape[2], batch_size):
         a = image[:, :, z0:z0 + batch_size].permute(2, 0, 1)[:, None].to(device)

@@ -4,7 +4,10 @@ Each baseline trains MONAI's reference network (built by :mod:`maesil.models.aut
 reconstruct the whole superpatch through a bottleneck, on the same DataModule and with the same
 optimisation plumbing as MAESIL. Validation and test log what MAESIL logs over whole superpatches
 (``val/loss``, ``val/psnr``, ``val/ssim``; nothing is masked, so there are no ``*_masked`` entries) and
-save a picture of input, reconstruction and absolute difference.
+save a picture of input, reconstruction and absolute difference. As for MAESIL, the intensity conventions
+follow the DataModule's modality: reconstructions are clamped to [0, 1] for windowed CT only, the metric
+range is 1 for CT and each superpatch's own for z-normalised MRI (unless ``metric_data_range`` fixes it),
+and MRI pictures show the input's 1st–99th percentile.
 
 Losses, logged as ``train/<name>`` (``loss`` is the total):
 
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from maesil.evaluation.figures import volume_panels_figure
+from maesil.evaluation.figures import display_range, volume_panels_figure
 from maesil.evaluation.metrics import ReconstructionMetrics
 from maesil.methods.base import PretrainModule, ReconstructionEvaluationHooks
 from maesil.models.autoencoders import (
@@ -88,7 +91,8 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
         img_size: Superpatch size the network is built for; must equal the DataModule's ``superpatch_size``.
         in_channels: Image channels.
         loss: Reconstruction loss over voxels, ``mse`` or ``l1``.
-        metric_data_range: Intensity range for PSNR/SSIM (1.0 for windowed CT in [0, 1]).
+        metric_data_range: Intensity range for PSNR/SSIM; None follows the data (1.0 for windowed CT, each
+            superpatch's own max − min for z-normalised MRI).
         optimizer: Optimizer factory.
         scheduler: ``(optimizer, total_steps)`` → schedule, or None.
     """
@@ -102,7 +106,7 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
         img_size: int | tuple[int, int, int],
         in_channels: int,
         loss: ReconstructionLoss,
-        metric_data_range: float,
+        metric_data_range: float | None,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None,
     ) -> None:
@@ -151,23 +155,25 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
 
     @torch.no_grad()
     def reconstruct_for_evaluation(self, batch: dict) -> tuple[Tensor, None]:
-        """Deterministic reconstruction of the whole superpatch, clamped to [0, 1]; nothing is hidden."""
+        """Deterministic reconstruction of the whole superpatch (clamped to [0, 1] for windowed CT only);
+        nothing is hidden."""
         output = self(batch["image"], deterministic=True)
-        return output.reconstruction.clamp(0.0, 1.0), None
+        return self.clamp_reconstruction(output.reconstruction), None
 
     # Validation and test ----------------------------------------------------------------------
 
     def _evaluation_step(self, batch: dict, stage: str) -> AutoencoderOutput:
         images = batch["image"]
         output = self(images, deterministic=True)
-        reconstruction = output.reconstruction.clamp(0.0, 1.0)
-        self.val_metrics.update(reconstruction, images)
+        reconstruction = self.clamp_reconstruction(output.reconstruction)
+        self.val_metrics.update(reconstruction, images, modality=self.data_modality)
         for name, value in output.losses.items():
             self.log(f"{stage}/{name}", value, batch_size=images.shape[0], sync_dist=True)
         self.keep_figure_candidate(batch, reconstruction=reconstruction)
         return output
 
     def _log_reconstruction(self, image: Tensor, reconstruction: Tensor, subject: str) -> None:
+        low, high = display_range(image.numpy(), self.data_modality)
         figure = volume_panels_figure(
             {
                 "input": image.numpy(),
@@ -175,6 +181,8 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
                 "|difference|": (reconstruction - image).abs().numpy(),
             },
             title=f"{type(self).__name__} · {subject} · step {self.global_step}",
+            value_range=(low, high),
+            row_ranges={"|difference|": (0.0, high - low)},
         )
         self.log_figure("reconstructions", figure)
 
@@ -194,7 +202,8 @@ class AE(_AutoencoderModule):
         strides: Stride of each encoder level; the last level (stride 1, few channels) is the bottleneck.
         num_res_units: Residual sub-units per level (0: plain convolutions).
         loss: ``mse`` or ``l1``.
-        metric_data_range: Intensity range for PSNR/SSIM.
+        metric_data_range: Intensity range for PSNR/SSIM; None (default) follows the data (1.0 for CT, each
+            superpatch's own max − min for MRI).
         optimizer: Optimizer factory (default AdamW).
         scheduler: ``(optimizer, total_steps)`` → schedule (default warm-up + cosine).
     """
@@ -207,7 +216,7 @@ class AE(_AutoencoderModule):
         strides: Sequence[int] = (2, 2, 2, 2, 1),
         num_res_units: int = 2,
         loss: ReconstructionLoss = "mse",
-        metric_data_range: float = 1.0,
+        metric_data_range: float | None = None,
         optimizer: OptimizerFactory = adamw,
         scheduler: SchedulerFactory | None = warmup_cosine,
     ) -> None:
@@ -247,7 +256,8 @@ class VAE(_AutoencoderModule):
             plays the role of 2σ² of a Gaussian decoder with noise σ).
         kl_warmup_steps: Optimizer steps over which the KL weight rises linearly from 0 (0: no warm-up).
         loss: ``mse`` or ``l1``.
-        metric_data_range: Intensity range for PSNR/SSIM.
+        metric_data_range: Intensity range for PSNR/SSIM; None (default) follows the data (1.0 for CT, each
+            superpatch's own max − min for MRI).
         optimizer: Optimizer factory (default AdamW).
         scheduler: ``(optimizer, total_steps)`` → schedule (default warm-up + cosine).
     """
@@ -263,7 +273,7 @@ class VAE(_AutoencoderModule):
         kl_weight: float = 1.0e-3,
         kl_warmup_steps: int = 10000,
         loss: ReconstructionLoss = "mse",
-        metric_data_range: float = 1.0,
+        metric_data_range: float | None = None,
         optimizer: OptimizerFactory = adamw,
         scheduler: SchedulerFactory | None = warmup_cosine,
     ) -> None:
@@ -389,7 +399,8 @@ class VQVAE(_AutoencoderModule):
         dead_code_threshold: A code whose moving-average use count (code positions per training step)
             falls below this is moved onto a random encoder output of the current batch; 0 disables it.
         loss: ``mse`` or ``l1``.
-        metric_data_range: Intensity range for PSNR/SSIM.
+        metric_data_range: Intensity range for PSNR/SSIM; None (default) follows the data (1.0 for CT, each
+            superpatch's own max − min for MRI).
         optimizer: Optimizer factory (default AdamW).
         scheduler: ``(optimizer, total_steps)`` → schedule (default warm-up + cosine).
     """
@@ -408,7 +419,7 @@ class VQVAE(_AutoencoderModule):
         init_codebook_from_data: bool = True,
         dead_code_threshold: float = 0.1,
         loss: ReconstructionLoss = "mse",
-        metric_data_range: float = 1.0,
+        metric_data_range: float | None = None,
         optimizer: OptimizerFactory = adamw,
         scheduler: SchedulerFactory | None = warmup_cosine,
     ) -> None:

@@ -11,6 +11,11 @@ token masks (see :mod:`maesil.models.masking`):
 The loss is the MSE over masked patches only. Validation reconstructs every superpatch of the held-out
 volumes with masks drawn from a fixed seed (identical across epochs and runs, so curves compare), and logs
 PSNR and 3D SSIM over the whole superpatch and over the masked voxels, plus a picture.
+
+Intensities follow the DataModule's modality (:attr:`~maesil.methods.base.ReconstructionEvaluationHooks.data_modality`):
+for CT, windowed to [0, 1], reconstructions are clamped to [0, 1] and scored with range 1; for z-normalised
+MRI they are not clamped, the range is each superpatch's own (or ``metric_data_range``), and pictures
+show the input's 1st–99th percentile.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import zlib
 import torch
 from torch import Tensor
 
-from maesil.evaluation.figures import masked_reconstruction_figure
+from maesil.evaluation.figures import display_range, masked_reconstruction_figure
 from maesil.evaluation.metrics import ReconstructionMetrics
 from maesil.methods.base import PretrainModule, ReconstructionEvaluationHooks
 from maesil.models.mae import MAEOutput, MaskedAutoencoder3D
@@ -49,7 +54,9 @@ class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
         axial_mask_ratio: ``dual`` only: masked fraction of each slice's remaining visible tokens;
             None uses ``mask_ratio``.
         val_mask_seed: Seed of the validation masks, so every epoch and run sees the same masks.
-        metric_data_range: Intensity range for PSNR/SSIM (1.0 for windowed CT in [0, 1]).
+        metric_data_range: Intensity range for PSNR/SSIM; None (default) follows the data: 1.0 for CT
+            windowed to [0, 1], each superpatch's own max − min for z-normalised MRI
+            (:class:`~maesil.evaluation.metrics.ReconstructionMetrics`).
         optimizer: Optimizer factory (default AdamW lr 1.5e-4, betas (0.9, 0.95), wd 0.05).
         scheduler: ``(optimizer, total_steps)`` → schedule (default warm-up + cosine).
     """
@@ -71,7 +78,7 @@ class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
         mask_ratio: float = 0.5,
         axial_mask_ratio: float | None = None,
         val_mask_seed: int = 0,
-        metric_data_range: float = 1.0,
+        metric_data_range: float | None = None,
         optimizer: OptimizerFactory = adamw,
         scheduler: SchedulerFactory | None = warmup_cosine,
     ) -> None:
@@ -166,18 +173,19 @@ class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
     @torch.no_grad()
     def reconstruct_for_evaluation(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Masked reconstruction with the validation masks (seeded by subject and location): visible
-        patches copied from the input, masked ones predicted; the mask marks the predicted voxels."""
+        patches copied from the input, masked ones predicted (clamped to [0, 1] for CT only); the mask
+        marks the predicted voxels."""
         images = batch["image"]
         output = self(images, self.validation_mask(batch))
-        reconstruction = self.net.reconstruct(images, output).clamp(0.0, 1.0)
+        reconstruction = self.clamp_reconstruction(self.net.reconstruct(images, output))
         return reconstruction, self.voxel_mask(output.mask, images.shape[1])
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:
         images = batch["image"]
         output = self(images, self.validation_mask(batch))
-        reconstruction = self.net.reconstruct(images, output).clamp(0.0, 1.0)
+        reconstruction = self.clamp_reconstruction(self.net.reconstruct(images, output))
         voxel_mask = self.voxel_mask(output.mask, images.shape[1])
-        self.val_metrics.update(reconstruction, images, voxel_mask)
+        self.val_metrics.update(reconstruction, images, voxel_mask, modality=self.data_modality)
         self.log(f"{stage}/loss", output.loss, batch_size=images.shape[0], sync_dist=True)
         self.keep_figure_candidate(batch, mask=voxel_mask, reconstruction=reconstruction)
 
@@ -185,5 +193,6 @@ class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
         figure = masked_reconstruction_figure(
             image.numpy(), mask.numpy(), reconstruction.numpy(),
             title=f"{subject} · step {self.global_step} · {self.masking} mask {self.effective_mask_ratio:.0%}",
+            value_range=display_range(image.numpy(), self.data_modality),
         )
         self.log_figure("reconstructions", figure)

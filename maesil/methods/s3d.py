@@ -18,7 +18,10 @@ Validation and test reconstruct every held-out superpatch with masks seeded by s
 same masks. The paper fixes no validation ratio; we use a fixed one, the middle of ``mask_ratio_range``
 (0.75 for U(0.6, 0.9)) or ``mask_ratio`` when no range is set, so that scores do not fluctuate with the
 ratio drawn. They log ``loss``, PSNR and 3D SSIM over the whole superpatch (visible voxels copied from the
-input) and over the masked voxels, and a picture (input / masked input / reconstruction).
+input) and over the masked voxels, and a picture (input / masked input / reconstruction). Intensity
+conventions follow the DataModule's modality, as MAESIL's: predictions are clamped to [0, 1] for windowed CT
+only, the metric range is 1 for CT and each superpatch's own for z-normalised MRI (unless
+``metric_data_range`` fixes it), and MRI pictures show the input's 1st–99th percentile.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from maesil.evaluation.figures import masked_reconstruction_figure
+from maesil.evaluation.figures import display_range, masked_reconstruction_figure
 from maesil.evaluation.metrics import ReconstructionMetrics
 from maesil.methods.base import PretrainModule, ReconstructionEvaluationHooks
 from maesil.models.autoencoders import as_size3
@@ -78,7 +81,8 @@ class S3D(ReconstructionEvaluationHooks, PretrainModule):
             (0.6, 0.9)); when set it wins over ``mask_ratio``.
         sparse: sparse encoder with mask tokens (S3D); False: the dense zero-fill MAE ablation.
         val_mask_seed: seed of the validation masks.
-        metric_data_range: intensity range for PSNR/SSIM (1.0 for windowed CT in [0, 1]).
+        metric_data_range: intensity range for PSNR/SSIM; None (default) follows the data: 1.0 for windowed CT,
+            each superpatch's own max − min for z-normalised MRI.
         optimizer: optimizer factory (default :func:`nesterov_sgd`).
         scheduler: ``(optimizer, total_steps)`` → schedule (default :func:`poly_lr`), or None.
     """
@@ -96,7 +100,7 @@ class S3D(ReconstructionEvaluationHooks, PretrainModule):
         mask_ratio_range: tuple[float, float] | None = (0.6, 0.9),
         sparse: bool = True,
         val_mask_seed: int = 0,
-        metric_data_range: float = 1.0,
+        metric_data_range: float | None = None,
         optimizer: OptimizerFactory = nesterov_sgd,
         scheduler: SchedulerFactory | None = poly_lr,
     ) -> None:
@@ -210,12 +214,12 @@ class S3D(ReconstructionEvaluationHooks, PretrainModule):
 
     def masked_reconstruction(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         """``(reconstruction, hidden voxel mask, loss)`` with the validation masks; the reconstruction is the
-        prediction clamped to [0, 1] (windowed CT, as MAESIL) on hidden voxels and the input elsewhere."""
+        prediction on hidden voxels (clamped to [0, 1] for windowed CT only, as MAESIL) and the input elsewhere."""
         images = batch["image"]
         mask = self.validation_mask(batch)
         prediction = self(images, mask)
         hidden = self.voxel_mask(mask, images.shape[1])
-        reconstruction = torch.where(hidden, prediction.clamp(0.0, 1.0).to(images.dtype), images)
+        reconstruction = torch.where(hidden, self.clamp_reconstruction(prediction).to(images.dtype), images)
         return reconstruction, hidden, self.loss(prediction, images, mask)
 
     @torch.no_grad()
@@ -228,7 +232,7 @@ class S3D(ReconstructionEvaluationHooks, PretrainModule):
     def _evaluation_step(self, batch: dict, stage: str) -> None:
         images = batch["image"]
         reconstruction, hidden, loss = self.masked_reconstruction(batch)
-        self.val_metrics.update(reconstruction, images, hidden)
+        self.val_metrics.update(reconstruction, images, hidden, modality=self.data_modality)
         self.log(f"{stage}/loss", loss, batch_size=images.shape[0], sync_dist=True)
         self.keep_figure_candidate(batch, mask=hidden, reconstruction=reconstruction)
 
@@ -238,5 +242,6 @@ class S3D(ReconstructionEvaluationHooks, PretrainModule):
             image.numpy(), mask.numpy(), reconstruction.numpy(),
             title=f"{subject} · step {self.global_step} · S3D {variant}, {self.block_size}³ blocks, "
             f"mask {self.val_mask_ratio:.0%}",
+            value_range=display_range(image.numpy(), self.data_modality),
         )
         self.log_figure("reconstructions", figure)

@@ -16,6 +16,11 @@ Outputs in ``--out``:
 
 Numbers in the CSVs are plain floats; an exact reconstruction has PSNR ``inf``, a missing value
 (no mask, no LPIPS weights) is an empty cell.
+
+Intensities follow the checkpoints' modality, as in validation: each model is told it
+(``input_modality``), so CT reconstructions are clamped to [0, 1] and MRI ones are not; the PSNR/SSIM
+range is ``--data-range`` if given, else 1 for CT and each volume's own max − min for z-normalised MRI
+(also the grey levels LPIPS sees); ``slices.png`` shows MRI over the input's 1st–99th percentile.
 """
 
 from __future__ import annotations
@@ -100,8 +105,9 @@ def load_method(path: str | Path, device: torch.device | str = "cpu") -> tuple[A
     LightningCLI stores the model class as ``hyper_parameters["_class_path"]`` and the data options as
     ``datamodule_hyper_parameters``. The class is imported from that path and must be a
     :class:`~maesil.methods.base.PretrainModule` that implements ``reconstruct_for_evaluation``; tensors
-    are read with ``weights_only=True``. Raises :class:`BenchmarkError` for missing, unreadable or
-    foreign checkpoints.
+    are read with ``weights_only=True``. The model's ``input_modality`` is set from the data settings, so
+    that it clamps (CT) or does not clamp (MRI) its reconstructions as in validation. Raises
+    :class:`BenchmarkError` for missing, unreadable or foreign checkpoints.
     """
     path = Path(path)
     if not path.is_file():
@@ -126,6 +132,7 @@ def load_method(path: str | Path, device: torch.device | str = "cpu") -> tuple[A
         model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001
         raise BenchmarkError(f"{path}: {cls.__name__} cannot be restored ({type(error).__name__}: {error})") from error
+    model.input_modality = str(data.get("modality") or "ct")
     return model.to(device).eval(), dict(data)
 
 
@@ -135,6 +142,8 @@ def data_settings(data: dict[str, Any]) -> tuple[PreprocessSettings, tuple[int, 
 
     options = dict(DATA_DEFAULTS)
     options.update({k: v for k, v in data.items() if k in DATA_DEFAULTS})
+    if options["hu_window"] is None:  # allowed for MRI, which ignores the window (CT runs cannot save None)
+        options["hu_window"] = DATA_DEFAULTS["hu_window"]
     return settings_from_options(options), as_patch_size(options["superpatch_size"])
 
 
@@ -263,8 +272,9 @@ def markdown_table(methods: Sequence[Method], lpips: bool) -> str:
 
 
 def protocol_text(methods: Sequence[Method], data: str, subject_ids: Sequence[str], split: str,
-                  data_range: float, lpips_weights: Sequence[str] | None, reference: str | None) -> str:
-    """The paragraph above the table: data, settings, regions, masks, LPIPS."""
+                  data_range: float | None, lpips_weights: Sequence[str] | None, reference: str | None) -> str:
+    """The paragraph above the table: data, settings, regions, masks, LPIPS. ``data_range`` None: the
+    modality's default (1 for CT, each volume's max − min for MRI)."""
     first = methods[0]
     settings, size = first.settings, first.superpatch_size
     spacing = "native" if settings.target_spacing is None else "×".join(f"{s:g}" for s in settings.target_spacing)
@@ -276,8 +286,12 @@ def protocol_text(methods: Sequence[Method], data: str, subject_ids: Sequence[st
         body = (f"windowed intensity > {BODY_THRESHOLD:g} (≈ {body_hu:.0f} HU) with holes filled in each axial"
                 " slice, so that lungs and airways count as body")
     else:
-        intensity = "MRI, z-normalised over the foreground"
+        intensity = "MRI, z-normalised over the foreground (reconstructions not clipped)"
         body = "voxels above the volume mean with holes filled in each axial slice"
+    if data_range is not None:
+        range_text = f"{data_range:g}"
+    else:
+        range_text = "1" if settings.modality == "ct" else "the volume's own max − min"
     masked_methods = [m for m in methods if m.masked_region == "own"]
     if masked_methods:
         seeds = ", ".join(f"{m.name}: {getattr(m.model, 'val_mask_seed', '?')}" for m in masked_methods)
@@ -305,8 +319,8 @@ def protocol_text(methods: Sequence[Method], data: str, subject_ids: Sequence[st
         f" {'yes' if settings.crop_foreground else 'no'}; superpatch {'×'.join(map(str, size))} voxels. Each volume"
         " is padded (centred) to a multiple of the superpatch, cut into a non-overlapping grid, reconstructed"
         " superpatch by superpatch, reassembled and cropped back to its own voxels. Per volume: PSNR (dB, data"
-        f" range {data_range:g}, squared error pooled over the region's voxels) and 3D SSIM (Gaussian window 11,"
-        f" σ 1.5, data range {data_range:g}; the SSIM map of the whole volume averaged over the region). The table"
+        f" range {range_text}, squared error pooled over the region's voxels) and 3D SSIM (Gaussian window 11,"
+        f" σ 1.5, data range {range_text}; the SSIM map of the whole volume averaged over the region). The table"
         " gives mean ± sample std over volumes; an exact reconstruction has PSNR ∞ (not capped).",
         "",
         f"Regions: **whole** = every voxel of the volume; **body** = {body}; {masked}",
@@ -364,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-volumes", type=int, default=None, help="evaluate at most N volumes (first by id)")
     parser.add_argument("--lpips-weights", nargs="+", default=None, metavar="PATH",
                         help="local AlexNet LPIPS weights (one file, or torchvision AlexNet + LPIPS lin weights)")
-    parser.add_argument("--data-range", type=float, default=1.0, help="intensity range for PSNR/SSIM (default 1.0)")
+    parser.add_argument("--data-range", type=float, default=None,
+                        help="intensity range for PSNR/SSIM (default: 1 for CT, each volume's max − min for MRI)")
     parser.add_argument("--figure-subject", default=None, help="subject shown in slices.png (default: the first)")
     parser.add_argument("--exclude", nargs="*", default=None, metavar="GLOB",
                         help="glob patterns of files under --data that are not images")
@@ -385,7 +400,8 @@ def benchmark_recon_command(argv: Sequence[str]) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from maesil.data.sources import DataError
-    from maesil.evaluation.figures import save_figure
+    from maesil.evaluation.figures import display_range, save_figure
+    from maesil.evaluation.metrics import resolve_data_range
     from maesil.evaluation.reconstruction import (
         LPIPS2D,
         body_mask,
@@ -399,7 +415,7 @@ def _run(args: argparse.Namespace) -> int:
         raise BenchmarkError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_volumes is not None and args.max_volumes < 1:
         raise BenchmarkError(f"--max-volumes must be >= 1, got {args.max_volumes}")
-    if args.data_range <= 0:
+    if args.data_range is not None and args.data_range <= 0:
         raise BenchmarkError(f"--data-range must be > 0, got {args.data_range}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -454,12 +470,15 @@ def _run(args: argparse.Namespace) -> int:
             own = result.hidden_mask is not None
             method.masked_region = "own" if own else ("reference" if reference_mask is not None else "none")
             row: dict[str, Any] = volume_metrics(image, result.reconstruction, result.hidden_mask, body,
-                                                 args.data_range, reference_mask=reference_mask)
+                                                 args.data_range, reference_mask=reference_mask,
+                                                 modality=settings.modality)
             mask = result.hidden_mask if own else reference_mask
             row.update(subject_id=subject_id, shape="x".join(map(str, image.shape)), voxels=image.numel(),
                        body_voxels=int(body.sum()), masked_voxels=int(mask.sum()) if mask is not None else None)
             if lpips_net is not None:
-                row["lpips"] = lpips_volume(lpips_net, image, result.reconstruction, args.data_range)
+                span = float(resolve_data_range(image[None], args.data_range, settings.modality)[0])
+                low = 0.0 if settings.modality == "ct" else float(image.min())
+                row["lpips"] = lpips_volume(lpips_net, image, result.reconstruction, span, low=low)
             method.per_volume.append(row)
         if subject_id == figure_id:
             figure_data = {"image": image.numpy(), "spacing": results[0].spacing,
@@ -471,8 +490,8 @@ def _run(args: argparse.Namespace) -> int:
     protocol = protocol_text(methods, str(args.data), ids, args.split, args.data_range, args.lpips_weights, reference)
     table = markdown_table(methods, lpips=lpips_net is not None)
     write_outputs(out, methods, protocol, table, lpips=lpips_net is not None)
-    low, high = (0.0, args.data_range) if settings.modality == "ct" else (
-        float(np.percentile(figure_data["image"], 1)), float(np.percentile(figure_data["image"], 99)))
+    low, high = ((0.0, args.data_range or 1.0) if settings.modality == "ct"
+                 else display_range(figure_data["image"], settings.modality))
     figure = comparison_figure(figure_data["image"], figure_data["reconstructions"], spacing=figure_data["spacing"],
                                title=f"{figure_id}: input and reconstructions", value_range=(low, high))
     save_figure(figure, out / "slices.png")

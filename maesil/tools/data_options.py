@@ -89,6 +89,6 @@ def settings_from_options(options: dict[str, Any]) -> PreprocessSettings:
     return PreprocessSettings(
         modality=options["modality"],
         target_spacing=options["target_spacing"],
-        hu_window=tuple(options["hu_window"]),
+        hu_window=tuple(options["hu_window"]) if options["hu_window"] is not None else None,
         crop_foreground=bool(options["crop_foreground"]),
     )

@@ -488,3 +488,24 @@ def test_lightning_whole_volume_validate_and_predict(labeled_ct_dir: Path, tmp_p
         source = dm.source_image(record.subject_id)
         assert tuple(data.shape[1:]) == source.spatial_shape and np.allclose(affine, source.affine)
         assert set(torch.unique(data).tolist()) == {0, 1}
+
+
+def test_hu_window_null_is_for_mri_only(flat_ct_dir: Path) -> None:
+    mri = _dm(flat_ct_dir, modality="mri", hu_window=None)
+    assert mri.hu_window is None and mri.settings.hu_window is None
+    assert _dm(flat_ct_dir, modality="mri").settings == mri.settings  # the window is no MRI setting
+    with pytest.raises(ValueError, match="hu_window is None, but CT needs a window"):
+        _dm(flat_ct_dir, hu_window=None)  # CT: an error, not a silent default window
+    assert _dm(flat_ct_dir, hu_window=(-100, 300)).settings.hu_window == (-100.0, 300.0)
+
+
+def test_mri_cache_is_not_refused_over_a_window(flat_ct_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    _dm(flat_ct_dir, modality="mri", hu_window=(-1000, 1000), cache_dir=str(cache)).prepare_data()
+    for window in (None, (-175.0, 250.0)):
+        dm = _dm(cache, modality="mri", hu_window=window)
+        dm.setup("fit")
+        assert len(dm.train_records) + len(dm.val_records) == 4
+    _dm(flat_ct_dir, cache_dir=str(tmp_path / "ct"), hu_window=(-1000, 1000)).prepare_data()
+    with pytest.raises(DataError, match="cache was prepared with"):
+        _dm(tmp_path / "ct").setup("fit")  # for CT the window still decides the cache

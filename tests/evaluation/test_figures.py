@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from maesil.evaluation.figures import orthogonal_slices, save_figure, volume_panels_figure
+from maesil.evaluation.figures import (
+    display_range,
+    masked_reconstruction_figure,
+    orthogonal_slices,
+    save_figure,
+    volume_panels_figure,
+)
 
 
 def test_orthogonal_slices_follow_radiological_orientation():
@@ -28,3 +34,46 @@ def test_figure_with_nan_masked_patches_saves_png(tmp_path):
     path = save_figure(figure, tmp_path / "sub" / "fig.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 1000
+
+
+def z_normalised_volume() -> np.ndarray:
+    """An MRI-like volume after z-normalisation: a bright ellipsoid on a dark background, about [−2, 4]."""
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, 24),) * 3, indexing="ij")
+    rng = np.random.default_rng(0)
+    volume = np.where(x**2 + y**2 + z**2 < 0.6, 1.5, -1.0) + 0.4 * rng.standard_normal((24, 24, 24))
+    volume[0, 0, :4] = 40.0  # a few outliers must not set the range
+    return volume.astype(np.float32)
+
+
+def test_display_range_is_the_window_for_ct_and_robust_percentiles_for_mri():
+    volume = z_normalised_volume()
+    assert display_range(volume, "ct") == (0.0, 1.0)
+    low, high = display_range(volume, "mri")
+    assert (low, high) == pytest.approx(tuple(np.percentile(volume, [1, 99])))
+    assert -2.5 < low < -1.5 and 2.0 < high < 3.0  # the outliers at 40 are ignored
+    with_nan = volume.copy()
+    with_nan[:2] = np.nan  # hidden patches of a masked input
+    assert all(np.isfinite(display_range(with_nan, "mri")))
+    assert display_range(np.full((4, 4, 4), -0.7, np.float32), "mri") == pytest.approx((-1.2, -0.2))
+
+
+def test_mri_picture_spans_the_data_instead_of_saturating():
+    volume = z_normalised_volume()
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[:, :12] = True
+    figure = masked_reconstruction_figure(volume, mask, volume, value_range=display_range(volume, "mri"))
+    axial = figure.axes[0].images[0]
+    low, high = axial.get_clim()
+    pixels = axial.get_array().filled(np.nan)
+    assert np.nanmean((pixels <= low) | (pixels >= high)) < 0.05
+    assert np.nanmean((pixels <= 0.0) | (pixels >= 1.0)) > 0.5  # what a (0, 1) range would clip
+    assert {im.get_clim() for ax in figure.axes for im in ax.images} == {(low, high)}
+    ct = masked_reconstruction_figure(volume, mask, volume)
+    assert ct.axes[0].images[0].get_clim() == (0.0, 1.0)  # the default stays CT's window
+
+
+def test_row_ranges_override_the_shared_range():
+    volume = z_normalised_volume()
+    figure = volume_panels_figure({"input": volume, "|difference|": np.abs(volume)}, value_range=(-2.0, 3.0),
+                                  row_ranges={"|difference|": (0.0, 5.0)})
+    assert [figure.axes[i].images[0].get_clim() for i in (0, 3)] == [(-2.0, 3.0), (0.0, 5.0)]

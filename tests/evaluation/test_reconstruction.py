@@ -114,6 +114,30 @@ def test_identity_scores_infinite_psnr_and_unit_ssim_and_noise_scores_low(phanto
     assert scores["ssim_body"] < 0.2
 
 
+@pytest.fixture(scope="module")
+def mri_phantom(tiny_ct_dir) -> tio.Subject:
+    """A tiny CT phantom z-normalised as MRI: about [−6, 7], far outside CT's [0, 1]."""
+    record = sorted(discover_subjects(tiny_ct_dir), key=lambda r: r.subject_id)[0]
+    settings = PreprocessSettings(modality="mri", target_spacing=4.0)
+    return settings.transform()(subject_from_record(record, with_label=False))
+
+
+def test_mri_volume_is_scored_on_its_own_range(mri_phantom):
+    image = mri_phantom["image"].data[0]
+    span = float(image.max() - image.min())
+    assert float(image.min()) < -1.0 and float(image.max()) > 2.0 and span > 5.0
+    exact = volume_metrics(image, image.clone(), body=body_mask(image, modality="mri"), modality="mri")
+    assert exact["psnr"] == math.inf and exact["psnr_body"] == math.inf
+    assert exact["ssim"] == pytest.approx(1.0, abs=1e-6) and exact["ssim_body"] == pytest.approx(1.0, abs=1e-6)
+    # A uniform error of 0.1: PSNR = 20·log10(range / 0.1) with the volume's own max − min as range…
+    shifted = volume_metrics(image, image + 0.1, modality="mri")
+    assert shifted["psnr"] == pytest.approx(20 * math.log10(span / 0.1), abs=1e-3)
+    # …or with a fixed one; CT's default range (1) would give 20 dB.
+    assert volume_metrics(image, image + 0.1, data_range=8.0, modality="mri")["psnr"] == pytest.approx(
+        20 * math.log10(8.0 / 0.1), abs=1e-3)
+    assert volume_metrics(image, image + 0.1)["psnr"] == pytest.approx(20.0, abs=1e-3)
+
+
 def test_masked_scores_use_the_models_own_mask_before_the_reference():
     image = torch.rand(12, 12, 12)
     reconstruction = image.clone()

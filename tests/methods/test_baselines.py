@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import warnings
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import yaml
 from torch.utils.data import DataLoader
 
 from maesil.cli import main
+from maesil.data import VolumeDataModule
 from maesil.methods import AE, VAE, VQVAE
 from maesil.methods.baselines import (
+    AutoencoderOutput,
     CodebookCollapseWarning,
     codebook_collapse_message,
     codebook_statistics,
@@ -214,3 +217,34 @@ def test_yaml_sizes_match_presets_and_demo_shares_maesil_data_and_trainer(name):
         for key, value in AUTOENCODER_PRESETS[name][preset].items():
             assert init_args[key] == (list(value) if isinstance(value, tuple) else value), key
         assert config["model"]["init_args"]["optimizer"] == reference["model"]["init_args"]["optimizer"]
+
+
+def test_mri_validation_of_an_exact_autoencoder_is_perfect_and_pictured_over_the_data(tiny_ct_dir, tmp_path):
+    """z-normalised inputs (about [−5, 6]): an exact reconstruction is not clipped to [0, 1] (PSNR ∞, SSIM 1), and
+    the picture spans the input's percentiles, its difference row [0, high − low]."""
+    module = AE(**TINY["ae"])
+    module.forward = lambda images, deterministic=False: AutoencoderOutput(images.clone(), {"loss": torch.tensor(0.0)})
+    figures = []
+    module.log_figure = lambda name, figure: figures.append(figure)
+    datamodule = VolumeDataModule(data_dir=str(tiny_ct_dir), modality="mri", superpatch_size=32, target_spacing=4.0,
+                                  val_fraction=0.34, batch_size=2, num_workers=0, check_voxels=False)
+    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    [metrics] = trainer.validate(module, datamodule=datamodule)
+    assert math.isinf(metrics["val/psnr"]) and metrics["val/ssim"] == pytest.approx(1.0, abs=1e-6)
+    [figure] = figures
+    low, high = figure.axes[0].images[0].get_clim()  # input, axial
+    assert low < -1.0 and high > 1.5
+    assert figure.axes[3].images[0].get_clim() == (low, high)  # reconstruction
+    assert figure.axes[6].images[0].get_clim() == pytest.approx((0.0, high - low))  # |difference|
+
+
+def test_reconstruct_for_evaluation_clamps_ct_only():
+    module = AE(**TINY["ae"])
+    images = torch.randn(2, 1, 32, 32, 32) * 3.0  # z-normalised-like: far outside [0, 1]
+    module.forward = lambda images, deterministic=False: AutoencoderOutput(images.clone(), {"loss": torch.tensor(0.0)})
+    clamped, _ = module.reconstruct_for_evaluation({"image": images})
+    assert torch.equal(clamped, images.clamp(0.0, 1.0))  # no DataModule: CT, as before
+    module.input_modality = "mri"
+    exact, _ = module.reconstruct_for_evaluation({"image": images})
+    assert torch.equal(exact, images)

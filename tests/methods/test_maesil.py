@@ -1,6 +1,11 @@
+import math
+
+import lightning as L
+import numpy as np
 import pytest
 import torch
 
+from maesil.data import VolumeDataModule
 from maesil.methods import MAESIL
 
 
@@ -60,3 +65,46 @@ def test_voxel_mask_matches_token_mask():
 def test_invalid_masking_ratio_fails_at_construction():
     with pytest.raises(ValueError):
         tiny_module(mask_ratio=1.0)
+
+
+def mri_datamodule(data_dir) -> VolumeDataModule:
+    """The tiny CT phantoms z-normalised as MRI (about [−5, 6], not [0, 1]), one validation volume."""
+    return VolumeDataModule(data_dir=str(data_dir), modality="mri", superpatch_size=32, target_spacing=4.0,
+                            val_fraction=0.34, batch_size=2, num_workers=0, check_voxels=False)
+
+
+def test_mri_validation_scores_an_exact_reconstruction_unclipped_and_shows_the_data_range(tiny_ct_dir, tmp_path):
+    module = tiny_module()
+    module.net.reconstruct = lambda images, output: images.clone()  # a perfect reconstruction
+    figures = []
+    module.log_figure = lambda name, figure: figures.append(figure)
+    datamodule = mri_datamodule(tiny_ct_dir)
+    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    [metrics] = trainer.validate(module, datamodule=datamodule)
+    assert module.data_modality == "mri"
+    # Clamped to [0, 1], as before, the z-normalised target would be matched only inside [0, 1].
+    assert math.isinf(metrics["val/psnr"]) and math.isinf(metrics["val/psnr_masked"])
+    assert metrics["val/ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["val/ssim_masked"] == pytest.approx(1.0, abs=1e-6)
+
+    [figure] = figures
+    picture = figure.axes[0].images[0]  # the input, axial
+    low, high = picture.get_clim()
+    axial = picture.get_array().filled(np.nan)
+    assert low < -1.0 and high > 1.5  # the z-normalised range (1st-99th percentile), not (0, 1)
+    assert np.nanmean((axial < low) | (axial > high)) < 0.1
+    assert np.nanmean((axial < 0) | (axial > 1)) > 0.3  # what (0, 1) would saturate
+    assert [im.get_clim() for im in figure.axes[6].images] == [(low, high)]  # the reconstruction: same range
+
+
+def test_ct_reconstructions_stay_clamped_to_the_window():
+    module = tiny_module()
+    images = torch.rand(2, 1, 32, 32, 32)
+    module.net.reconstruct = lambda images, output: images * 3.0 - 1.0
+    reconstruction, _ = module.reconstruct_for_evaluation(batch_of(images, ["a", "b"]))
+    assert module.data_modality == "ct"  # no DataModule: CT, as before
+    assert float(reconstruction.min()) == 0.0 and float(reconstruction.max()) == 1.0
+    module.input_modality = "mri"  # as benchmark-recon sets it from an MRI checkpoint
+    reconstruction, _ = module.reconstruct_for_evaluation(batch_of(images, ["a", "b"]))
+    torch.testing.assert_close(reconstruction, images * 3.0 - 1.0)

@@ -4,13 +4,16 @@ validation masks, ``reconstruct_for_evaluation`` and loading by ``benchmark-reco
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 
 from maesil.cli import main
+from maesil.data import VolumeDataModule
 from maesil.methods import S3D
 from maesil.models.sparse import upsample_mask
 from maesil.tools.benchmark_recon import benchmark_recon_command, load_method
@@ -208,3 +211,27 @@ def test_paper_config_builds_resenc_l_for_160_cubed():
     assert module.mask_ratio_range == (0.6, 0.9) and module.sparse
     assert config["data"]["init_args"]["superpatch_size"] == 160
     assert config["data"]["init_args"]["target_spacing"] == 1.0
+
+
+@pytest.mark.parametrize("offset, metric_data_range", [(0.0, None), (0.5, 10.0)])
+def test_mri_validation_is_not_clamped_and_scores_on_the_data_range(tiny_ct_dir, tmp_path, offset, metric_data_range):
+    """z-normalised inputs (about [−5, 6]): a prediction of input + offset is scored as such, not clipped to
+    [0, 1]; an explicit ``metric_data_range`` is the PSNR peak (10 · log10(10² / 0.5²) = 26.02 dB)."""
+    module = tiny_module(metric_data_range=metric_data_range)
+    module.forward = lambda images, mask: images + offset
+    figures = []
+    module.log_figure = lambda name, figure: figures.append(figure)
+    datamodule = VolumeDataModule(data_dir=str(tiny_ct_dir), modality="mri", superpatch_size=32, target_spacing=4.0,
+                                  val_fraction=0.34, batch_size=2, num_workers=0, check_voxels=False)
+    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    [metrics] = trainer.validate(module, datamodule=datamodule)
+    if offset == 0.0:
+        assert math.isinf(metrics["val/psnr_masked"]) and math.isinf(metrics["val/psnr"])
+        assert metrics["val/ssim"] == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert metrics["val/psnr_masked"] == pytest.approx(10 * math.log10(10.0**2 / offset**2), abs=1e-3)
+        assert metrics["val/loss"] == pytest.approx(offset**2, rel=1e-4)
+    [figure] = figures
+    low, high = figure.axes[0].images[0].get_clim()
+    assert low < -1.0 and high > 1.5  # the input's 1st-99th percentile, not (0, 1)

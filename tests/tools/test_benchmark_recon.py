@@ -159,6 +159,49 @@ def test_mismatched_settings_fail(checkpoints, tiny_ct_dir, tmp_path, capsys):
     assert "different preprocessing" in err and "[2.0, 2.0, 2.0]" in err and "[4.0, 4.0, 4.0]" in err
 
 
+def mri_checkpoints(checkpoints: dict[str, Path], root: Path) -> tuple[Path, Path]:
+    """The tiny MAESIL and the see-all model, as if trained on MRI (z-normalised; ``hu_window: null``)."""
+    dual = torch.load(checkpoints["dual"], map_location="cpu", weights_only=True)
+    hyper = {k: v for k, v in dual["hyper_parameters"].items() if k != "_class_path"}
+    maesil = checkpoint_like(checkpoints["dual"], root / "maesil_mri" / "last.ckpt", "maesil.methods.MAESIL",
+                             dual["state_dict"], hyper, modality="mri", hu_window=None)
+    see_all = checkpoint_like(checkpoints["dual"], root / "see_all_mri" / "last.ckpt", f"{__name__}.SeeAll",
+                              modality="mri", hu_window=None)
+    return maesil, see_all
+
+
+def test_mri_checkpoint_reconstructs_unclamped(checkpoints, tiny_ct_dir, tmp_path):
+    from maesil.evaluation.reconstruction import reconstruct_volume
+    from maesil.tools.benchmark_recon import data_settings, load_method, load_subjects
+
+    maesil, _ = mri_checkpoints(checkpoints, tmp_path)
+    model, data = load_method(maesil)
+    settings, superpatch = data_settings(data)
+    assert model.input_modality == "mri" and model.data_modality == "mri"
+    assert settings.modality == "mri" and settings.hu_window is None
+    [(_, load)] = load_subjects(tiny_ct_dir, settings, superpatch)[:1]
+    result = reconstruct_volume(model, load(), superpatch, "minimum", batch_size=4)
+    visible = ~result.hidden_mask
+    assert float(result.image.min()) < -1.0 and float(result.image.max()) > 2.0  # z-normalised
+    # Visible patches are copied from the input: as they are, not clipped to [0, 1].
+    assert torch.equal(result.reconstruction[visible], result.image[visible])
+
+
+def test_mri_benchmark_scores_on_each_volumes_range(checkpoints, tiny_ct_dir, tmp_path):
+    maesil, see_all = mri_checkpoints(checkpoints, tmp_path)
+    out = tmp_path / "bench"
+    assert benchmark_recon_command(["--checkpoints", str(maesil), str(see_all), "--data", str(tiny_ct_dir),
+                                    "--out", str(out), "--max-volumes", "1", "--names", "MAESIL", "exact"]) == 0
+    maesil_row, exact_row = read_csv(out / "results.csv")
+    assert float(exact_row["psnr_mean"]) == math.inf
+    assert float(exact_row["ssim_mean"]) == pytest.approx(1.0, abs=1e-6)
+    # Visible voxels are exact, so the whole volume scores better than its masked voxels.
+    assert 0 < float(maesil_row["psnr_masked_mean"]) < float(maesil_row["psnr_mean"]) < 60
+    markdown = (out / "results.md").read_text()
+    assert "MRI, z-normalised over the foreground (reconstructions not clipped)" in markdown
+    assert "data range the volume's own max − min" in markdown
+
+
 def tiny_ae_args(data_dir: Path, run_dir: Path) -> list[str]:
     """The data and trainer arguments of :func:`tiny_maesil_args` with a tiny AE of ae_demo.yaml."""
     args = tiny_maesil_args(data_dir, run_dir, max_steps=2)
