@@ -111,3 +111,40 @@ def test_test_subcommand_scores_a_checkpoint_on_held_out_volumes(tiny_ct_dir, tm
     main(["test", *tiny_maesil_args(tiny_ct_dir, run_dir), "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
     out = capsys.readouterr().out
     assert "test/psnr_masked" in out and "test/ssim" in out
+
+
+def test_run_summary_json_holds_final_metrics_and_history(tiny_ct_dir, tmp_path):
+    import json
+
+    run_dir = tmp_path / "run"
+    main(["fit", *tiny_maesil_args(tiny_ct_dir, run_dir, max_steps=4)])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["global_step"] == 4
+    assert summary["effective_mask_ratio"] == 0.75  # dual 0.5 then 0.5 on the 4³ token grid
+    rows = [r for r in read_metrics(run_dir) if r.get("val/psnr_masked")]
+    for key in ("val/psnr_masked", "val/ssim_masked", "val/psnr", "val/ssim", "val/loss"):
+        assert [value for _, value in summary["history"][key]] == pytest.approx([float(r[key]) for r in rows])
+        assert summary["metrics"][key] == pytest.approx(float(rows[-1][key]))
+    assert [step for step, _ in summary["history"]["val/psnr_masked"]] == [2, 4]
+    assert "train/loss" in summary["metrics"]
+    # The CSV logger's folder already holds config.yaml; its hparams.yaml keeps only the module's hparams.
+    hparams = yaml.safe_load((run_dir / "logs" / "version_0" / "hparams.yaml").read_text())
+    assert hparams["mask_ratio"] == 0.5 and not any("." in key for key in hparams)
+
+
+def test_run_summary_json_records_a_failed_fit(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError):
+        main(["fit", *tiny_maesil_args(tmp_path / "missing", run_dir)])
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["global_step"] == 0
+    assert summary["error"].startswith("DataError") and str(tmp_path / "missing") in summary["error"]
+
+
+def test_help_lists_the_tools(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "sweep-local" in capsys.readouterr().out
