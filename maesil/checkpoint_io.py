@@ -21,11 +21,16 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "atomic_torch_save"]
+__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "CorruptCheckpointError", "atomic_torch_save",
+           "check_resumable", "latest_last_checkpoint"]
 
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the file at the target path (if any) is unchanged."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint to resume from is truncated or corrupt."""
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -45,6 +50,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the usual permissions
         with os.fdopen(handle, "wb") as file:
             file.write(buffer.getbuffer())
             file.flush()
@@ -67,6 +73,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
                 pass
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint plugin writing with :func:`atomic_torch_save` (local paths only)."""
 
@@ -79,3 +91,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         atomic_torch_save(checkpoint, path)
+
+
+def latest_last_checkpoint(folders: list[str | os.PathLike]) -> Path | None:
+    """The newest ``last*.ckpt`` in ``folders``: the file ``--ckpt_path last`` resumes from (as Lightning
+    picks it), or None when there is none."""
+    candidates = [path for folder in folders for path in Path(folder).glob("last*.ckpt") if path.is_file()]
+    return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
+
+
+def check_resumable(path: str | os.PathLike) -> None:
+    """Fails fast, naming the file, when a checkpoint to resume from is missing, truncated or corrupt.
+
+    torch writes checkpoints as zip archives with a CRC per entry, so reading the archive's directory and
+    checking every CRC (:meth:`zipfile.ZipFile.testzip`, one sequential read of the file) finds a file cut
+    short by a crash or a full disk before Lightning's loader fails with a message that names no file. The
+    error lists the other checkpoints of the folder, newest first, to resume from instead.
+    """
+    import zipfile
+
+    target = Path(path)
+    if not target.is_file():
+        raise FileNotFoundError(f"checkpoint {target} does not exist{_alternatives(target)}")
+    problem: str | None = None
+    try:
+        with zipfile.ZipFile(target) as archive:
+            bad = archive.testzip()
+            if bad is not None:
+                problem = f"entry {bad!r} fails its CRC check"
+    except zipfile.BadZipFile as error:
+        problem = f"not a complete torch checkpoint ({error}): truncated, or not a checkpoint"
+    except OSError as error:
+        problem = f"cannot be read ({error})"
+    if problem is not None:
+        raise CorruptCheckpointError(f"cannot resume from checkpoint {target}: {problem}{_alternatives(target)}")
+
+
+def _alternatives(target: Path) -> str:
+    others = sorted((p for p in target.parent.glob("*.ckpt") if p != target and p.is_file()),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    if not others:
+        return f"; there is no other checkpoint in {target.parent}"
+    names = ", ".join(p.name for p in others[:5])
+    return f". Other checkpoints in {target.parent}, newest first: {names}; resume from one with --ckpt_path PATH"

@@ -36,7 +36,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 import maesil.methods  # noqa: F401  (registers the methods for short class_path names)
-from maesil.checkpoint_io import AtomicCheckpointIO
+from maesil.checkpoint_io import AtomicCheckpointIO, check_resumable, latest_last_checkpoint
 from maesil.data import VolumeDataModule  # noqa: F401
 from maesil.methods.base import PretrainModule
 
@@ -197,6 +197,9 @@ class MaesilCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand") if self.config else None
+        ckpt_path = self.config.get(subcommand, {}).get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_resumable(ckpt_path)  # LightningCLI reads it right here; fail with the file's name
         before = self.config.get(subcommand, {}).get("model") if subcommand else None
         super()._parse_ckpt_path()
         if before is None or not getattr(before, "class_path", None):
@@ -258,6 +261,22 @@ class MaesilCLI(LightningCLI):
         if wandb.run is not None:
             wandb.run.finish(exit_code=exit_code)
         wandb.teardown()
+
+    def before_fit(self) -> None:
+        """Checks the checkpoint a run resumes from (``--ckpt_path last`` or a path) before anything trains:
+        a truncated or corrupt file stops the run at once with its name and the alternatives."""
+        ckpt_path = self._get(self.config_init, "ckpt_path")
+        if not ckpt_path or str(ckpt_path) in ("best", "hpc", "registry") or "://" in str(ckpt_path):
+            return
+        if str(ckpt_path) == "last":
+            folders = [callback.dirpath for callback in self.trainer.checkpoint_callbacks
+                       if isinstance(callback, ModelCheckpoint) and callback.dirpath]
+            path = latest_last_checkpoint(folders)
+            if path is None:
+                return  # Lightning warns that there is nothing to resume and starts from scratch
+        else:
+            path = Path(ckpt_path)
+        check_resumable(path)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         config = self._get(self.config_init, "trainer", default={})

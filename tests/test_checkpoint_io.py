@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 import torch
 
 import maesil.checkpoint_io as checkpoint_io
-from maesil.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, atomic_torch_save
+from maesil.checkpoint_io import (
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    atomic_torch_save,
+    check_resumable,
+    latest_last_checkpoint,
+)
 from maesil.cli import main
 from tests.helpers import tiny_maesil_args
 
@@ -19,6 +27,9 @@ def test_atomic_save_writes_a_loadable_file_and_no_temporaries(tmp_path):
     loaded = torch.load(path, weights_only=True)
     assert loaded["global_step"] == 3 and torch.equal(loaded["weights"], torch.arange(5.0))
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
 
 
 def _disk_full(*args, **kwargs):
@@ -78,3 +89,44 @@ def test_fit_stops_on_a_failed_checkpoint_write_and_keeps_the_last_good_one(tiny
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 2
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resuming_from_a_truncated_last_checkpoint_names_it_and_the_alternatives(tiny_ct_dir, tmp_path):
+    overlay = tmp_path / "every2.yaml"
+    overlay.write_text(CHECKPOINT_EVERY_2)
+    run_dir = tmp_path / "run"
+    args = [*tiny_maesil_args(tiny_ct_dir, run_dir, max_steps=2), "--config", str(overlay),
+            "--trainer.limit_val_batches", "0"]
+    main(["fit", *args])
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a crash of a non-atomic writer
+
+    with pytest.raises(CorruptCheckpointError) as error:
+        main(["fit", *args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    message = str(error.value)
+    assert str(last) in message and "truncated" in message
+    assert "epoch=0-step=2.ckpt" in message  # the intact alternative
+    with pytest.raises(CorruptCheckpointError, match="last.ckpt: not a complete torch checkpoint"):
+        main(["fit", *args, "--trainer.max_steps", "4", "--ckpt_path", str(last)])
+
+    main(["fit", *args, "--trainer.max_steps", "4",
+          "--ckpt_path", str(run_dir / "checkpoints" / "epoch=0-step=2.ckpt")])
+    # Lightning keeps the corrupt last.ckpt and names the new one last-v1.ckpt; `last` means the newest
+    resumed = latest_last_checkpoint([run_dir / "checkpoints"])
+    assert resumed.name == "last-v1.ckpt"
+    assert torch.load(resumed, map_location="cpu", weights_only=False)["global_step"] == 4
+
+
+def test_check_resumable_accepts_a_good_checkpoint_and_rejects_a_corrupt_byte(tmp_path):
+    path = tmp_path / "a.ckpt"
+    atomic_torch_save({"weights": torch.arange(1000.0)}, path)
+    check_resumable(path)
+    data = bytearray(path.read_bytes())
+    offset = data.find(torch.arange(1000.0).numpy().tobytes()[:64])
+    assert offset > 0
+    data[offset + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="fails its CRC check"):
+        check_resumable(path)
+    with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist"):
+        check_resumable(tmp_path / "missing.ckpt")
