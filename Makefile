@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.maesil-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-all benchmark recon-benchmark compare-init clean
+.PHONY: install demo test test-slow test-all benchmark recon-benchmark compare-init sweep clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,12 @@ runs/%_demo/checkpoints/last.ckpt: | $(STAMP)
 compare-init: $(STAMP) $(foreach m,$(PRETRAINED),runs/$(m)_demo/checkpoints/last.ckpt)
 	WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) -m maesil compare-init --steps $(FINETUNE_STEPS) --seeds $(FINETUNE_SEEDS) \
 	  --checkpoints $(foreach m,$(PRETRAINED),runs/$(m)_demo/checkpoints/last.ckpt) --out runs/compare_init
+
+# The mask-ratio sweep without a W&B server: 18 short runs of the MAESIL demo, results.csv and sweep.png.
+SWEEP_STEPS ?= 200
+sweep: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m maesil sweep-local experiments/sweeps/mask_ratio.yaml --quiet \
+	  -- --trainer.max_steps $(SWEEP_STEPS) --trainer.val_check_interval $(SWEEP_STEPS)
 
 clean:
 	rm -rf runs data_cache .pytest_cache
