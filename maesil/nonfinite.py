@@ -12,7 +12,7 @@ A run may instead skip up to K such batches, each one logged as a warning and co
 loss is replaced by a zero that gives every parameter a zero gradient (so DDP's gradient all-reduce still sees
 every parameter on every process, which returning ``None`` would break) and the optimizer steps with a learning
 rate of 0 (:func:`skip_optimizer_update`). The step counter and the schedule advance, and momentum-type optimizer
-state decays by one step. Configure it with the :class:`NonFiniteLossGuard` callback::
+state decays by one step. With gradient accumulation the whole accumulated step is skipped. Configure it with the :class:`NonFiniteLossGuard` callback::
 
     trainer:
       callbacks:

@@ -100,16 +100,20 @@ def test_sigkilled_fit_resumes_from_last_without_going_back(tiny_ct_dir, tmp_pat
         assert f"after {resumed_from % 6} training batches" in err
 
 
-def test_resume_with_a_prepared_cache_repeats_the_uninterrupted_run_exactly(tiny_ct_dir, tmp_path):
+@pytest.mark.parametrize("samples_per_volume", [4, 2], ids=["checkpoint-in-epoch-0", "checkpoint-in-epoch-1"])
+def test_resume_with_a_prepared_cache_repeats_the_uninterrupted_run_exactly(tiny_ct_dir, tmp_path,
+                                                                           samples_per_volume):
     """Optimizer, scheduler, RNG and data position all resume: the losses after the checkpoint are
-    bit-identical to those of a run that was never interrupted."""
+    bit-identical to those of a run that was never interrupted. 2 training subjects, batch 2: an epoch is
+    ``samples_per_volume`` batches, so the step-3 checkpoint lies inside epoch 0 (4) or epoch 1 (2)."""
     cache = tmp_path / "cache"
 
     def run(name: str, extra: list[str]) -> dict[int, float]:
         run_dir = tmp_path / name
         overlay = _overlay(tmp_path / f"{name}.yaml", run_dir, every=3, flush_every=100)
         main(["fit", *tiny_maesil_args(tiny_ct_dir, run_dir, max_steps=7), "--config", str(overlay),
-              "--data.init_args.cache_dir", str(cache), "--data.init_args.samples_per_volume", "4",
+              "--data.init_args.cache_dir", str(cache),
+              "--data.init_args.samples_per_volume", str(samples_per_volume),
               "--trainer.limit_val_batches", "0", *extra])
         return _series(_rows(sorted((run_dir / "logs").glob("version_*/metrics.csv"))[-1]), "train/loss")
 

@@ -506,8 +506,12 @@ class VolumeDataModule(L.LightningDataModule):
                 "batch_size": int(self.batch_size)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Remembers a checkpoint's data position for the next :meth:`train_dataloader`."""
+        """Remembers a checkpoint's data position for the next :meth:`train_dataloader`, and its epoch:
+        the training loader is built before Lightning starts the resumed epoch, and its subject order and
+        superpatch locations depend on the epoch."""
         self._resume_position = dict(state_dict) if state_dict else None
+        if self._resume_position and "epoch" in self._resume_position:
+            self._epoch = int(self._resume_position["epoch"])
 
     def _apply_resume_position(self, sampler: ResumableSampler) -> None:
         """Makes the first pass of a resumed run's training sampler skip what the checkpointed run used.
