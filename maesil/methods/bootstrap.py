@@ -183,18 +183,21 @@ class BootstrapModule(PretrainModule):
         self.on_validation_epoch_end()
 
     def _log_views(self, batch: dict) -> None:
-        from maesil.evaluation.figures import two_view_figure
+        from maesil.evaluation.figures import display_range, two_view_figure
         from maesil.data.views import box_intersection
 
         overlap = box_intersection(batch["box1"], batch["box2"])[0]
+        image = batch["image"][0, 0].float().numpy()
+        modality = str(getattr(getattr(self.trainer, "datamodule", None), "modality", None) or "ct").lower()
         figure = two_view_figure(
-            batch["image"][0, 0].float().numpy(),
+            image,
             [batch["view1"][0, 0].float().numpy(), batch["view2"][0, 0].float().numpy()],
             [batch["box1"][0].numpy(), batch["box2"][0].numpy()],
             [batch["flip1"][0].numpy(), batch["flip2"][0].numpy()],
             overlap.numpy(),
             title=f"{batch['subject_id'][0]} · step {self.global_step} · overlap "
                   f"{float(batch['overlap'][0]):.0%}",
+            value_range=display_range(image, modality),  # (0, 1) for CT; percentiles for z-normalised MRI
         )
         self.log_figure("views", figure)
 
