@@ -263,20 +263,16 @@ class MaesilCLI(LightningCLI):
         wandb.teardown()
 
     def before_fit(self) -> None:
-        """Checks the checkpoint a run resumes from (``--ckpt_path last`` or a path) before anything trains:
-        a truncated or corrupt file stops the run at once with its name and the alternatives."""
-        ckpt_path = self._get(self.config_init, "ckpt_path")
-        if not ckpt_path or str(ckpt_path) in ("best", "hpc", "registry") or "://" in str(ckpt_path):
+        """Checks the checkpoint ``--ckpt_path last`` resumes from before anything trains: a truncated or
+        corrupt file stops the run at once with its name and the alternatives. (A checkpoint given as a path
+        is checked when it is parsed, in :meth:`_parse_ckpt_path`: each file is read through once.)"""
+        if str(self._get(self.config_init, "ckpt_path")) != "last":
             return
-        if str(ckpt_path) == "last":
-            folders = [callback.dirpath for callback in self.trainer.checkpoint_callbacks
-                       if isinstance(callback, ModelCheckpoint) and callback.dirpath]
-            path = latest_last_checkpoint(folders)
-            if path is None:
-                return  # Lightning warns that there is nothing to resume and starts from scratch
-        else:
-            path = Path(ckpt_path)
-        check_resumable(path)
+        folders = [callback.dirpath for callback in self.trainer.checkpoint_callbacks
+                   if isinstance(callback, ModelCheckpoint) and callback.dirpath]
+        path = latest_last_checkpoint(folders)
+        if path is not None:  # None: Lightning warns that there is nothing to resume and starts from scratch
+            check_resumable(path)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         config = self._get(self.config_init, "trainer", default={})

@@ -11,10 +11,9 @@ TINY_SHAPE = (48, 48, 24)
 TINY_SPACING = (4.0, 4.0, 8.0)
 
 
-def tiny_maesil_args(data_dir: Path, run_dir: Path, max_steps: int = 4) -> list[str]:
-    """CLI arguments that shrink experiments/pretrain/maesil_demo.yaml to a seconds-long run."""
+def tiny_maesil_overrides(data_dir: Path) -> list[str]:
+    """Data and model arguments that shrink the MAESIL demo to a 32³ superpatch and a 2-block ViT."""
     return [
-        "--config", str(REPO_ROOT / "experiments/pretrain/maesil_demo.yaml"),
         "--data.init_args.data_dir", str(data_dir),
         "--data.init_args.superpatch_size", "32",
         "--data.init_args.target_spacing", "4.0",
@@ -29,8 +28,31 @@ def tiny_maesil_args(data_dir: Path, run_dir: Path, max_steps: int = 4) -> list[
         "--model.init_args.decoder_embed_dim", "48",
         "--model.init_args.decoder_depth", "1",
         "--model.init_args.decoder_num_heads", "2",
+    ]
+
+
+def tiny_maesil_args(data_dir: Path, run_dir: Path, max_steps: int = 4) -> list[str]:
+    """CLI arguments that shrink experiments/pretrain/maesil_demo.yaml to a seconds-long run."""
+    return [
+        "--config", str(REPO_ROOT / "experiments/pretrain/maesil_demo.yaml"),
+        *tiny_maesil_overrides(data_dir),
         "--trainer.max_steps", str(max_steps),
         "--trainer.val_check_interval", "2",
         "--trainer.log_every_n_steps", "1",
         "--trainer.default_root_dir", str(run_dir),
     ]
+
+
+def validate_on_tiny_mri(module, data_dir: Path, root: Path) -> dict[str, float]:
+    """``trainer.validate`` of ``module`` on the tiny CT phantoms z-normalised as MRI (about [−5, 6], not
+    [0, 1]; one validation volume); returns the logged metrics."""
+    import lightning as L
+
+    from maesil.data import VolumeDataModule
+
+    datamodule = VolumeDataModule(data_dir=str(data_dir), modality="mri", superpatch_size=32, target_spacing=4.0,
+                                  val_fraction=0.34, batch_size=2, num_workers=0, check_voxels=False)
+    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=root, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    [metrics] = trainer.validate(module, datamodule=datamodule)
+    return metrics

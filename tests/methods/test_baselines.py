@@ -14,7 +14,6 @@ import yaml
 from torch.utils.data import DataLoader
 
 from maesil.cli import main
-from maesil.data import VolumeDataModule
 from maesil.methods import AE, VAE, VQVAE
 from maesil.methods.baselines import (
     AutoencoderOutput,
@@ -23,7 +22,7 @@ from maesil.methods.baselines import (
     codebook_statistics,
 )
 from maesil.models.autoencoders import AUTOENCODER_PRESETS
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, validate_on_tiny_mri
 
 BASELINES = {"ae": AE, "vae": VAE, "vqvae": VQVAE}
 
@@ -226,11 +225,7 @@ def test_mri_validation_of_an_exact_autoencoder_is_perfect_and_pictured_over_the
     module.forward = lambda images, deterministic=False: AutoencoderOutput(images.clone(), {"loss": torch.tensor(0.0)})
     figures = []
     module.log_figure = lambda name, figure: figures.append(figure)
-    datamodule = VolumeDataModule(data_dir=str(tiny_ct_dir), modality="mri", superpatch_size=32, target_spacing=4.0,
-                                  val_fraction=0.34, batch_size=2, num_workers=0, check_voxels=False)
-    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
-    [metrics] = trainer.validate(module, datamodule=datamodule)
+    metrics = validate_on_tiny_mri(module, tiny_ct_dir, tmp_path)
     assert math.isinf(metrics["val/psnr"]) and metrics["val/ssim"] == pytest.approx(1.0, abs=1e-6)
     [figure] = figures
     low, high = figure.axes[0].images[0].get_clim()  # input, axial

@@ -1,12 +1,11 @@
 import math
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from maesil.data import VolumeDataModule
 from maesil.methods import MAESIL
+from tests.helpers import validate_on_tiny_mri
 
 
 def tiny_module(**overrides) -> MAESIL:
@@ -67,21 +66,12 @@ def test_invalid_masking_ratio_fails_at_construction():
         tiny_module(mask_ratio=1.0)
 
 
-def mri_datamodule(data_dir) -> VolumeDataModule:
-    """The tiny CT phantoms z-normalised as MRI (about [−5, 6], not [0, 1]), one validation volume."""
-    return VolumeDataModule(data_dir=str(data_dir), modality="mri", superpatch_size=32, target_spacing=4.0,
-                            val_fraction=0.34, batch_size=2, num_workers=0, check_voxels=False)
-
-
 def test_mri_validation_scores_an_exact_reconstruction_unclipped_and_shows_the_data_range(tiny_ct_dir, tmp_path):
     module = tiny_module()
     module.net.reconstruct = lambda images, output: images.clone()  # a perfect reconstruction
     figures = []
     module.log_figure = lambda name, figure: figures.append(figure)
-    datamodule = mri_datamodule(tiny_ct_dir)
-    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
-    [metrics] = trainer.validate(module, datamodule=datamodule)
+    metrics = validate_on_tiny_mri(module, tiny_ct_dir, tmp_path)
     assert module.data_modality == "mri"
     # Clamped to [0, 1], as before, the z-normalised target would be matched only inside [0, 1].
     assert math.isinf(metrics["val/psnr"]) and math.isinf(metrics["val/psnr_masked"])

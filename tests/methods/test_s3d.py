@@ -7,17 +7,15 @@ import csv
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
 
 from maesil.cli import main
-from maesil.data import VolumeDataModule
 from maesil.methods import S3D
 from maesil.models.sparse import upsample_mask
 from maesil.tools.benchmark_recon import benchmark_recon_command, load_method
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, validate_on_tiny_mri
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
 
@@ -221,11 +219,7 @@ def test_mri_validation_is_not_clamped_and_scores_on_the_data_range(tiny_ct_dir,
     module.forward = lambda images, mask: images + offset
     figures = []
     module.log_figure = lambda name, figure: figures.append(figure)
-    datamodule = VolumeDataModule(data_dir=str(tiny_ct_dir), modality="mri", superpatch_size=32, target_spacing=4.0,
-                                  val_fraction=0.34, batch_size=2, num_workers=0, check_voxels=False)
-    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
-    [metrics] = trainer.validate(module, datamodule=datamodule)
+    metrics = validate_on_tiny_mri(module, tiny_ct_dir, tmp_path)
     if offset == 0.0:
         assert math.isinf(metrics["val/psnr_masked"]) and math.isinf(metrics["val/psnr"])
         assert metrics["val/ssim"] == pytest.approx(1.0, abs=1e-6)

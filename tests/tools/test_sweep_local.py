@@ -25,30 +25,16 @@ from maesil.tools.sweep_local import (
     sweep_figure,
     sweep_local_command,
 )
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, tiny_maesil_overrides
 
 MASK_RATIO_SWEEP = REPO_ROOT / "experiments/sweeps/mask_ratio.yaml"
 DEMO_YAML = REPO_ROOT / "experiments/pretrain/maesil_demo.yaml"
 
 
 def tiny_overrides(data_dir: Path) -> list[str]:
-    """Appended to a sweep command: the demo shrunk to a 32³ superpatch, 4³ tokens, 2 steps and one validation
-    batch."""
+    """Appended to a sweep command: the demo shrunk to a 32³ superpatch, 2 steps and one validation batch."""
     return [
-        "--data.init_args.data_dir", str(data_dir),
-        "--data.init_args.superpatch_size", "32",
-        "--data.init_args.target_spacing", "4.0",
-        "--data.init_args.num_workers", "0",
-        "--data.init_args.batch_size", "2",
-        "--data.init_args.samples_per_volume", "2",
-        "--data.init_args.queue_length", "4",
-        "--model.init_args.img_size", "32",
-        "--model.init_args.embed_dim", "32",
-        "--model.init_args.depth", "1",
-        "--model.init_args.num_heads", "2",
-        "--model.init_args.decoder_embed_dim", "32",
-        "--model.init_args.decoder_depth", "1",
-        "--model.init_args.decoder_num_heads", "2",
+        *tiny_maesil_overrides(data_dir),
         "--trainer.max_steps", "2",
         "--trainer.val_check_interval", "2",
         "--trainer.limit_val_batches", "1",
