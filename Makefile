@@ -27,7 +27,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) -m maesil fit --config experiments/pretrain/maesil_demo.yaml
 
+# lint-imports checks the layering contracts in pyproject.toml before the tests run.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 # pytest exits 5 when no test is selected; that is not a failure here.

@@ -129,7 +129,7 @@ class PeakMemory:
 
 
 def _records(data_dir: Path, count: int) -> list:
-    from maesil.data.sources import SubjectRecord
+    from maesil.data.records import SubjectRecord
 
     names = [f"phantom_{i:03d}.nii.gz" for i in range(count)]
     return [SubjectRecord(n[: -len(".nii.gz")], data_dir / "images" / n, data_dir / "labels" / n) for n in names]
@@ -139,9 +139,11 @@ def _queue_loader(args: argparse.Namespace, volumes: int):
     import torchio as tio
     from torch.utils.data import DataLoader
 
+    from maesil.data.backends.queue import PolicyPatchSampler, QueueSampler, train_queue
+    from maesil.data.collate import collate_patches
     from maesil.data.io import subject_from_record
     from maesil.data.preprocess import PreprocessSettings
-    from maesil.data.sampling import QueueSampler, collate_patches, train_queue
+    from maesil.data.sampling import UniformPolicy
 
     settings = PreprocessSettings(modality="ct", target_spacing=(args.target_spacing,) * 3)
     patch = (args.patch,) * 3
@@ -149,8 +151,8 @@ def _queue_loader(args: argparse.Namespace, volumes: int):
         [subject_from_record(r, with_label=False) for r in _records(Path(args.data_dir), volumes)],
         transform=settings.transform(min_shape=patch), load_getitem=False,
     )
-    queue = train_queue(subjects, patch, args.samples_per_volume, max_length=args.queue_length,
-                        num_workers=args.workers, sampler=tio.UniformSampler(patch))
+    queue = train_queue(subjects, args.samples_per_volume, max_length=args.queue_length,
+                        num_workers=args.workers, sampler=PolicyPatchSampler(patch, UniformPolicy()))
     return DataLoader(queue, batch_size=args.batch_size, sampler=QueueSampler(queue), num_workers=0,
                       collate_fn=collate_patches)
 
@@ -159,7 +161,7 @@ def _cache_loader(args: argparse.Namespace, volumes: int):
     from torch.utils.data import DataLoader
 
     from maesil.data.cache import CachedPatchDataset, CacheIndex
-    from maesil.data.sampling import collate_patches
+    from maesil.data.collate import collate_patches
 
     index = CacheIndex.load(args.cache_dir)
     ids = [r.subject_id for r in _records(Path(args.data_dir), volumes)]
@@ -263,8 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from maesil.data.cache import prepare_cache
-    from maesil.data.phantoms import write_phantoms
     from maesil.data.preprocess import PreprocessSettings
+    from maesil.phantoms import write_phantoms
 
     wall = time.perf_counter()
     count = max(args.volumes, *args.rss_volumes)

@@ -1,6 +1,6 @@
 """Training-step throughput: maesil ``MaskedAutoencoder3D`` vs MONAI ``MaskedAutoEncoderViT``.
 
-Both models get the identical configuration (64^3 x 1 channel, patch 8, encoder 192 wide x 6 blocks x 4 heads,
+Both models get the identical configuration (64^3 x 1 channel, 8^3 tokens, encoder 192 wide x 6 blocks x 4 heads,
 MLP 768, decoder 192 wide x 2 blocks x 4 heads, MLP 768, qkv bias, fixed sin-cos positions, 75 % random masking)
 and the same loss (per-patch MSE averaged over the masked patches, computed from MONAI's ``(pred, mask)``
 output). One step is mask generation + forward + backward + AdamW step; MONAI draws its mask inside ``forward``,
@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from maesil.models.mae import MaskedAutoencoder3D
 from maesil.models.masking import make_mask
+from maesil.models.parameters import count_parameters
 from maesil.models.vit3d import patchify
 
-IMG, PATCH, CHANNELS = 64, 8, 1
+SUPERPATCH, TOKEN, CHANNELS = 64, 8, 1
 HIDDEN, DEPTH, HEADS, MLP = 192, 6, 4, 768
 DEC_HIDDEN, DEC_DEPTH, DEC_HEADS, DEC_MLP = 192, 2, 4, 768
 MASK_RATIO = 0.75
@@ -36,7 +37,7 @@ MASK_RATIO = 0.75
 
 def build_ours() -> MaskedAutoencoder3D:
     return MaskedAutoencoder3D(
-        img_size=IMG, patch_size=PATCH, in_channels=CHANNELS, embed_dim=HIDDEN, depth=DEPTH, num_heads=HEADS,
+        superpatch_size=SUPERPATCH, token_size=TOKEN, in_channels=CHANNELS, embed_dim=HIDDEN, depth=DEPTH, num_heads=HEADS,
         mlp_ratio=MLP / HIDDEN, decoder_embed_dim=DEC_HIDDEN, decoder_depth=DEC_DEPTH, decoder_num_heads=DEC_HEADS,
     )  # fmt: skip
 
@@ -45,7 +46,7 @@ def build_monai() -> nn.Module:
     from monai.networks.nets import MaskedAutoEncoderViT
 
     return MaskedAutoEncoderViT(
-        in_channels=CHANNELS, img_size=IMG, patch_size=PATCH, hidden_size=HIDDEN, mlp_dim=MLP, num_layers=DEPTH,
+        in_channels=CHANNELS, img_size=SUPERPATCH, patch_size=TOKEN, hidden_size=HIDDEN, mlp_dim=MLP, num_layers=DEPTH,
         num_heads=HEADS, masking_ratio=MASK_RATIO, decoder_hidden_size=DEC_HIDDEN, decoder_mlp_dim=DEC_MLP,
         decoder_num_layers=DEC_DEPTH, decoder_num_heads=DEC_HEADS, qkv_bias=True,
     )  # fmt: skip
@@ -62,7 +63,7 @@ def ours_step(model: MaskedAutoencoder3D, opt: torch.optim.Optimizer, images: Te
 
 def monai_step(model: nn.Module, opt: torch.optim.Optimizer, images: Tensor) -> float:
     pred, mask = model(images)  # (B, N, p^3) prediction for every patch, (B, N) int mask with 1 = masked
-    target = patchify(images, PATCH)  # same token order as MONAI's conv embedding (z fastest)
+    target = patchify(images, TOKEN)  # same token order as MONAI's conv embedding (z fastest)
     per_patch = (pred - target).square().mean(dim=-1)
     weight = mask.to(per_patch.dtype)
     loss = (per_patch * weight).sum() / weight.sum()
@@ -70,12 +71,6 @@ def monai_step(model: nn.Module, opt: torch.optim.Optimizer, images: Tensor) -> 
     loss.backward()
     opt.step()
     return float(loss.detach())
-
-
-def n_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
 
 def time_once(fn: Callable[[], float]) -> float:
@@ -103,7 +98,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    images = torch.randn(args.batch_size, CHANNELS, IMG, IMG, IMG)
+    images = torch.randn(args.batch_size, CHANNELS, SUPERPATCH, SUPERPATCH, SUPERPATCH)
     ours, monai = build_ours().train(), build_monai().train()
     opt_kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[args.adamw]
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, **opt_kwargs)
@@ -124,12 +119,12 @@ def main() -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
-        f"{IMG}^3x{CHANNELS}, patch {PATCH}, mask {MASK_RATIO}, AdamW {args.adamw}, "
+        f"{SUPERPATCH}^3x{CHANNELS}, tokens {TOKEN}^3, mask {MASK_RATIO}, AdamW {args.adamw}, "
         f"{args.steps} alternating steps after {args.warmup} warm-up"
     )
     print(f"{'model':<28} {'params (trainable/total)':>26} {'median s/step':>14} {'min s/step':>11}")
     for (name, model) in zip(runs, (ours, monai)):
-        trainable, total = n_params(model)
+        trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
         print(f"{name:<28} {f'{trainable:,} / {total:,}':>26} {med[name]:>14.4f} {min(times[name]):>11.4f}")
     name_ours, name_monai = list(runs)
     print(f"speed-up (MONAI / ours, median): {med[name_monai] / med[name_ours]:.2f}x")

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from maesil.models.parameters import count_parameters
+from maesil.models.presets import from_preset
 from maesil.models.sparse import SparseMaskedUNet, block_mask, draw_mask_ratio, mask_grid, masked_mse, upsample_mask
 from maesil.models.unet import UNET_PRESETS
 
@@ -28,7 +30,7 @@ BLOCK, RATIO_RANGE, CHANNELS = 16, (0.6, 0.9), 1
 
 
 def build(preset: str, sparse: bool) -> SparseMaskedUNet:
-    return SparseMaskedUNet(in_channels=CHANNELS, **UNET_PRESETS[preset], block_size=BLOCK, sparse=sparse)
+    return from_preset(SparseMaskedUNet, UNET_PRESETS, preset, in_channels=CHANNELS, block_size=BLOCK, sparse=sparse)
 
 
 def step(model: SparseMaskedUNet, opt: torch.optim.Optimizer, images: Tensor) -> float:
@@ -39,10 +41,6 @@ def step(model: SparseMaskedUNet, opt: torch.optim.Optimizer, images: Tensor) ->
     loss.backward()
     opt.step()
     return float(loss.detach())
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def time_once(fn: Callable[[], float]) -> float:
@@ -92,13 +90,13 @@ def main() -> None:
     )
     print(f"{'variant':<31} {'params':>12} {'median s/step':>14} {'min s/step':>11}")
     for name, model in zip(runs, (sparse, plain)):
-        print(f"{name:<31} {n_params(model):>12,} {med[name]:>14.4f} {min(times[name]):>11.4f}")
+        print(f"{name:<31} {count_parameters(model):>12,} {med[name]:>14.4f} {min(times[name]):>11.4f}")
     name_sparse, name_plain = list(runs)
     print(f"time ratio (sparse / plain, median): {med[name_sparse] / med[name_plain]:.2f}x")
     with torch.device("meta"):
         resenc_l = build("resenc_l", sparse=True)
-    print(f"ResEnc-L S3D network (paper preset): {n_params(resenc_l):,} parameters "
-          f"({n_params(resenc_l.encoder):,} in the encoder)")
+    print(f"ResEnc-L S3D network (paper preset): {count_parameters(resenc_l):,} parameters "
+          f"({count_parameters(resenc_l.encoder):,} in the encoder)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning, Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from maesil.methods.base import MethodModule, datamodule_spec
+
 
 class RunSummary(Callback):
     """Prints where a finished run left its outputs and how the monitored metrics moved; writes ``summary.json``.
@@ -206,7 +208,7 @@ class LinearLRScaling(Callback):
     (it depends on ``--data.init_args.batch_size``, gradient accumulation and the number of processes), so
     this callback computes it in ``setup`` (which Lightning runs before ``configure_optimizers``) as::
 
-        effective batch = datamodule.batch_size × trainer.accumulate_grad_batches × trainer.world_size
+        effective batch = datamodule.spec.batch_size × trainer.accumulate_grad_batches × trainer.world_size
 
     and sets the module's ``batch_lr_factor`` to ``effective / base_batch_size``. The module multiplies
     every param group's rate by it before building the scheduler, so the schedule's base rates are the
@@ -236,13 +238,14 @@ class LinearLRScaling(Callback):
 
     def effective_batch(self, trainer: L.Trainer) -> tuple[int, str]:
         """The effective batch and how it was formed (``"4 per device × 1 accumulated × 1 process(es)"``)."""
-        datamodule = getattr(trainer, "datamodule", None)
-        batch_size = getattr(datamodule, "batch_size", None)
+        spec = datamodule_spec(trainer)
+        batch_size = spec.batch_size if spec is not None else None
         if not isinstance(batch_size, int) or batch_size < 1:
+            datamodule = getattr(trainer, "datamodule", None)
             raise ValueError(
-                "LinearLRScaling needs a DataModule with an integer `batch_size` (per device) to compute the "
-                f"effective batch; got datamodule {type(datamodule).__name__} with batch_size {batch_size!r}. "
-                "Run through a DataModule such as maesil.data.VolumeDataModule, or remove the callback."
+                "LinearLRScaling needs a DataModule with an integer `batch_size` (per device) in its `spec` to "
+                f"compute the effective batch; got datamodule {type(datamodule).__name__} with batch_size "
+                f"{batch_size!r}. Run through maesil.data.VolumeDataModule, or remove the callback."
             )
         accumulate = int(trainer.accumulate_grad_batches)
         processes = int(trainer.world_size)
@@ -252,11 +255,9 @@ class LinearLRScaling(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from maesil.methods.base import PretrainModule
-
-        if not isinstance(pl_module, PretrainModule):
+        if not isinstance(pl_module, MethodModule):
             raise TypeError(
-                f"LinearLRScaling scales the optimizer of maesil's methods (PretrainModule subclasses, which "
+                f"LinearLRScaling scales the optimizer of maesil's methods (MethodModule subclasses, which "
                 f"apply `batch_lr_factor` in configure_optimizers); got {type(pl_module).__name__}"
             )
         self.effective_batch_size, how = self.effective_batch(trainer)

@@ -3,7 +3,7 @@
 A NaN loss usually comes from the data (a NaN or Inf voxel that slipped past ``check_voxels: false``, a
 corrupt volume), sometimes from the optimisation (a learning rate that is too high). Either way, training
 on would silently turn every weight into NaN and the run would go on for hours producing nothing.
-Every method's ``training_step`` is guarded (:class:`maesil.methods.base.PretrainModule` wraps it with
+Every method's ``training_step`` is guarded (:class:`maesil.methods.base.MethodModule` wraps it with
 :func:`guard_training_step`): when the loss is NaN or Inf the run raises :class:`NonFiniteLossError` with the
 global step, the epoch, the batch index and the subject ids of the batch.
 
@@ -12,12 +12,15 @@ A run may instead skip up to K such batches, each one logged as a warning and co
 loss is replaced by a zero that gives every parameter a zero gradient (so DDP's gradient all-reduce still sees
 every parameter on every process, which returning ``None`` would break) and the optimizer steps with a learning
 rate of 0 (:func:`skip_optimizer_update`). The step counter and the schedule advance, and momentum-type optimizer
-state decays by one step. With gradient accumulation the whole accumulated step is skipped. Configure it with the :class:`NonFiniteLossGuard` callback::
+state decays by one step. With gradient accumulation the whole accumulated step is skipped. The budget K is set
+by the :class:`NonFiniteSkipBudget` callback (the guard itself is always on)::
 
     trainer:
       callbacks:
-        - class_path: maesil.nonfinite.NonFiniteLossGuard
+        - class_path: maesil.nonfinite.NonFiniteSkipBudget
           init_args: {max_skipped_batches: 10}
+
+``NonFiniteLossGuard``, the callback's former name, is still accepted in YAML (with a ``FutureWarning``).
 
 Under DDP the check is agreed across processes (one all-reduce of a flag per step), so every process raises
 or skips together and none waits forever for the others.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,7 +40,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "guard_training_step", "batch_subjects",
+from maesil.trainer_attachment import attached_trainer
+
+__all__ = ["NonFiniteLossError", "NonFiniteSkipBudget", "NonFiniteLossGuard", "guard_training_step", "batch_subjects",
            "skip_optimizer_update", "restore_learning_rates"]
 
 log = logging.getLogger("maesil")
@@ -65,11 +71,12 @@ def _loss_tensor(output: Any) -> Tensor | None:
     return None
 
 
-class NonFiniteLossGuard(Callback):
+class NonFiniteSkipBudget(Callback):
     """Lets a run skip up to ``max_skipped_batches`` batches whose loss is NaN/Inf instead of stopping.
 
-    Without this callback the budget is 0: the first non-finite loss raises :class:`NonFiniteLossError`.
-    The number of skipped batches is saved in checkpoints, so a resumed run does not get a fresh budget.
+    The guard is always on; without this callback the budget is 0: the first non-finite loss raises
+    :class:`NonFiniteLossError`. The number of skipped batches is saved in checkpoints, so a resumed run does
+    not get a fresh budget.
     """
 
     def __init__(self, max_skipped_batches: int = 0) -> None:
@@ -81,17 +88,25 @@ class NonFiniteLossGuard(Callback):
         pl_module.max_skipped_batches = self.max_skipped_batches
 
 
-def _all_finite(module: L.LightningModule, finite: bool) -> bool:
+class NonFiniteLossGuard(NonFiniteSkipBudget):
+    """Deprecated name of :class:`NonFiniteSkipBudget`, kept for trainer YAMLs that name it."""
+
+    def __init__(self, max_skipped_batches: int = 0) -> None:
+        warnings.warn("maesil.nonfinite.NonFiniteLossGuard is deprecated; use maesil.nonfinite.NonFiniteSkipBudget "
+                      "(the same callback: it sets the skip budget of the always-on guard)", FutureWarning,
+                      stacklevel=2)
+        super().__init__(max_skipped_batches)
+
+
+def _all_finite(module: L.LightningModule, trainer: L.Trainer | None, finite: bool) -> bool:
     """``finite`` agreed across DDP processes (False if any process saw a non-finite loss)."""
-    trainer = module._trainer
     if trainer is None or trainer.world_size <= 1:
         return finite
     flag = torch.tensor(1.0 if finite else 0.0, device=module.device)
     return bool(trainer.strategy.reduce(flag, reduce_op="min") > 0.5)
 
 
-def _gathered_subjects(module: L.LightningModule, subjects: list[str]) -> list[str]:
-    trainer = module._trainer
+def _gathered_subjects(trainer: L.Trainer | None, subjects: list[str]) -> list[str]:
     if trainer is None or trainer.world_size <= 1 or not torch.distributed.is_initialized():
         return subjects
     gathered: list[list[str] | None] = [None] * trainer.world_size
@@ -137,27 +152,28 @@ def guard_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
         loss = _loss_tensor(output)
         if loss is None:
             return output
-        finite = _all_finite(self, bool(torch.isfinite(loss.detach()).all()))
+        trainer = attached_trainer(self)
+        finite = _all_finite(self, trainer, bool(torch.isfinite(loss.detach()).all()))
         if finite:
             return output
-        subjects = _gathered_subjects(self, batch_subjects(batch))
+        subjects = _gathered_subjects(trainer, batch_subjects(batch))
         value = float(loss.detach().float().reshape(-1)[0]) if loss.numel() else math.nan
         where = (f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
-                 if self._trainer is not None else f"batch {batch_idx}")
+                 if trainer is not None else f"batch {batch_idx}")
         names = ", ".join(subjects) if subjects else "unknown (the batch has no subject_id)"
         skipped = int(getattr(self, "skipped_batches", 0))
         budget = int(getattr(self, "max_skipped_batches", 0))
         if skipped < budget:
             self.skipped_batches = skipped + 1
-            if self._trainer is None or self.trainer.is_global_zero:
+            if trainer is None or trainer.is_global_zero:
                 log.warning("non-finite loss (%s) at %s; subjects: %s. Batch skipped (%d of at most %d).",
                             value, where, names, skipped + 1, budget)
-            if self._trainer is not None:
+            if trainer is not None:
                 self.log("train/skipped_batches", float(skipped + 1), on_step=True, on_epoch=False, sync_dist=False)
             self._skip_optimizer_update = True
             return _zero_loss(self, loss)
         allowance = (f" {skipped} such batches were already skipped (max_skipped_batches={budget})." if budget
-                     else " To skip such batches instead, add the callback maesil.nonfinite.NonFiniteLossGuard "
+                     else " To skip such batches instead, add the callback maesil.nonfinite.NonFiniteSkipBudget "
                           "with max_skipped_batches > 0.")
         raise NonFiniteLossError(
             f"non-finite training loss ({value}) at {where}. Subjects in this batch: {names}. "

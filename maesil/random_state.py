@@ -3,7 +3,7 @@
 Lightning restores weights, optimizer, scheduler and loop progress from ``--ckpt_path``, but not the global
 RNGs (Python ``random``, NumPy, torch CPU and CUDA), which draw masks, augmentations and dropout. Without
 them a resumed run starts those streams from the seed again and repeats the random draws of its first steps.
-:class:`maesil.methods.base.PretrainModule` stores the state of every process under ``"maesil_rng"`` and
+:class:`maesil.methods.base.MethodModule` stores the state of every process under ``"maesil_rng"`` and
 restores the process's own one on resume.
 
 States are stored as tensors and plain Python values only, so checkpoints still load with

@@ -15,7 +15,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 @pytest.fixture(scope="session")
 def tiny_ct_dir(tmp_path_factory) -> Path:
     """Three tiny phantoms (images/ and labels/), written once per test session."""
-    from maesil.data.phantoms import write_phantoms
+    from maesil.phantoms import write_phantoms
 
     root = tmp_path_factory.mktemp("tiny_ct")
     write_phantoms(root, count=3, seed=0, shape=TINY_SHAPE, spacing=TINY_SPACING)

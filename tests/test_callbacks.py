@@ -13,14 +13,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from maesil.callbacks import LinearLRScaling
-from maesil.methods.base import PretrainModule
+from maesil.methods.base import MethodModule
 from maesil.optim import WarmupCosineLR
+from tests.methods.test_base import tiny_spec
 
 BASE_LR = 0.1
 
 
-class TinyModule(PretrainModule):
-    """A linear layer trained by AdamW (lr ``BASE_LR``) with warm-up + cosine: the smallest PretrainModule."""
+class TinyModule(MethodModule):
+    """A linear layer trained by AdamW (lr ``BASE_LR``) with warm-up + cosine: the smallest MethodModule."""
 
     def __init__(self) -> None:
         super().__init__(
@@ -34,17 +35,18 @@ class TinyModule(PretrainModule):
 
 
 class TinyData(L.LightningDataModule):
-    """Random 4-vectors in batches of ``batch_size`` (the attribute LinearLRScaling reads)."""
+    """Random 4-vectors in batches of ``batch_size`` (published in the ``spec`` LinearLRScaling reads)."""
 
     def __init__(self, batch_size: int) -> None:
         super().__init__()
         self.batch_size = batch_size
+        self.spec = tiny_spec(batch_size=batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(torch.randn(64, 4), batch_size=self.batch_size)
 
 
-def fit(module: PretrainModule, batch_size: int, callbacks: list, max_steps: int = 1, ckpt_path: str | None = None,
+def fit(module: MethodModule, batch_size: int, callbacks: list, max_steps: int = 1, ckpt_path: str | None = None,
         **trainer_args) -> L.Trainer:
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
@@ -97,7 +99,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="DataModule with an integer `batch_size`"):
         LinearLRScaling().setup(trainer, TinyModule(), "fit")
     trainer.datamodule = TinyData(2)
-    with pytest.raises(TypeError, match="PretrainModule"):
+    with pytest.raises(TypeError, match="MethodModule"):
         LinearLRScaling().setup(trainer, L.LightningModule(), "fit")
     with pytest.raises(ValueError, match="base_batch_size"):
         LinearLRScaling(0)

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from maesil.cli import main
-from maesil.data.sources import DataError
+from maesil.data.records import DataError
 from tests.helpers import REPO_ROOT, tiny_maesil_args
 
 
@@ -53,15 +53,23 @@ def test_resume_from_last_continues_global_step(tiny_ct_dir, tmp_path):
     assert steps and min(steps) >= 2
 
 
-def test_print_config_reproduces_the_run(tiny_ct_dir, tmp_path, capsys):
+def print_config(args: list[str], capsys) -> dict:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *tiny_maesil_args(tiny_ct_dir, tmp_path / "run"), "--print_config"])
+        main(["fit", *args, "--print_config"])
     assert exit_info.value.code == 0
-    config = yaml.safe_load(capsys.readouterr().out)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_print_config_reproduces_the_run(tiny_ct_dir, tmp_path, capsys):
+    config = print_config(tiny_maesil_args(tiny_ct_dir, tmp_path / "run"), capsys)
     assert config["model"]["class_path"] == "maesil.methods.MAESIL"
-    assert config["model"]["init_args"]["img_size"] == 32
+    assert config["data"]["init_args"]["superpatch_size"] == 32
+    assert "superpatch_size" not in config["model"]["init_args"]  # stated once: the model follows the data
     assert config["data"]["init_args"]["data_dir"] == str(tiny_ct_dir)
     assert config["trainer"]["use_distributed_sampler"] is False
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(yaml.safe_dump(config))
+    assert print_config(["--config", str(printed)], capsys) == config
 
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "non_image", "image_2d"])
@@ -148,3 +156,129 @@ def test_help_lists_the_tools(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "sweep-local" in capsys.readouterr().out
+
+
+def test_help_lists_every_registered_tool_with_its_description(capsys):
+    from maesil.tools import TOOLS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, tool in TOOLS.items():
+        assert any(line.split() == [name, *tool.description.split()] for line in lines), name
+
+
+@pytest.mark.parametrize("name", ["phantoms", "check-data", "prepare", "benchmark-recon", "export-encoder",
+                                  "compare-init", "sweep-local"])
+def test_each_tool_has_its_own_help(name, capsys):
+    from maesil.tools import TOOLS
+
+    assert callable(TOOLS[name].load())
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m maesil {name}")
+
+
+def test_an_unknown_tool_name_is_reported_by_the_lightning_cli(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["no-such-tool", "--help"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "no-such-tool" in error and "fit" in error
+
+
+def test_the_tool_registry_imports_no_tool_until_one_runs():
+    code = ("import sys, maesil.tools; "
+            "print(sorted(m for m in sys.modules if m.startswith('maesil.') and m != 'maesil.tools'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+class _StopBeforeInstantiation(Exception):
+    pass
+
+
+def test_resume_hooks_run_in_the_order_lightning_cli_documents(tmp_path, monkeypatch):
+    """MaesilCLI checks a ``--ckpt_path`` file in ``parse_arguments``, before LightningCLI reads the checkpoint's
+    hyperparameters into the model config, and restores the model's ``runtime_hparams`` in
+    ``before_instantiate_classes``, after that. Fails if a Lightning release moves that step."""
+    from maesil.lightning_cli import MaesilCLI
+    from maesil.methods import MAESIL
+
+    checkpoint = tmp_path / "hparams.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": "maesil.methods.MAESIL", "mask_ratio": 0.6,
+                                     "val_mask_seed": 3}}, checkpoint)
+    monkeypatch.setattr(MAESIL, "runtime_hparams", ("mask_ratio",), raising=False)
+    seen = []
+
+    class RecordingCLI(MaesilCLI):
+        def parse_arguments(self, parser, args):
+            super().parse_arguments(parser, args)
+            seen.append(("parsed", self.config.fit.model.init_args.mask_ratio))
+
+        def before_instantiate_classes(self):
+            init_args = self.config.fit.model.init_args
+            seen.append(("checkpoint read", init_args.mask_ratio, init_args.val_mask_seed))
+            super().before_instantiate_classes()
+            seen.append(("runtime hparams restored", init_args.mask_ratio, init_args.val_mask_seed))
+            raise _StopBeforeInstantiation
+
+    args = ["fit", *tiny_maesil_args(tmp_path / "data", tmp_path / "run"), "--ckpt_path", str(checkpoint)]
+    with pytest.raises(_StopBeforeInstantiation):
+        RecordingCLI(args=args)
+    assert seen == [("parsed", 0.5), ("checkpoint read", 0.6, 3), ("runtime hparams restored", 0.5, 3)]
+
+
+def test_a_corrupt_ckpt_path_is_named_before_lightning_reads_it(tmp_path, monkeypatch):
+    from maesil.checkpoints import CorruptCheckpointError
+
+    checkpoint = tmp_path / "cut.ckpt"
+    torch.save({"hyper_parameters": {"mask_ratio": 0.6}}, checkpoint)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load ran before the checkpoint was checked")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(CorruptCheckpointError, match="cut.ckpt"):
+        main(["fit", *tiny_maesil_args(tmp_path / "data", tmp_path / "run"), "--ckpt_path", str(checkpoint)])
+
+
+def build(args: list[str]):
+    """MaesilCLI without a subcommand: the parsed and instantiated model, data and trainer."""
+    from maesil.lightning_cli import MaesilCLI
+
+    return MaesilCLI(args=args, run=False)
+
+
+def test_the_model_follows_the_superpatch_size_of_the_data(tmp_path):
+    cli = build(tiny_maesil_args(tmp_path / "data", tmp_path / "run"))
+    assert cli.datamodule.hparams.superpatch_size == 32
+    assert cli.model.superpatch_size == (32, 32, 32) and cli.model.grid == (4, 4, 4)
+    assert cli.model.hparams.superpatch_size == 32  # what a checkpoint stores to rebuild the model
+
+
+def test_a_yaml_that_states_the_superpatch_twice_with_the_old_names_builds_the_same_model(tmp_path):
+    demo = REPO_ROOT / "experiments/pretrain/maesil_demo.yaml"
+    config = yaml.safe_load(demo.read_text())
+    model_args = config["model"]["init_args"]
+    model_args["img_size"] = config["data"]["init_args"]["superpatch_size"]
+    model_args["patch_size"] = model_args.pop("token_size")
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(config))
+    assert "img_size: 64" in old.read_text() and "patch_size: 8" in old.read_text()
+
+    with pytest.warns(FutureWarning, match="superpatch_size"):
+        old_cli = build(["--config", str(old), "--trainer.default_root_dir", str(tmp_path / "old")])
+    new_cli = build(["--config", str(demo), "--trainer.default_root_dir", str(tmp_path / "new")])
+    assert old_cli.model.superpatch_size == new_cli.model.superpatch_size == (64, 64, 64)
+    assert old_cli.model.token_size == new_cli.model.token_size == 8
+    # The hyperparameters a checkpoint stores, which rebuild the model on --ckpt_path, hold the new names.
+    assert (old_cli.model.hparams.superpatch_size, old_cli.model.hparams.token_size) == (64, 8)
+    assert dict(old_cli.model.hparams) == dict(new_cli.model.hparams)
+    old_state, new_state = old_cli.model.state_dict(), new_cli.model.state_dict()
+    assert {k: v.shape for k, v in old_state.items()} == {k: v.shape for k, v in new_state.items()}

@@ -84,7 +84,7 @@ def _cache_with_a_nan_subject(tiny_ct_dir, tmp_path):
     """A prepared cache in which one training subject is all NaN (nothing at load time checks a cache)."""
     import numpy as np
 
-    from maesil.cli import TOOLS
+    from maesil.tools import TOOLS
     from maesil.data import VolumeDataModule
 
     cache = tmp_path / "cache"

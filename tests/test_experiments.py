@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from maesil.cli import main
+from maesil.models.parameters import count_parameters
 from tests.helpers import REPO_ROOT, tiny_maesil_args
 
 METHOD_CONFIGS = sorted([*(REPO_ROOT / "experiments" / "pretrain").glob("*.yaml"),
@@ -34,17 +35,22 @@ def test_bf16_mixed_precision_trains_on_cpu(tiny_ct_dir, tmp_path):
     assert all(value.dtype == torch.float32 for value in checkpoint["state_dict"].values() if value.is_floating_point())
 
 
+def model_init_args(config: dict) -> dict:
+    """A YAML's model arguments as the CLI passes them: the superpatch edge from ``data.init_args``, without the
+    optimizer and scheduler."""
+    init_args = {k: v for k, v in config["model"]["init_args"].items() if k not in ("optimizer", "scheduler")}
+    return {**init_args, "superpatch_size": config["data"]["init_args"]["superpatch_size"]}
+
+
 def test_paper_sized_maesil_config_builds_the_paper_model():
     from maesil.methods import MAESIL
 
     config = yaml.safe_load((REPO_ROOT / "experiments/pretrain/maesil.yaml").read_text())
-    init_args = {k: v for k, v in config["model"]["init_args"].items() if k not in ("optimizer", "scheduler")}
     with torch.device("meta"):
-        module = MAESIL(**init_args)
-    assert module.img_size == (128, 128, 128) and module.grid == (16, 16, 16)
+        module = MAESIL(**model_init_args(config))
+    assert module.superpatch_size == (128, 128, 128) and module.grid == (16, 16, 16)
     assert module.effective_mask_ratio == pytest.approx(0.75)
-    encoder_params = sum(p.numel() for p in module.net.encoder.parameters())
-    assert 42e6 < encoder_params < 44e6  # ViT embed 768, depth 6, plus the 8³ patch embedding
+    assert 42e6 < count_parameters(module.net.encoder) < 44e6  # ViT embed 768, depth 6, plus the 8³ token embedding
 
 
 # ----------------------------------------------------------------------------------------- the catalogue
@@ -91,14 +97,13 @@ def test_selfmedmae_config_is_the_paper_mae_and_matches_its_unetr_finetuning():
     from maesil.models.unetr import UNETR_PRESETS
 
     config = yaml.safe_load((REPO_ROOT / "experiments/pretrain/selfmedmae.yaml").read_text())
-    init_args = {k: v for k, v in config["model"]["init_args"].items() if k not in ("optimizer", "scheduler")}
+    init_args = model_init_args(config)
     with torch.device("meta"):
         module = MAESIL(**init_args)
-    assert module.img_size == (96, 96, 96) and module.grid == (6, 6, 6)
+    assert module.superpatch_size == (96, 96, 96) and module.grid == (6, 6, 6)
     assert module.masking == "random" and module.effective_mask_ratio == pytest.approx(0.75)
     assert module.net.norm_pix_loss
-    encoder_params = sum(p.numel() for p in module.net.encoder.parameters())
-    assert 85e6 < encoder_params < 90e6  # ViT-B: 12 blocks of 7.1 M plus the 16³ patch embedding
+    assert 85e6 < count_parameters(module.net.encoder) < 90e6  # ViT-B: 12 blocks of 7.1 M plus the 16³ token embedding
 
     scaling = [c for c in _callbacks(config) if c["class_path"] == "maesil.callbacks.LinearLRScaling"]
     assert scaling and scaling[0]["init_args"]["base_batch_size"] == 256
@@ -107,7 +112,7 @@ def test_selfmedmae_config_is_the_paper_mae_and_matches_its_unetr_finetuning():
 
     finetune = yaml.safe_load((REPO_ROOT / "experiments/finetune/unetr.yaml").read_text())
     preset = UNETR_PRESETS[finetune["model"]["init_args"]["preset"]]
-    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+    for key in ("superpatch_size", "token_size", "embed_dim", "depth", "num_heads"):
         assert preset[key] == init_args[key], key
     assert tuple(preset["skip_layers"]) == (3, 6, 9)
     for key in ("superpatch_size", "target_spacing", "hu_window", "modality"):

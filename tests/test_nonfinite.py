@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from maesil.cli import TOOLS, main
-from maesil.data.sources import DataError
+from maesil.cli import main
+from maesil.tools import TOOLS
+from maesil.data.records import DataError
 from maesil.data import VolumeDataModule
-from maesil.methods.base import PretrainModule
-from maesil.nonfinite import NonFiniteLossError, NonFiniteLossGuard
+from maesil.methods.base import MethodModule
+from maesil.nonfinite import NonFiniteLossError, NonFiniteLossGuard, NonFiniteSkipBudget
 from tests.helpers import REPO_ROOT, tiny_maesil_args
 
 
@@ -21,7 +22,7 @@ def main_tool(argv: list[str]) -> int:
     return TOOLS[argv[0]](argv[1:])
 
 
-class _Regression(PretrainModule):
+class _Regression(MethodModule):
     """y = w·x on batches {"x", "subject_id"}; a NaN in x makes the loss NaN."""
 
     def __init__(self) -> None:
@@ -54,7 +55,7 @@ def test_nan_loss_stops_naming_step_and_subjects(tmp_path):
         _trainer(tmp_path).fit(model, DataLoader(_batches({2}), batch_size=None))
     message = str(error.value)
     assert "step 2 (epoch 0, batch 2)" in message
-    assert "case_04, case_05" in message and "NonFiniteLossGuard" in message
+    assert "case_04, case_05" in message and "NonFiniteSkipBudget" in message
 
 
 class _WeightTrace(L.Callback):
@@ -74,7 +75,7 @@ class _WeightTrace(L.Callback):
 def test_guard_skips_up_to_the_budget_without_touching_the_weights(tmp_path):
     model = _Regression()
     trace = _WeightTrace()
-    trainer = _trainer(tmp_path, [NonFiniteLossGuard(max_skipped_batches=2), trace])
+    trainer = _trainer(tmp_path, [NonFiniteSkipBudget(max_skipped_batches=2), trace])
     trainer.fit(model, DataLoader(_batches({1, 3}), batch_size=None))
     assert model.skipped_batches == 2
     for index in range(6):
@@ -88,13 +89,22 @@ def test_guard_skips_up_to_the_budget_without_touching_the_weights(tmp_path):
 
     model = _Regression()
     with pytest.raises(NonFiniteLossError, match="2 such batches were already skipped"):
-        _trainer(tmp_path, [NonFiniteLossGuard(max_skipped_batches=2)]).fit(
+        _trainer(tmp_path, [NonFiniteSkipBudget(max_skipped_batches=2)]).fit(
             model, DataLoader(_batches({0, 1, 4}), batch_size=None))
 
 
 def test_guard_rejects_a_negative_budget():
     with pytest.raises(ValueError, match="max_skipped_batches"):
-        NonFiniteLossGuard(max_skipped_batches=-1)
+        NonFiniteSkipBudget(max_skipped_batches=-1)
+
+
+def test_the_former_callback_name_still_sets_the_budget_and_warns(tmp_path):
+    with pytest.warns(FutureWarning, match="use maesil.nonfinite.NonFiniteSkipBudget"):
+        callback = NonFiniteLossGuard(max_skipped_batches=1)
+    assert isinstance(callback, NonFiniteSkipBudget) and callback.max_skipped_batches == 1
+    model = _Regression()
+    _trainer(tmp_path, [callback]).fit(model, DataLoader(_batches({2}), batch_size=None))
+    assert model.skipped_batches == 1
 
 
 def _copy_images(source, target):

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from maesil.cli import ensure_wandb_can_start, flatten_config, main, wandb_credentials_available
+from maesil.cli import main
+from maesil.wandb_support import ensure_wandb_can_start, flatten_config, wandb_credentials_available
 from tests.helpers import REPO_ROOT, tiny_maesil_args
 
 WANDB_YAML = str(REPO_ROOT / "experiments/trainer/wandb.yaml")

@@ -29,7 +29,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from maesil.data.sources import DEFAULT_EXCLUDE, DataError, Problem, SubjectRecord, scan_subjects
+from maesil.data.records import DataError, Problem, SubjectRecord
+from maesil.data.sources import DEFAULT_EXCLUDE, scan_subjects
+from maesil.shapes import as_triple
 
 log = logging.getLogger(__name__)
 
@@ -258,22 +260,17 @@ def _voxel_problems(path: Path, series_uid: str | None, is_label: bool,
     return []
 
 
-def _as_triplet(value: int | float | Sequence) -> tuple[float, float, float]:
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return (float(value),) * 3
-    return tuple(float(v) for v in value)  # type: ignore[return-value]
-
-
 def _size_warning(path: Path, header: _Header, superpatch_size: Sequence[int],
                   target_spacing: float | Sequence[float] | None) -> Problem | None:
+    spacing = None if target_spacing is None else as_triple(target_spacing, "target_spacing", kind=float)
     size = np.array(header.size[:3], dtype=float)
-    if target_spacing is not None:
-        size = size * np.array(header.spacing[:3]) / np.array(_as_triplet(target_spacing))
+    if spacing is not None:
+        size = size * np.array(header.spacing[:3]) / np.array(spacing)
     voxels = np.floor(size + 1e-6).astype(int)
     patch = np.array(superpatch_size)
     if (voxels >= patch).all():
         return None
-    at = f" at {_fmt(_as_triplet(target_spacing))} mm" if target_spacing is not None else ""
+    at = f" at {_fmt(spacing)} mm" if spacing is not None else ""
     return Problem(str(path), f"is {'x'.join(map(str, voxels))} voxels{at}, smaller than one superpatch"
                               f" {'x'.join(map(str, patch))}; it will be padded", "warning")
 

@@ -1,12 +1,14 @@
-"""The one LightningDataModule: a folder of 3D CT/MRI volumes -> batches of patches."""
+"""The one LightningDataModule: a folder of 3D CT/MRI volumes -> batches of superpatches.
+
+It validates its settings, lists and splits the subjects, and hands everything that depends on how
+volumes are read to one back-end (:mod:`maesil.data.backends`): the TorchIO queue over the source
+files, or a prepared cache. Methods read what they need from :attr:`VolumeDataModule.spec`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import warnings
-from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -17,90 +19,25 @@ import torchio as tio
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from maesil.data.io import read_volume, subject_from_record
-from maesil.data.preprocess import PadToMinShape, PreprocessSettings, padding_value
-from maesil.data.sampling import (
-    ResumableSampler,
-    PatchTask,
-    QueueSampler,
-    as_patch_size,
-    collate_volumes,
-    get_task,
-    grid_patches,
-    is_distributed,
-    set_queue_epoch,
-    task_options,
-    train_queue,
-)
-from maesil.data.views import ViewSettings  # also registers the task "two_view"
-from maesil.data.cache import (
-    CACHE_INDEX,
-    CachedPatchDataset,
-    CacheIndex,
-    cache_problems,
-    is_cache,
-    load_cached_subject,
-    prepare_cache,
-)
+from maesil.data.backends import Backend, CacheBackend, LoaderSettings, QueueBackend
+from maesil.data.cache import is_cache
 from maesil.data.checks import check_records, raise_on_errors
+from maesil.data.grid import grid_patches
+from maesil.data.io import read_volume, subject_from_record
 from maesil.data.manifest import declared_classes
-from maesil.data.sources import DEFAULT_EXCLUDE, DataError, SubjectRecord, discover_subjects
+from maesil.data.preprocess import PreprocessSettings, padding_value
+from maesil.data.sampling import is_distributed
+from maesil.data.records import DataError, SubjectRecord
+from maesil.data.sources import DEFAULT_EXCLUDE
+from maesil.data.spec import DataSpec
+from maesil.data.splits import split_by_manifest
+from maesil.data.tasks import PatchTask, get_task, task_options
+from maesil.data.views import ViewSettings  # also registers the task "two_view"
+from maesil.shapes import as_triple
+
+__all__ = ["VolumeDataModule"]
 
 log = logging.getLogger(__name__)
-
-
-def split_subjects(records: Sequence[SubjectRecord], val_fraction: float, seed: int
-                   ) -> tuple[list[SubjectRecord], list[SubjectRecord]]:
-    """Deterministic train/val split by subject.
-
-    Subjects are ordered by ``sha1(f"{seed}:{subject_id}")`` and the first
-    ``max(1, round(val_fraction * n))`` go to validation (at most ``n - 1``). Ordering by a
-    hash of the id (not by position) keeps the split nearly unchanged when subjects are
-    added. ``val_fraction == 0`` gives no validation subject. With a single subject it is used
-    for both training and validation (and a warning is issued).
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    records = sorted(records, key=lambda r: r.subject_id)
-    n = len(records)
-    if n == 0:
-        raise ValueError("no subject to split")
-    if val_fraction == 0.0:
-        return records, []
-    if n == 1:
-        warnings.warn(
-            f"Only one subject ({records[0].subject_id}); it is used for both training and validation.",
-            UserWarning,
-            stacklevel=2,
-        )
-        return records, list(records)
-    n_val = min(n - 1, max(1, round(val_fraction * n)))
-    ranked = sorted(records, key=lambda r: hashlib.sha1(f"{seed}:{r.subject_id}".encode()).hexdigest())
-    val_ids = {r.subject_id for r in ranked[:n_val]}
-    return [r for r in records if r.subject_id not in val_ids], [r for r in records if r.subject_id in val_ids]
-
-
-def split_by_manifest(records: Sequence[SubjectRecord], val_fraction: float, seed: int
-                      ) -> tuple[list[SubjectRecord], list[SubjectRecord], list[SubjectRecord]]:
-    """Train/val/test split honouring a manifest's ``split`` column.
-
-    Subjects marked ``test`` are held out of training and validation; ``val`` ones validate.
-    If no subject is marked ``val``, the validation subjects are drawn from the rest by
-    :func:`split_subjects`; subjects without a split train otherwise.
-    """
-    test = [r for r in records if r.split == "test"]
-    marked_val = [r for r in records if r.split == "val"]
-    pool = [r for r in records if r.split not in ("val", "test")]
-    if marked_val:
-        return sorted(pool, key=lambda r: r.subject_id), marked_val, test
-    if not pool:
-        raise DataError("no training subject: every subject is marked test in the manifest")
-    train, val = split_subjects(pool, val_fraction, seed)
-    return train, val, test
-
-
-def _first(batch: list) -> Any:
-    return batch[0]
 
 
 class VolumeDataModule(L.LightningDataModule):
@@ -110,14 +47,15 @@ class VolumeDataModule(L.LightningDataModule):
     list[str], ``location`` int64 (B, 6) (patch bounds i0, j0, k0, i1, j1, k1 in the
     preprocessed volume) and, for ``task="segment"``, ``label`` int64 (B, 1, X, Y, Z); for
     ``task="two_view"``, two augmented views and their geometry (``view1``, ``view2``, ``box1``,
-    ``box2``, ``flip1``, ``flip2``, ``overlap``; see :mod:`maesil.data.sampling`).
-    Training draws ``samples_per_volume`` random patches from each volume through a
-    ``tio.Queue``; validation covers every voxel of every validation volume exactly once with
-    a non-overlapping grid.
+    ``box2``, ``flip1``, ``flip2``, ``overlap``; see :mod:`maesil.data.views`).
+    Training draws ``samples_per_volume`` random patches from each volume, placed by the task's
+    sampling policy (:mod:`maesil.data.sampling`), through a ``tio.Queue`` or from a prepared
+    cache (``cache_dir``); validation covers every voxel of every validation volume exactly once
+    with a non-overlapping grid.
 
     Whole volumes: for tasks with ``whole_volume_evaluation`` (``"segment"``), validation and
     test batches are instead one whole preprocessed volume each (:meth:`whole_volumes`,
-    :func:`~maesil.data.sampling.collate_volumes`): ``image`` (1, C, X, Y, Z), ``label``
+    :func:`~maesil.data.collate.collate_volumes`): ``image`` (1, C, X, Y, Z), ``label``
     (1, 1, X, Y, Z), ``subject_id``, ``spacing`` (1, 3) in mm, ``location`` (the whole volume) and
     ``subject`` (the preprocessed ``tio.Subject``, with its affine). ``predict_dataloader`` yields
     every image of ``data_dir`` the same way, without label, plus ``source`` (the original
@@ -132,11 +70,19 @@ class VolumeDataModule(L.LightningDataModule):
     ``DistributedSampler``, and both loaders already carry a ``DistributedSampler``, so
     Lightning does not re-shard them; ``Trainer(use_distributed_sampler=False)`` is
     recommended for clarity but not required. Lightning calls ``set_epoch`` on the training
-    sampler each epoch; ``set_epoch`` can also be called by hand. Whole-volume validation/test
+    sampler each epoch, which reaches the subject order and the superpatch locations;
+    :meth:`set_epoch` does the same by hand. Whole-volume validation/test
     loaders shard subjects with ``DistributedSampler(shuffle=False)``, which repeats a few
     subjects so that every rank gets as many: per-volume scores should be de-duplicated by
     ``subject_id`` when gathered (:class:`~maesil.evaluation.segmentation.SegmentationScoreboard`
     does). The predict loader shards without repetition.
+
+    Resuming: :meth:`state_dict` saves the epoch and the training batches already used in it, counted
+    in :meth:`on_before_batch_transfer` (so the DataModule's implementation of that hook is the one
+    Lightning runs), and ``--ckpt_path`` continues the epoch there instead of restarting it.
+
+    The batch loaders of the queue and of in-memory validation volumes have 0 workers by design
+    (``tio.Queue`` has its own); Lightning's advice to add workers does not apply to them.
 
     Args:
         data_dir: where the volumes are: a folder with ``images/`` (or ``imagesTr/``) and
@@ -236,10 +182,12 @@ class VolumeDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if num_classes is not None and int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.data_dir = data_dir
         self.task_name = task
         self.modality = modality
-        self._superpatch_size = as_patch_size(superpatch_size)
+        self._superpatch_size = as_triple(superpatch_size, "superpatch_size")
         self.target_spacing = target_spacing
         # None with CT is refused by PreprocessSettings below.
         self.hu_window = None if hu_window is None else (float(hu_window[0]), float(hu_window[1]))
@@ -254,8 +202,6 @@ class VolumeDataModule(L.LightningDataModule):
         self.label_probabilities = dict(label_probabilities) if label_probabilities else None
         self.exclude = tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE
         self.cache_dir = cache_dir
-        if num_classes is not None and int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes) if num_classes is not None else None
         self.check_voxels = bool(check_voxels)
         self.settings = PreprocessSettings(modality=modality, target_spacing=target_spacing,
@@ -273,18 +219,17 @@ class VolumeDataModule(L.LightningDataModule):
         self.train_records: list[SubjectRecord] = []
         self.val_records: list[SubjectRecord] = []
         self.test_records: list[SubjectRecord] = []
-        self._cache: CacheIndex | None = None
-        self._test_patches: Dataset | None = None
-        self._train_dataset: CachedPatchDataset | None = None
-        self._setup_key: tuple | None = None
-        self._train_subjects: tio.SubjectsDataset | None = None
-        self._val_patches: Dataset | None = None
-        self._whole_volumes: dict[str, list[tio.Subject]] = {}
         self.predict_records: list[SubjectRecord] = []
+        self._backend: Backend | None = None
+        self._setup_key: tuple | None = None
+        self._predict_backend: Backend | None = None
         self._predict_key: tuple | None = None
-        self._queue: tio.Queue | None = None
+        self._val_patches: Dataset | None = None
+        self._test_patches: Dataset | None = None
+        self._whole_volumes: dict[str, list[tio.Subject]] = {}
         self._epoch = 0
         self._resume_position: dict[str, Any] | None = None
+        self._batches_used = (0, 0)  # (epoch, training batches of that epoch handed to the model)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -293,49 +238,25 @@ class VolumeDataModule(L.LightningDataModule):
         return self._superpatch_size
 
     @property
-    def voxel_spacing(self) -> tuple[float, float, float] | None:
-        """Voxel size (mm) of every sample after resampling; ``None`` if native spacing is kept."""
-        if self.target_spacing is None:
-            return None
-        if isinstance(self.target_spacing, (int, float)):
-            return (float(self.target_spacing),) * 3
-        return tuple(float(s) for s in self.target_spacing)  # type: ignore[return-value]
+    def spec(self) -> DataSpec:
+        """What methods may know about the data (:class:`~maesil.data.spec.DataSpec`): the task and how
+        the volumes are preprocessed; ``num_classes`` is the declared one (``num_classes`` or a
+        manifest's classes), ``None`` when nothing declares it."""
+        classes = self.label_classes()
+        return DataSpec(
+            task=self.task_name,
+            modality=self.modality,
+            superpatch_size=self.superpatch_size,
+            target_spacing=self.settings.target_spacing,
+            hu_window=self.settings.hu_window,
+            num_classes=max(classes) + 1 if classes else None,
+            batch_size=self.batch_size,
+        )
 
     @property
     def resolved_data_dir(self) -> Path:
         """The folder actually read: ``data_dir`` or, if ``None``, ``phantom_dir``."""
         return Path(self.data_dir if self.data_dir is not None else self.phantom_dir).expanduser()
-
-    @property
-    def subject_sampler(self) -> DistributedSampler | None:
-        """The training queue's subject sampler (after ``train_dataloader``)."""
-        return None if self._queue is None else self._queue.subject_sampler
-
-    # ---------------------------------------------------------------- lightning hooks
-    def prepare_data(self) -> None:
-        """Rank 0 only, via Lightning: write the demo phantoms when ``data_dir`` is ``None``, and
-        prepare the cache when ``cache_dir`` is set (idempotent: unchanged subjects are skipped)."""
-        if self.data_dir is None:
-            from maesil.data.phantoms import write_phantoms
-
-            log.info("data_dir is None: writing %d demo phantoms to %s", self.phantom_count, self.phantom_dir)
-            write_phantoms(self.phantom_dir, count=self.phantom_count)
-        if self.cache_dir is None or is_cache(self.resolved_data_dir):
-            return
-        records = discover_subjects(self.resolved_data_dir, exclude=self.exclude)
-        # Headers only: preparing reads every voxel anyway (NaN/Inf fail there), and the voxel checks of
-        # unchanged subjects are answered from the index instead of re-reading them at every run.
-        self._check_source(records, read_voxels=False, warn_small=False)
-        report = prepare_cache(records, self.cache_dir, self.settings, workers=max(1, self.num_workers))
-        if report.failed:
-            raise DataError([f"{sid}: {message}" for sid, message in sorted(report.failed.items())],
-                            header=f"{len(report.failed)} subject(s) could not be prepared into {self.cache_dir}")
-        index = CacheIndex.load(self.cache_dir)
-        errors = [p for p in cache_problems([index.entries[r.subject_id] for r in records], classes=self.label_classes(),
-                                            needs_labels=self.task.requires_labels) if p.severity == "error"]
-        raise_on_errors(errors, what=f"cache {self.cache_dir}")
-        log.info("Cache %s: %d subject(s) prepared, %d unchanged", self.cache_dir, len(report.prepared),
-                 len(report.skipped))
 
     def preprocessing(self) -> tio.Compose:
         """The per-volume preprocessing (canonical, resample, intensity, pad to the patch)."""
@@ -347,33 +268,40 @@ class VolumeDataModule(L.LightningDataModule):
             return list(range(self.num_classes))
         return declared_classes(self.resolved_data_dir)
 
-    def _check_source(self, records: Sequence[SubjectRecord], read_voxels: bool | None = None,
-                      warn_small: bool = True) -> None:
-        """Labels present where the task needs them; the file checks of :mod:`maesil.data.checks`
-        (voxels too when ``read_voxels``, default ``check_voxels``; ``warn_small``: warn about volumes
-        smaller than a superpatch, which a cache's setup answers itself after preprocessing)."""
-        read_voxels = self.check_voxels if read_voxels is None else read_voxels
-        if self.task.requires_labels:
-            unlabeled = [r for r in records if r.label is None and r.split != "test"]
-            if unlabeled:
-                raise DataError(
-                    [f"{r.image}: no label (task {self.task_name!r} needs a label for every image)"
-                     for r in unlabeled],
-                    header=f"Task {self.task_name!r} needs labels (in {self.resolved_data_dir}/labels, or labelsTr,"
-                    f" named like the images, or a manifest's label column); {len(unlabeled)} image(s) have none",
-                )
-        problems = check_records(records, superpatch_size=self.superpatch_size if warn_small else None,
-                                 target_spacing=self.target_spacing, classes=self.label_classes(),
-                                 read_voxels=read_voxels,
-                                 workers=max(2, self.num_workers))
-        raise_on_errors(problems, what=f"data of {self.resolved_data_dir}")
+    # ---------------------------------------------------------------- back-end
+    def _make_backend(self) -> Backend:
+        """The back-end these settings call for: the cache when ``data_dir`` is one or ``cache_dir`` is
+        set, else the TorchIO queue over the source files."""
+        data_dir = self.resolved_data_dir
+        settings = LoaderSettings(
+            data_dir=data_dir, task=self.task, preprocess=self.settings, superpatch_size=self.superpatch_size,
+            batch_size=self.batch_size, samples_per_volume=self.samples_per_volume, num_workers=self.num_workers,
+            seed=self.split_seed, exclude=self.exclude, classes=self.label_classes(), check_voxels=self.check_voxels,
+        )
+        if is_cache(data_dir):
+            return CacheBackend(settings, data_dir, source_dir=None)
+        if self.cache_dir is not None:
+            return CacheBackend(settings, Path(self.cache_dir), source_dir=data_dir)
+        return QueueBackend(settings, self.queue_length)
 
     def _make_subject(self, record: SubjectRecord) -> tio.Subject:
+        """The lazily read source subject of ``record`` (labels when the task needs them)."""
         return subject_from_record(record, with_label=self.task.requires_labels)
+
+    # ---------------------------------------------------------------- lightning hooks
+    def prepare_data(self) -> None:
+        """Rank 0 only, via Lightning: write the demo phantoms when ``data_dir`` is ``None``, and
+        prepare the cache when ``cache_dir`` is set (idempotent: unchanged subjects are skipped)."""
+        if self.data_dir is None:
+            from maesil.phantoms import write_phantoms
+
+            log.info("data_dir is None: writing %d demo phantoms to %s", self.phantom_count, self.phantom_dir)
+            write_phantoms(self.phantom_dir, count=self.phantom_count)
+        self._make_backend().prepare()
 
     def setup(self, stage: str | None = None) -> None:
         """Discover and check all subjects (every problem in one ``DataError``), split them and
-        build the datasets. Idempotent. Reads the cache when ``data_dir`` is one or
+        pick the back-end. Idempotent. Reads the cache when ``data_dir`` is one or
         ``cache_dir`` is set (call ``prepare_data`` first, as Lightning does).
 
         ``stage="predict"`` only lists the images to predict (:meth:`setup_predict`): labels are
@@ -384,115 +312,31 @@ class VolumeDataModule(L.LightningDataModule):
         data_dir = self.resolved_data_dir
         if self.data_dir is None and not data_dir.exists():
             self.prepare_data()
-        cache_root = data_dir if is_cache(data_dir) else (Path(self.cache_dir) if self.cache_dir else None)
-        key = (str(data_dir), str(cache_root), self.exclude, self.task_name, self.val_fraction, self.split_seed)
+        key = (str(data_dir), is_cache(data_dir), self.cache_dir, self.exclude, self.task_name, self.val_fraction,
+               self.split_seed)
         if self._setup_key == key:
             return
         self._val_patches = self._test_patches = None
         self._whole_volumes = {}
-        self._queue = self._train_dataset = None
-        self._train_subjects = None
-        if cache_root is not None:
-            records = self._setup_from_cache(cache_root)
-        else:
-            records = discover_subjects(data_dir, exclude=self.exclude)
-            self._check_source(records)
-            self._cache = None
+        self._backend = self._make_backend()
+        records = self._backend.subjects()
         self.train_records, self.val_records, self.test_records = split_by_manifest(
             records, self.val_fraction, self.split_seed)
         log.info("%d subjects: %d train, %d val (%s)%s", len(records), len(self.train_records),
                  len(self.val_records), ", ".join(r.subject_id for r in self.val_records),
                  f", {len(self.test_records)} test" if self.test_records else "")
-        if self._cache is None:
-            transform = self.preprocessing()
-            self._train_subjects = tio.SubjectsDataset(
-                [self._make_subject(r) for r in self.train_records], transform=transform, load_getitem=False
-            )
         self._setup_key = key
 
-    def _setup_from_cache(self, cache_root: Path) -> list[SubjectRecord]:
-        """Open the cache index; check its settings match this DataModule's and its subjects are usable."""
-        if not (cache_root / CACHE_INDEX).exists():
-            raise DataError(f"{cache_root}: no prepared cache here (no {CACHE_INDEX}); run `python -m maesil"
-                            f" prepare DATA --out {cache_root}` or let the DataModule prepare it (prepare_data)")
-        index = CacheIndex.load(cache_root)
-        if index.settings != self.settings:
-            raise DataError(
-                f"{cache_root}: the cache was prepared with {index.settings.to_dict()}, but this run asks for"
-                f" {self.settings.to_dict()}; prepare another cache (or re-run prepare with --force)"
-            )
-        if self.cache_dir is not None and not is_cache(self.resolved_data_dir):
-            wanted = {r.subject_id for r in discover_subjects(self.resolved_data_dir, exclude=self.exclude)}
-            missing = sorted(wanted - set(index.entries))
-            if missing:
-                raise DataError([f"{cache_root}: subject {sid!r} of {self.resolved_data_dir} is not prepared"
-                                 for sid in missing[:20]], header="The cache is incomplete; call prepare_data()")
-            entries = {sid: index.entries[sid] for sid in sorted(wanted)}
-        else:
-            entries = dict(sorted(index.entries.items()))
-        problems = cache_problems(entries.values(), self.superpatch_size, self.label_classes(),
-                                  needs_labels=self.task.requires_labels)
-        raise_on_errors(problems, what=f"cache {cache_root}")
-        self._cache = index
-        return [SubjectRecord(sid, e.image_path, e.label_path, split=e.split) for sid, e in entries.items()]
-
-    def _require_setup(self) -> None:
-        if self._setup_key is None:
+    def _require_setup(self) -> Backend:
+        if self._setup_key is None or self._backend is None:
             raise RuntimeError("call setup() before requesting a dataloader")
+        return self._backend
 
     def train_dataloader(self) -> DataLoader:
         """Batches from a DDP-aware ``tio.Queue`` (the DataLoader itself has 0 workers), or from the
         cache: a plain DataLoader with ``num_workers`` workers over random superpatch reads."""
-        self._require_setup()
-        if self._cache is not None:
-            return self._cached_train_dataloader()
-        assert self._train_subjects is not None
-        self._queue = train_queue(
-            self._train_subjects,
-            patch_size=self.superpatch_size,
-            samples_per_volume=self.samples_per_volume,
-            max_length=self.queue_length,
-            num_workers=self.num_workers,
-            sampler=self.task.train_sampler(self.superpatch_size),
-            shuffle_seed=self.split_seed,
-        )
-        set_queue_epoch(self._queue, self._epoch)
-        _silence_worker_warning("train_dataloader")
-        sampler = QueueSampler(self._queue)
-        self._apply_resume_position(sampler)
-        return DataLoader(
-            self._queue,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=0,  # required by tio.Queue: it spawns its own loader processes
-            collate_fn=self.task.collate,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def _cached_train_dataloader(self) -> DataLoader:
-        assert self._cache is not None
-        self._train_dataset = CachedPatchDataset(
-            self._cache, [r.subject_id for r in self.train_records], self.superpatch_size, self.samples_per_volume,
-            with_label=self.task.requires_labels, seed=self.split_seed,
-            label_probabilities=self.label_probabilities if self.task.requires_labels else None,
-        )
-        self._train_dataset.set_epoch(self._epoch)
-        if is_distributed():
-            sampler = ResumableSampler(self._train_dataset, shuffle=True, seed=self.split_seed)
-        else:
-            sampler = ResumableSampler(self._train_dataset, num_replicas=1, rank=0, shuffle=True, seed=self.split_seed)
-        sampler.set_epoch(self._epoch)
-        outer = _EpochForwardingSampler(sampler, self._train_dataset)
-        self._apply_resume_position(outer)
-        return DataLoader(
-            self._train_dataset,
-            batch_size=self.batch_size,
-            sampler=outer,
-            num_workers=self.num_workers,
-            collate_fn=self.task.collate,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=False,
-        )
+        backend = self._require_setup()
+        return backend.train_loader(self.train_records, self._epoch, skip=self._resume_skip())
 
     # ---------------------------------------------------------------- resuming
     def state_dict(self) -> dict[str, Any]:
@@ -501,8 +345,8 @@ class VolumeDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.state.fn != "fit":
             return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": int(trainer.current_epoch), "batches_in_epoch": int(progress.processed),
+        epoch, used = self._batches_used
+        return {"epoch": int(trainer.current_epoch), "batches_in_epoch": used if epoch == trainer.current_epoch else 0,
                 "batch_size": int(self.batch_size)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -512,9 +356,19 @@ class VolumeDataModule(L.LightningDataModule):
         self._resume_position = dict(state_dict) if state_dict else None
         if self._resume_position and "epoch" in self._resume_position:
             self._epoch = int(self._resume_position["epoch"])
+            self._batches_used = (self._epoch, int(self._resume_position.get("batches_in_epoch", 0)))
 
-    def _apply_resume_position(self, sampler: ResumableSampler) -> None:
-        """Makes the first pass of a resumed run's training sampler skip what the checkpointed run used.
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Counts the training batches of the current epoch (for :meth:`state_dict`); the batch is unchanged."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            epoch, used = self._batches_used
+            self._batches_used = (trainer.current_epoch, used + 1 if epoch == trainer.current_epoch else 1)
+        return batch
+
+    def _resume_skip(self) -> int:
+        """How many superpatches the first pass of a resumed run's training loader skips: those the
+        checkpointed run already used in this epoch (0 when not resuming, or resuming another epoch).
 
         With a prepared cache the resumed epoch continues at the exact superpatch (locations are seeded
         by epoch and index). With the TorchIO queue it continues after the last whole subject used
@@ -522,23 +376,21 @@ class VolumeDataModule(L.LightningDataModule):
         """
         position, self._resume_position = self._resume_position, None
         if not position or position.get("epoch") != self._epoch:
-            return
+            return 0
         samples = int(position.get("batches_in_epoch", 0)) * int(position.get("batch_size", self.batch_size))
         if samples > 0:
-            sampler.skip_once(samples)
             log.info("resuming epoch %d after %d training batches (%d superpatches already used)",
                      self._epoch, position["batches_in_epoch"], samples)
+        return samples
 
-    def _preprocessed_subjects(self, records: Sequence[SubjectRecord]) -> list[tio.Subject]:
-        """Whole preprocessed (and padded to one superpatch) volumes, from the cache or the files."""
-        with_label = self.task.requires_labels
-        if self._cache is not None:
-            pad = PadToMinShape(self.superpatch_size, padding_value(self.modality))
-            return [pad(load_cached_subject(self._cache, r.subject_id, with_label=with_label)) for r in records]
-        dataset = tio.SubjectsDataset([self._make_subject(r) for r in records], transform=self.preprocessing(),
-                                      load_getitem=False)
-        return list(DataLoader(dataset, batch_size=1, num_workers=self.num_workers, collate_fn=_first))
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the training subject order and redraw the superpatch locations for ``epoch``
+        (Lightning already does this through the training loader's sampler)."""
+        self._epoch = int(epoch)
+        if self._backend is not None:
+            self._backend.set_epoch(self._epoch)
 
+    # ---------------------------------------------------------------- validation and test
     def whole_volumes(self, split: Literal["val", "test"]) -> list[tio.Subject]:
         """The whole preprocessed volumes of ``split`` (labels included when the task needs them),
         preprocessed once and kept in memory (validation runs many times), from the cache or the
@@ -549,7 +401,7 @@ class VolumeDataModule(L.LightningDataModule):
             DataError: when the task needs labels and a subject of ``split`` has none (a
                 manifest's test subjects may have no label: predict them instead).
         """
-        self._require_setup()
+        backend = self._require_setup()
         if split not in ("val", "test"):
             raise ValueError(f"split must be 'val' or 'test', got {split!r}")
         if split not in self._whole_volumes:
@@ -560,38 +412,24 @@ class VolumeDataModule(L.LightningDataModule):
                     raise DataError([f"{r.image}: subject {r.subject_id!r} has no label" for r in unlabeled],
                                     header=f"Task {self.task_name!r} scores {split} subjects against their labels;"
                                     f" {len(unlabeled)} have none (use predict for unlabelled images)")
-            self._whole_volumes[split] = self._preprocessed_subjects(records)
+            self._whole_volumes[split] = backend.whole_volumes(records)
         return self._whole_volumes[split]
-
-    def _volume_dataloader(self, subjects: list[tio.Subject], name: str) -> DataLoader:
-        """One whole in-memory volume per batch; sharded (with repeats) over ranks when distributed."""
-        sampler = DistributedSampler(subjects, shuffle=False) if is_distributed() else None
-        _silence_worker_warning(name)
-        return DataLoader(
-            subjects,  # type: ignore[arg-type]
-            batch_size=1,
-            shuffle=False,
-            sampler=sampler,
-            num_workers=0,  # in memory already
-            collate_fn=self.task.volume_collate,
-            pin_memory=False,  # pinning would rebuild the tio.Subject dicts of the batch
-        )
 
     def val_patches(self) -> Dataset:
         """Non-overlapping grid patches of the validation volumes, preprocessed once and kept
         in memory (validation runs many times; volumes are small after resampling)."""
-        self._require_setup()
+        backend = self._require_setup()
         if self._val_patches is None:
-            subjects = self._preprocessed_subjects(self.val_records)
-            self._val_patches = grid_patches(subjects, self.superpatch_size, padding_value(self.modality))
+            self._val_patches = grid_patches(backend.whole_volumes(self.val_records), self.superpatch_size,
+                                             padding_value(self.modality))
         return self._val_patches
 
     def test_patches(self) -> Dataset:
         """Grid patches of the test subjects (manifest ``split: test``), like :meth:`val_patches`."""
-        self._require_setup()
+        backend = self._require_setup()
         if self._test_patches is None:
-            subjects = self._preprocessed_subjects(self.test_records)
-            self._test_patches = grid_patches(subjects, self.superpatch_size, padding_value(self.modality))
+            self._test_patches = grid_patches(backend.whole_volumes(self.test_records), self.superpatch_size,
+                                              padding_value(self.modality))
         return self._test_patches
 
     def val_dataloader(self) -> DataLoader | list:
@@ -603,21 +441,8 @@ class VolumeDataModule(L.LightningDataModule):
         if not self.val_records:
             return []
         if self.task.whole_volume_evaluation:
-            return self._volume_dataloader(self.whole_volumes("val"), "val_dataloader")
+            return self._volume_dataloader(self.whole_volumes("val"))
         return self._grid_dataloader(self.val_patches())
-
-    def _grid_dataloader(self, patches: Dataset) -> DataLoader:
-        sampler = DistributedSampler(patches, shuffle=False) if is_distributed() else None
-        _silence_worker_warning("val_dataloader")
-        return DataLoader(
-            patches,
-            batch_size=self.val_batch_size,
-            shuffle=False,
-            sampler=sampler,
-            num_workers=0,  # patches are in memory already
-            collate_fn=self.task.val_collate,
-            pin_memory=torch.cuda.is_available(),
-        )
 
     def test_dataloader(self) -> DataLoader | list:
         """For ``python -m maesil test``: the manifest's ``test`` subjects as a whole-volume grid, or,
@@ -626,8 +451,31 @@ class VolumeDataModule(L.LightningDataModule):
         if not self.test_records:
             return self.val_dataloader()
         if self.task.whole_volume_evaluation:
-            return self._volume_dataloader(self.whole_volumes("test"), "test_dataloader")
+            return self._volume_dataloader(self.whole_volumes("test"))
         return self._grid_dataloader(self.test_patches())
+
+    def _volume_dataloader(self, subjects: list[tio.Subject]) -> DataLoader:
+        """One whole in-memory volume per batch; sharded (with repeats) over ranks when distributed."""
+        return DataLoader(
+            subjects,  # type: ignore[arg-type]
+            batch_size=1,
+            shuffle=False,
+            sampler=DistributedSampler(subjects, shuffle=False) if is_distributed() else None,
+            num_workers=0,  # in memory already
+            collate_fn=self.task.volume_collate,
+            pin_memory=False,  # pinning would rebuild the tio.Subject dicts of the batch
+        )
+
+    def _grid_dataloader(self, patches: Dataset) -> DataLoader:
+        return DataLoader(
+            patches,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            sampler=DistributedSampler(patches, shuffle=False) if is_distributed() else None,
+            num_workers=0,  # patches are in memory already
+            collate_fn=self.task.val_collate,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     # ---------------------------------------------------------------- prediction
     def setup_predict(self) -> None:
@@ -644,102 +492,37 @@ class VolumeDataModule(L.LightningDataModule):
         key = (str(data_dir), self.exclude)
         if self._predict_key == key:
             return
-        if is_cache(data_dir):
-            index = CacheIndex.load(data_dir)
-            records = [SubjectRecord(sid, Path(e.source.image), None, series_uid=e.source.series_uid)
-                       for sid, e in sorted(index.entries.items())]
-            missing = [r for r in records if not r.image.exists()]
-            if missing:
-                raise DataError([f"{r.image}: original image of cached subject {r.subject_id!r} not found"
-                                 for r in missing], header=f"Cannot predict the cache {data_dir}")
-        else:
-            records = [dataclasses.replace(r, label=None) for r in discover_subjects(data_dir, exclude=self.exclude)]
+        backend = self._make_backend()
+        records = backend.predict_records()
         problems = check_records(records, target_spacing=self.target_spacing, read_voxels=self.check_voxels,
                                  workers=max(2, self.num_workers))
         raise_on_errors(problems, what=f"data of {data_dir}")
         self.predict_records = records
+        self._predict_backend = backend
         self._predict_key = key
         log.info("%d image(s) to predict in %s", len(records), data_dir)
 
-    def _make_predict_subject(self, record: SubjectRecord) -> tio.Subject:
-        image = subject_from_record(record, with_label=False)["image"]
-        return tio.Subject(subject_id=record.subject_id, source=str(record.image), image=image)
-
     def predict_dataloader(self) -> DataLoader:
         """Every image of ``data_dir``, preprocessed as for training, one whole volume per batch
-        (:func:`~maesil.data.sampling.collate_volumes` without label, plus ``source``).
+        (:func:`~maesil.data.collate.collate_volumes` without label, plus ``source``).
 
         Volumes are read and preprocessed lazily in ``num_workers`` processes, so memory does not
         grow with the number of images. Sharded without repetition over ranks when distributed.
         """
         self.setup_predict()
-        dataset = tio.SubjectsDataset([self._make_predict_subject(r) for r in self.predict_records],
-                                      transform=self.preprocessing(), load_getitem=False)
-        sampler = None
-        if is_distributed():
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
-        return DataLoader(
-            dataset,
-            batch_size=1,
-            shuffle=False,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_volumes,
-            pin_memory=False,  # pinning would rebuild the tio.Subject dicts of the batch
-        )
+        assert self._predict_backend is not None
+        return self._predict_backend.predict_loader(self.predict_records)
 
     def source_image(self, subject_id: str) -> tio.ScalarImage:
         """The original (unpreprocessed) image of a subject, lazily read with the project's reader:
         the target grid of :func:`~maesil.evaluation.segmentation.to_original_geometry`."""
-        records = {r.subject_id: r for r in (*self.train_records, *self.val_records, *self.test_records)}
-        if self._cache is not None:  # the records point into the cache: use the sources it recorded
-            records = {sid: SubjectRecord(sid, Path(self._cache.entries[sid].source.image),
-                                          series_uid=self._cache.entries[sid].source.series_uid)
-                       for sid in records if sid in self._cache.entries}
+        records: dict[str, SubjectRecord] = {}
+        if self._backend is not None:
+            records = {r.subject_id: self._backend.source_record(r)
+                       for r in (*self.train_records, *self.val_records, *self.test_records)}
         records.update((r.subject_id, r) for r in self.predict_records)
         try:
             record = records[subject_id]
         except KeyError:
             raise KeyError(f"unknown subject {subject_id!r} (call setup() or setup_predict() first)") from None
         return tio.ScalarImage(record.image, reader=partial(read_volume, series_uid=record.series_uid))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle the training subject order for ``epoch`` (forwarded to the queue's
-        ``DistributedSampler``; Lightning already does this through the train sampler)."""
-        self._epoch = int(epoch)
-        if self._queue is not None:
-            set_queue_epoch(self._queue, self._epoch)
-        if self._train_dataset is not None:
-            self._train_dataset.set_epoch(self._epoch)
-
-
-class _EpochForwardingSampler(ResumableSampler):
-    """The cached loader's sampler: Lightning calls ``set_epoch`` on it every epoch, and the epoch
-    must reach the dataset too (it seeds the superpatch locations) before the workers start."""
-
-    def __init__(self, inner: DistributedSampler, dataset: CachedPatchDataset) -> None:  # noqa: D107
-        self.__dict__.update(inner.__dict__)
-        self.inner = inner
-        self.cached_dataset = dataset
-
-    def __iter__(self):
-        return iter(self.inner)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def skip_once(self, count: int) -> None:
-        self.inner.skip_once(count)
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.inner.set_epoch(epoch)
-        self.cached_dataset.set_epoch(epoch)
-
-
-def _silence_worker_warning(name: str) -> None:
-    """The batch loaders have 0 workers by design (the queue has its own); Lightning's advice to
-    add workers would be wrong here."""
-    warnings.filterwarnings("ignore", message=f"The '{name}' does not have many workers")

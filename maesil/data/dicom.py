@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from maesil.data.sources import DataError
+from maesil.data.records import DataError
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +145,6 @@ def is_dicom_file(path: str | Path) -> bool:
 def _dicom_files(folder: Path) -> list[Path]:
     """The DICOM files directly inside ``folder`` (hidden files skipped), in name order."""
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_dicom_file(p))
-
-
-def is_dicom_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a directory directly containing at least one DICOM file."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    return any(not p.name.startswith(".") and is_dicom_file(p) for p in path.iterdir())
 
 
 def _floats(text: str | None, n: int) -> tuple[float, ...] | None:

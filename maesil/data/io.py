@@ -18,7 +18,7 @@ import torch
 import torchio as tio
 
 from maesil.data.dicom import read_dicom
-from maesil.data.sources import SubjectRecord
+from maesil.data.records import SubjectRecord
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 

@@ -29,7 +29,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from maesil.data.sources import Problem, SubjectRecord, split_extension
+from maesil.data.formats import split_extension
+from maesil.data.records import Problem, SubjectRecord
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("image", "label", "subject_id", "split", "series_uid")
 SPLITS: dict[str, str] = {"train": "train", "training": "train", "val": "val", "valid": "val",

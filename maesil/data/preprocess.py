@@ -29,26 +29,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torchio as tio
 
-from maesil.data.sources import DataError
+from maesil.data.records import DataError
+from maesil.shapes import as_triple
 
 #: HU window of the MAESIL paper: soft-tissue abdominal window. Air, lung and dense bone
 #: saturate; the contrast budget goes to organs, which is what the reconstruction targets.
 MAESIL_HU_WINDOW: tuple[float, float] = (-175.0, 250.0)
 
 Modality = Literal["ct", "mri"]
-
-
-def _as_triplet(value: float | int | Sequence[float], name: str) -> tuple:
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return (value, value, value)
-    value = tuple(value)
-    if len(value) != 3:
-        raise ValueError(f"{name} must be a number or 3 numbers, got {value!r}")
-    return value
 
 
 def _image_path(image: tio.Image) -> str:
@@ -198,7 +189,7 @@ class PadToMinShape(tio.Transform):
     def __init__(self, min_shape: int | Sequence[int], padding_mode: float | str = 0.0, **kwargs) -> None:
         kwargs.setdefault("copy", False)
         super().__init__(**kwargs)
-        self.min_shape = tuple(int(s) for s in _as_triplet(min_shape, "min_shape"))
+        self.min_shape = as_triple(min_shape, "min_shape")
         self.padding_mode = padding_mode
         self.args_names = ["min_shape", "padding_mode"]
 
@@ -253,9 +244,7 @@ def preprocessing_steps(
         raise ValueError(f"modality must be 'ct' or 'mri', got {modality!r}")
     steps: list[tio.Transform] = [LoadVolume(reference), tio.ToCanonical(copy=False)]
     if target_spacing is not None:
-        spacing = tuple(float(s) for s in _as_triplet(target_spacing, "target_spacing"))
-        if any(s <= 0 for s in spacing):
-            raise ValueError(f"target_spacing must be positive, got {target_spacing!r}")
+        spacing = as_triple(target_spacing, "target_spacing", kind=float)
         steps.append(tio.Resample(spacing, copy=False))
     steps.append(ct_intensity(hu_window) if modality == "ct" else mri_intensity(mri_mask_background))
     if crop_foreground:
@@ -318,9 +307,7 @@ class PreprocessSettings:
         if self.modality not in ("ct", "mri"):
             raise ValueError(f"modality must be 'ct' or 'mri', got {self.modality!r}")
         if self.target_spacing is not None:
-            spacing = tuple(float(s) for s in _as_triplet(self.target_spacing, "target_spacing"))
-            if any(s <= 0 for s in spacing):
-                raise ValueError(f"target_spacing must be positive, got {self.target_spacing!r}")
+            spacing = as_triple(self.target_spacing, "target_spacing", kind=float)
             object.__setattr__(self, "target_spacing", spacing)
         if self.modality == "mri":
             object.__setattr__(self, "hu_window", None)

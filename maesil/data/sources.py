@@ -19,6 +19,10 @@ What ``data_dir`` may be (see :func:`discover_subjects`):
 
 The subject id is the file name without its extension (``case_001.nii.gz`` -> ``case_001``); for a
 DICOM study, its folder path below the scanned folder with ``/`` replaced by ``_``.
+
+Symbolic links to files and folders are followed, inside or outside ``data_dir``, but each real
+folder is read once: a link back to a folder that contains it (a loop) or a second way into a folder
+already read is reported once, as a warning naming the link and the folder it leads to.
 """
 
 from __future__ import annotations
@@ -27,19 +31,15 @@ import fnmatch
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from maesil.data.dicom import is_dicom_file
+from maesil.data.formats import MANIFEST_EXTENSIONS, SIDECAR_EXTENSIONS, SUPPORTED_EXTENSIONS, split_extension
+from maesil.data.manifest import read_manifest
+from maesil.data.records import DataError, Problem, SubjectRecord
 
 log = logging.getLogger(__name__)
-
-#: Image file extensions read by the pipeline (SimpleITK / TorchIO). Longest first, so that
-#: ``.nii.gz`` wins over ``.gz``.
-SUPPORTED_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-
-#: Raw-data sidecar extensions of ``.mhd`` headers. They are accepted when an ``.mhd`` in the
-#: same folder references them (``ElementDataFile``) or has the same stem.
-SIDECAR_EXTENSIONS: tuple[str, ...] = (".raw", ".zraw")
 
 #: Files excluded by default (glob patterns, see :func:`discover_subjects`): hidden files and
 #: folders (``.DS_Store``, macOS ``._case.nii.gz`` resource forks, ``.git``) and the plain-text
@@ -49,64 +49,6 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (".*", "*.json", "*.csv", "*.tsv", "*.md", "*
 
 IMAGE_DIR_NAMES: tuple[str, ...] = ("images", "imagesTr")
 LABEL_DIR_NAMES: tuple[str, ...] = ("labels", "labelsTr")
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding about one input path: ``severity`` is ``"error"`` (the run cannot use the data)
-    or ``"warning"`` (it can, but the user should know)."""
-
-    path: str
-    message: str
-    severity: str = "error"
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
-class DataError(ValueError):
-    """Invalid input data. The message names every offending path and the problem with it.
-
-    ``problems`` holds the rendered lines, ``findings`` the same as :class:`Problem` objects.
-    """
-
-    def __init__(self, problems: str | Problem | Sequence[str | Problem], header: str | None = None) -> None:
-        if isinstance(problems, (str, Problem)):
-            problems = [problems]
-        self.findings: list[Problem] = [p if isinstance(p, Problem) else Problem("", p) for p in problems]
-        self.problems: list[str] = [str(p) for p in problems]
-        if len(self.problems) == 1 and header is None:
-            message = self.problems[0]
-        else:
-            n = len(self.problems)
-            head = header or f"Found {n} problem{'s' if n != 1 else ''} with the input data"
-            message = head + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(message)
-
-
-@dataclass(frozen=True)
-class SubjectRecord:
-    """One subject: its id, image and optional label map.
-
-    ``image`` (and ``label``) is a volume file or, for DICOM, the folder of one study;
-    ``series_uid`` then picks the series in that folder (``None``: the largest CT series).
-    ``split`` is the split given by a manifest (``"train"``, ``"val"`` or ``"test"``), if any.
-    """
-
-    subject_id: str
-    image: Path
-    label: Path | None = None
-    series_uid: str | None = None
-    split: str | None = None
-
-
-def split_extension(path: str | Path) -> tuple[str, str] | None:
-    """Return ``(stem, extension)`` for a supported image file, else ``None``."""
-    name = Path(path).name
-    lower = name.lower()
-    for ext in SUPPORTED_EXTENSIONS:
-        if lower.endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)], ext
-    return None
 
 
 def _is_excluded(rel: Path, patterns: Sequence[str]) -> str | None:
@@ -121,15 +63,83 @@ def _is_excluded(rel: Path, patterns: Sequence[str]) -> str | None:
     return None
 
 
-def _walk_files(root: Path, empty_dirs: list[Path] | None = None) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        if empty_dirs is not None and not dirnames and not filenames:
-            empty_dirs.append(Path(dirpath))
-        for name in sorted(filenames):
-            files.append(Path(dirpath) / name)
-    return files
+_FolderKey = tuple[int, int]
+
+
+def _folder_key(path: Path) -> _FolderKey:
+    """The identity of the real folder behind ``path`` (symbolic links followed)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+@dataclass
+class _Tree:
+    """What a walk below one folder found: files in walk order, empty folders, and warnings
+    (links not followed, folders that cannot be listed)."""
+
+    files: list[Path] = field(default_factory=list)
+    empty_dirs: list[Path] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def _walk(root: Path) -> _Tree:
+    """Every file below ``root``, folders in name order, following symbolic links to folders and
+    files but entering each real folder once.
+
+    A folder reached again (through a symbolic link, or as the target of one already followed) is
+    not walked twice: a link back to a folder that contains it (a loop, which would otherwise be
+    walked until the path is too long) and a second way into a folder already walked are each
+    reported once as a warning naming the link and the folder it leads to.
+    """
+    tree = _Tree()
+    # Folders that contain the one being listed, by identity: the real ancestors of ``root`` (a link
+    # may point above the data folder), then the chain walked from ``root``.
+    containing: dict[_FolderKey, Path] = {}
+    for parent in reversed(Path(os.path.realpath(root)).parents):
+        try:
+            containing[_folder_key(parent)] = parent
+        except OSError:
+            continue
+    walked: dict[_FolderKey, Path] = {}
+
+    def visit(folder: Path) -> None:
+        try:
+            key = _folder_key(folder)
+        except OSError:  # removed while walking
+            return
+        if key in containing:
+            tree.warnings.append(Problem(str(folder), f"symbolic link back to {containing[key]}, a folder that"
+                                                      " contains it (a loop); not followed", "warning"))
+            return
+        if key in walked:
+            tree.warnings.append(Problem(str(folder), f"the same folder as {walked[key]} (through a symbolic link);"
+                                                      f" read once, as {walked[key]}", "warning"))
+            return
+        walked[key] = folder
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            tree.warnings.append(Problem(str(folder), f"cannot be listed ({error.strerror or error}); skipped",
+                                         "warning"))
+            return
+        if not entries:
+            tree.empty_dirs.append(folder)
+            return
+        subfolders = []
+        for entry in entries:
+            try:
+                is_folder = entry.is_dir()  # follows symbolic links
+            except OSError:
+                is_folder = False
+            (subfolders if is_folder else tree.files).append(folder / entry.name)
+        containing[key] = folder
+        for sub in subfolders:
+            visit(sub)
+        del containing[key]
+
+    visit(root)
+    return tree
 
 
 def _study_id(folder: Path, root: Path) -> str:
@@ -161,16 +171,15 @@ def _scan_folder(root: Path, base: Path, exclude: Sequence[str], problems: list[
     """Map subject id -> image path (a file, or a DICOM study folder) for everything under ``root``.
 
     Unsupported files, id collisions and unreadable entries are appended to ``problems`` as
-    errors, empty folders as warnings.
+    errors; empty folders, folders that cannot be listed and folders reached a second time through
+    a symbolic link (see :func:`_walk`) as warnings.
     """
-    from maesil.data.dicom import is_dicom_file
-
     by_id: dict[str, list[Path]] = {}
     unsupported: list[Path] = []
     sidecars: list[Path] = []
     studies: set[Path] = set()
-    empty_dirs: list[Path] = []
-    for path in _walk_files(root, empty_dirs):
+    tree = _walk(root)
+    for path in tree.files:
         rel = path.relative_to(base)
         pattern = _is_excluded(rel, exclude)
         if pattern is not None:
@@ -191,10 +200,11 @@ def _scan_folder(root: Path, base: Path, exclude: Sequence[str], problems: list[
         by_id.setdefault(parsed[0], []).append(path)
     for folder in sorted(studies):
         by_id.setdefault(_study_id(folder, root), []).append(folder)
-    for folder in empty_dirs:
+    for folder in tree.empty_dirs:
         if folder != root and _is_excluded(folder.relative_to(base), exclude) is None:
             problems.append(Problem(str(folder), "empty folder (no file in it; an incomplete copy or export?)",
                                     "warning"))
+    problems.extend(w for w in tree.warnings if _is_excluded(Path(w.path).relative_to(base), exclude) is None)
 
     if sidecars:
         referenced: set[Path] = set()
@@ -241,9 +251,6 @@ def _find_subfolder(root: Path, names: Iterable[str]) -> Path | None:
     return None
 
 
-MANIFEST_EXTENSIONS: tuple[str, ...] = (".csv", ".json")
-
-
 def scan_subjects(data_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE
                   ) -> tuple[list[SubjectRecord], list[Problem]]:
     """Like :func:`discover_subjects`, but returns the problems instead of raising.
@@ -256,8 +263,6 @@ def scan_subjects(data_dir: str | Path, exclude: Sequence[str] = DEFAULT_EXCLUDE
         return [], [Problem(str(root), "data folder or manifest does not exist")]
     if root.is_file():
         if root.name.lower().endswith(MANIFEST_EXTENSIONS):
-            from maesil.data.manifest import read_manifest
-
             return read_manifest(root)
         return [], [Problem(str(root), "is a file, not a data folder (data_dir must be a folder of images,"
                                        " a DICOM study folder, or a .csv/.json manifest)")]

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 import torchio as tio
 
-from maesil.data.sampling import PatchTask, as_patch_size, collate_patches, register_task
+from maesil.data.collate import collate_patches
+from maesil.data.tasks import PatchTask, register_task
+from maesil.shapes import as_triple
 
 BoxLike = torch.Tensor | Sequence[float]
 
@@ -78,7 +80,7 @@ class ViewSettings:
             raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale!r}")
         self.scale = (lo, hi)
         if self.view_size is not None:
-            self.view_size = as_patch_size(self.view_size)
+            self.view_size = as_triple(self.view_size, "view_size")
         for name in ("flip_probability", "min_overlap"):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:  # also rejects NaN; min_overlap 1 is attainable (identical crops)
@@ -98,8 +100,8 @@ class ViewSettings:
     def view_shape(self, superpatch_shape: Sequence[int]) -> tuple[int, int, int]:
         """The size of each view for a superpatch of ``superpatch_shape`` (X, Y, Z)."""
         if self.view_size is None:
-            return as_patch_size(superpatch_shape)
-        return as_patch_size(self.view_size)
+            return as_triple(superpatch_shape, "superpatch_size")
+        return as_triple(self.view_size, "view_size")
 
 
 def as_view_settings(views: ViewSettings | Mapping[str, Any] | None) -> ViewSettings:
@@ -174,7 +176,7 @@ def render_views(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
     """
     if images.ndim != 5:
         raise ValueError(f"images must be (B, C, X, Y, Z), got shape {tuple(images.shape)}")
-    size = as_patch_size(size)
+    size = as_triple(size, "view size")
     batch = images.shape[0]
     boxes = _as_box(boxes).to(torch.float64).reshape(batch, 6)
     flips = torch.as_tensor(flips, dtype=torch.bool).reshape(batch, 3)
@@ -233,7 +235,7 @@ def draw_view_geometry(superpatch_shape: Sequence[int], settings: ViewSettings |
         RuntimeError: no pair met ``min_overlap`` within ``max_attempts`` draws.
     """
     settings = as_view_settings(settings)
-    extent = torch.tensor(as_patch_size(superpatch_shape), dtype=torch.float64)
+    extent = torch.tensor(as_triple(superpatch_shape, "superpatch_size"), dtype=torch.float64)
     lo, hi = settings.scale
     for _ in range(settings.max_attempts):
         sides = (lo + (hi - lo) * torch.rand(2, 3, generator=generator, dtype=torch.float64)) * extent

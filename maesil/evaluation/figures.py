@@ -1,4 +1,5 @@
-"""Pictures of volumes: orthogonal slices of input, masked input and reconstruction side by side.
+"""Pictures of volumes: orthogonal slices of input, masked input and reconstruction side by side, the
+reconstructions of several methods next to each other, the two views of a superpatch.
 
 Slices follow the radiological convention: axial and coronal views show the patient's right on the
 viewer's left, anterior is up in axial views, superior is up in coronal and sagittal views. Arrays are
@@ -102,6 +103,61 @@ def volume_panels_figure(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def comparison_figure(
+    image: np.ndarray,
+    reconstructions: Mapping[str, np.ndarray],
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    title: str = "",
+    center: Sequence[int] | None = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
+) -> Figure:
+    """The same axial and coronal slice of the input and of every method's reconstruction, side by side.
+
+    Columns: input, then one per method. Rows: axial, axial |recon − input|, coronal, coronal
+    |recon − input|. Difference maps share one colour scale (0 to the 99.5th percentile over all
+    methods, at least 0.05 of the value range), so that methods compare by eye.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    center = tuple(int(c) for c in center) if center is not None else tuple(s // 2 for s in image.shape)
+    views = ("axial", "coronal")
+    input_slices = orthogonal_slices(image, center)
+    method_slices = {name: orthogonal_slices(np.asarray(r, dtype=np.float32), center)
+                     for name, r in reconstructions.items()}
+    diffs = {name: {v: np.abs(s[v] - input_slices[v]) for v in views} for name, s in method_slices.items()}
+    span = value_range[1] - value_range[0]
+    all_diffs = np.concatenate([d[v].ravel() for d in diffs.values() for v in views]) if diffs else np.zeros(1)
+    diff_max = max(0.05 * span, float(np.percentile(all_diffs, 99.5)))
+
+    columns = ["input", *reconstructions]
+    fig, axes = plt.subplots(4, len(columns), figsize=(2.8 * len(columns) + 1.0, 2.8 * 4), squeeze=False,
+                             layout="constrained")
+    diff_image = None
+    for col, name in enumerate(columns):
+        for block, view in enumerate(views):
+            ax_img, ax_diff = axes[2 * block, col], axes[2 * block + 1, col]
+            picture = input_slices[view] if name == "input" else method_slices[name][view]
+            ax_img.imshow(picture, cmap="gray", vmin=value_range[0], vmax=value_range[1], origin="lower",
+                          aspect=_aspect(view, spacing), interpolation="nearest")
+            if name == "input":
+                ax_diff.axis("off")
+            else:
+                diff_image = ax_diff.imshow(diffs[name][view], cmap="magma", vmin=0.0, vmax=diff_max,
+                                            origin="lower", aspect=_aspect(view, spacing), interpolation="nearest")
+            for ax in (ax_img, ax_diff):
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if col == 0:
+                ax_img.set_ylabel(view)
+            elif col == 1:
+                ax_diff.set_ylabel(f"{view} |recon − input|")
+        axes[0, col].set_title(name)
+    if diff_image is not None:
+        fig.colorbar(diff_image, ax=axes[:, -1].tolist(), shrink=0.5, label="|recon − input|")
+    if title:
+        fig.suptitle(title)
     return fig
 
 

@@ -13,6 +13,8 @@ A held-out volume is scored as a whole rather than superpatch by superpatch:
    windowed to [0, 1] and, for z-normalised MRI, the volume's own max − min, unless fixed
    (:func:`maesil.evaluation.metrics.normalise_intensities`).
 4. :class:`LPIPS2D` optionally adds slice-wise LPIPS (AlexNet variant), built only from local weights.
+
+:func:`maesil.evaluation.figures.comparison_figure` pictures the reconstructions of several methods side by side.
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ from typing import Literal
 import numpy as np
 import torch
 import torchio as tio
-from matplotlib.figure import Figure
 from scipy import ndimage
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from maesil.data.sampling import as_patch_size, collate_patches, pad_to_multiple
+from maesil.data.collate import collate_patches
+from maesil.data.grid import pad_to_multiple
 from maesil.evaluation.metrics import Modality, normalise_intensities
+from maesil.shapes import as_triple
 
 #: Default threshold of :func:`body_mask` on windowed CT in [0, 1]: 0.05 is ≈ −154 HU for the
 #: default window [−175, 250] HU, below fat (≈ −100 HU) and above air (clipped to exactly 0).
@@ -79,20 +82,20 @@ def _model_device(model: nn.Module) -> torch.device:
 def reconstruct_volume(
     model: nn.Module,
     subject: tio.Subject,
-    patch_size: int | Sequence[int],
+    superpatch_size: int | Sequence[int],
     padding_value: float | str = 0.0,
     batch_size: int = 2,
 ) -> VolumeReconstruction:
     """Reconstructs a whole preprocessed volume superpatch by superpatch.
 
-    The volume is padded (centred) to a multiple of ``patch_size`` exactly as the DataModule's
+    The volume is padded (centred) to a multiple of ``superpatch_size`` exactly as the DataModule's
     validation grid is, so patch locations, and hence the masks of masked methods, match validation.
     The model runs in eval mode (its previous mode is restored) without gradients, on its own device.
 
     Args:
-        model: a :class:`~maesil.methods.base.PretrainModule` (anything with ``reconstruct_for_evaluation``).
+        model: a :class:`~maesil.methods.base.MethodModule` (anything with ``reconstruct_for_evaluation``).
         subject: a preprocessed ``tio.Subject`` with a single-channel ``image`` and a ``subject_id``.
-        patch_size: the superpatch size the model takes.
+        superpatch_size: the superpatch size the model takes.
         padding_value: padding of the grid: 0 for windowed CT (air), ``"minimum"`` for MRI
             (see :func:`maesil.data.preprocess.padding_value`).
         batch_size: superpatches per forward pass.
@@ -100,7 +103,7 @@ def reconstruct_volume(
     Returns:
         The input, the reconstruction and the hidden-voxel mask (or ``None``), cropped to the volume.
     """
-    patch_size = as_patch_size(patch_size)
+    superpatch_size = as_triple(superpatch_size, "superpatch_size")
     image = subject["image"]
     if image.data.shape[0] != 1:
         raise ValueError(f"expected a single-channel image, got shape {tuple(image.data.shape)}")
@@ -109,14 +112,14 @@ def reconstruct_volume(
     # A fresh subject: padding works in place, and other images (labels) need no reconstruction.
     grid_subject = tio.Subject(image=tio.ScalarImage(tensor=image.data.float().clone(), affine=image.affine),
                                subject_id=subject_id)
-    padded = pad_to_multiple(grid_subject, patch_size, padding_value)
+    padded = pad_to_multiple(grid_subject, superpatch_size, padding_value)
     padded_shape = tuple(int(s) for s in padded.spatial_shape)
-    expected = tuple(math.ceil(s / p) * p for s, p in zip(shape, patch_size))
+    expected = tuple(math.ceil(s / p) * p for s, p in zip(shape, superpatch_size))
     if padded_shape != expected:
-        raise RuntimeError(f"padding to a multiple of {patch_size} gave {padded_shape}, expected {expected}")
+        raise RuntimeError(f"padding to a multiple of {superpatch_size} gave {padded_shape}, expected {expected}")
     start = tuple((p - s) // 2 for p, s in zip(padded_shape, shape))  # pad_to_multiple pads centred
 
-    sampler = tio.GridSampler(padded, patch_size=patch_size, patch_overlap=0)
+    sampler = tio.GridSampler(padded, patch_size=superpatch_size, patch_overlap=0)
     loader = DataLoader(sampler, batch_size=max(1, int(batch_size)), shuffle=False, num_workers=0,
                         collate_fn=collate_patches)
     recon_aggregator = tio.GridAggregator(sampler)
@@ -457,71 +460,3 @@ def lpips_volume(network: LPIPS2D, image: Tensor, reconstruction: Tensor, data_r
         b = reconstruction[:, :, z0:z0 + batch_size].permute(2, 0, 1)[:, None].to(device)
         values.append(network(b, a, data_range=data_range).cpu())
     return float(torch.cat(values).double().mean())
-
-
-# --------------------------------------------------------------------------------------------
-# Figure
-# --------------------------------------------------------------------------------------------
-
-
-def _aspect(view: str, spacing: Sequence[float]) -> float:
-    sx, sy, sz = spacing
-    return {"axial": sy / sx, "coronal": sz / sx}[view]
-
-
-def comparison_figure(
-    image: np.ndarray,
-    reconstructions: Mapping[str, np.ndarray],
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    title: str = "",
-    center: Sequence[int] | None = None,
-    value_range: tuple[float, float] = (0.0, 1.0),
-) -> Figure:
-    """The same axial and coronal slice of the input and of every method's reconstruction, side by side.
-
-    Columns: input, then one per method. Rows: axial, axial |recon − input|, coronal, coronal
-    |recon − input|. Difference maps share one colour scale (0 to the 99.5th percentile over all
-    methods, at least 0.05 of the value range), so that methods compare by eye.
-    """
-    from maesil.evaluation.figures import orthogonal_slices
-    import matplotlib.pyplot as plt
-
-    image = np.asarray(image, dtype=np.float32)
-    center = tuple(int(c) for c in center) if center is not None else tuple(s // 2 for s in image.shape)
-    views = ("axial", "coronal")
-    input_slices = orthogonal_slices(image, center)
-    method_slices = {name: orthogonal_slices(np.asarray(r, dtype=np.float32), center)
-                     for name, r in reconstructions.items()}
-    diffs = {name: {v: np.abs(s[v] - input_slices[v]) for v in views} for name, s in method_slices.items()}
-    span = value_range[1] - value_range[0]
-    all_diffs = np.concatenate([d[v].ravel() for d in diffs.values() for v in views]) if diffs else np.zeros(1)
-    diff_max = max(0.05 * span, float(np.percentile(all_diffs, 99.5)))
-
-    columns = ["input", *reconstructions]
-    fig, axes = plt.subplots(4, len(columns), figsize=(2.8 * len(columns) + 1.0, 2.8 * 4), squeeze=False,
-                             layout="constrained")
-    diff_image = None
-    for col, name in enumerate(columns):
-        for block, view in enumerate(views):
-            ax_img, ax_diff = axes[2 * block, col], axes[2 * block + 1, col]
-            picture = input_slices[view] if name == "input" else method_slices[name][view]
-            ax_img.imshow(picture, cmap="gray", vmin=value_range[0], vmax=value_range[1], origin="lower",
-                          aspect=_aspect(view, spacing), interpolation="nearest")
-            if name == "input":
-                ax_diff.axis("off")
-            else:
-                diff_image = ax_diff.imshow(diffs[name][view], cmap="magma", vmin=0.0, vmax=diff_max,
-                                            origin="lower", aspect=_aspect(view, spacing), interpolation="nearest")
-            for ax in (ax_img, ax_diff):
-                ax.set_xticks([])
-                ax.set_yticks([])
-            if col == 0:
-                ax_img.set_ylabel(view)
-            elif col == 1:
-                ax_diff.set_ylabel(f"{view} |recon − input|")
-        axes[0, col].set_title(name)
-    if diff_image is not None:
-        fig.colorbar(diff_image, ax=axes[:, -1].tolist(), shrink=0.5, label="|recon − input|")
-    if title:
-        fig.suptitle(title)
-    return fig

@@ -25,7 +25,7 @@ Example:
     >>> import torch
     >>> image = torch.rand(1, 20, 18, 9)
     >>> predict = lambda x: torch.cat([x, 1 - x], dim=1)  # (B, 1, ...) -> two-class logits
-    >>> probs = sliding_window_probabilities(predict, image, patch_size=(8, 8, 8))
+    >>> probs = sliding_window_probabilities(predict, image, superpatch_size=(8, 8, 8))
     >>> probs.shape
     torch.Size([2, 20, 18, 9])
     >>> scores = segmentation_scores(probs.argmax(0), probs.argmax(0), 2, spacing=(1.0, 1.0, 2.0))
@@ -49,7 +49,7 @@ from monai.metrics import compute_hausdorff_distance
 from torch import Tensor
 from torchmetrics.functional.segmentation import dice_score
 
-from maesil.data.sampling import as_patch_size
+from maesil.shapes import as_triple
 
 __all__ = [
     "SegmentationScoreboard",
@@ -66,8 +66,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-def grid_overlap(patch_size: int | Sequence[int], overlap: float) -> tuple[int, int, int]:
-    """Overlap in voxels between neighbouring grid patches, for a fraction ``overlap`` of the patch.
+def grid_overlap(superpatch_size: int | Sequence[int], overlap: float) -> tuple[int, int, int]:
+    """Overlap in voxels between neighbouring grid patches, for a fraction ``overlap`` of the patch
+    (``superpatch_size``, the cube the model takes).
 
     ``tio.GridSampler`` needs an even overlap smaller than the patch along every axis, so the
     fraction is rounded to the nearest even number of voxels (and lowered by 2 if it reaches the
@@ -77,7 +78,7 @@ def grid_overlap(patch_size: int | Sequence[int], overlap: float) -> tuple[int, 
     if not 0.0 <= float(overlap) < 1.0:
         raise ValueError(f"overlap must be a fraction in [0, 1), got {overlap}")
     result = []
-    for size in as_patch_size(patch_size):
+    for size in as_triple(superpatch_size, "superpatch_size"):
         voxels = 2 * int(math.floor(float(overlap) * size / 2 + 0.5))
         while voxels >= size:
             voxels -= 2
@@ -89,7 +90,7 @@ def grid_overlap(patch_size: int | Sequence[int], overlap: float) -> tuple[int, 
 def sliding_window_probabilities(
     predict_fn: Callable[[Tensor], Tensor],
     image: tio.ScalarImage | Tensor,
-    patch_size: int | tuple[int, int, int],
+    superpatch_size: int | tuple[int, int, int],
     overlap: float = 0.5,
     blend: Literal["hann", "average"] = "hann",
     batch_size: int = 2,
@@ -110,12 +111,12 @@ def sliding_window_probabilities(
     probability distribution at every voxel.
 
     Args:
-        predict_fn: maps a (B, C, *patch_size) float32 batch on ``device`` to logits
-            (B, K, *patch_size), e.g. ``model`` (put it in eval mode first) or a wrapper with
+        predict_fn: maps a (B, C, *superpatch_size) float32 batch on ``device`` to logits
+            (B, K, *superpatch_size), e.g. ``model`` (put it in eval mode first) or a wrapper with
             autocast. Logits are converted to float32.
         image: the preprocessed volume, a ``tio.ScalarImage`` or a (C, X, Y, Z) tensor (on any
             device; it is partitioned on the CPU).
-        patch_size: the patch size the model takes, in voxels (X, Y, Z).
+        superpatch_size: the cube the model takes, in voxels (X, Y, Z).
         overlap: fraction of the patch shared by neighbouring patches, in [0, 1).
         blend: ``"hann"`` weights each patch by a Hann window (patch borders, where the model saw
             least context, count least; no seams); ``"average"`` weights all voxels equally.
@@ -132,7 +133,7 @@ def sliding_window_probabilities(
         raise ValueError(f"blend must be 'hann' or 'average', got {blend!r}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    patch = as_patch_size(patch_size)
+    patch = as_triple(superpatch_size, "superpatch_size")
     patch_overlap = grid_overlap(patch, overlap)
     if isinstance(image, tio.Image):
         data, affine = image.data, image.affine
@@ -164,7 +165,7 @@ def sliding_window_probabilities(
         expected = (patches.shape[0], *patch)
         if logits.ndim != 5 or (logits.shape[0], *logits.shape[2:]) != expected:
             raise ValueError(f"predict_fn returned shape {tuple(logits.shape)} for a batch of shape "
-                             f"{tuple(patches.shape)}; expected (B, K, *patch_size) = "
+                             f"{tuple(patches.shape)}; expected (B, K, *superpatch_size) = "
                              f"({expected[0]}, K, {', '.join(map(str, patch))})")
         probabilities = torch.softmax(logits.float(), dim=1)
         aggregator.add_batch(probabilities.cpu(), batch_locations)
@@ -358,7 +359,7 @@ class SegmentationScoreboard:
 
     def class_names(self, class_names: ClassNames = None) -> list[str]:
         """Names of the foreground classes 1..K-1: from a mapping label -> name (e.g.
-        :data:`maesil.data.phantoms.ORGAN_LABELS`), a sequence indexed by label (length K) or of the
+        :data:`maesil.phantoms.ORGAN_LABELS`), a sequence indexed by label (length K) or of the
         foreground classes (length K - 1); ``class_<c>`` where none is given."""
         foreground = range(1, self.num_classes)
         if class_names is None:

@@ -1,4 +1,4 @@
-"""The base LightningModule of every method: optimisation, figures, and hooks into the shared DataModule.
+"""The base LightningModule of every method: optimisation, figures, checkpointed state and the data it reads.
 
 Methods own only their losses, metrics and pictures; models are plain ``nn.Module``s built in the
 constructor. The optimizer and the schedule are injected as callables from YAML, so any torch optimizer
@@ -16,12 +16,19 @@ works without code changes::
 
 The scheduler is called as ``scheduler(optimizer, total_steps)`` with the run's optimizer steps, taken
 from the trainer (``max_steps`` or epochs × batches).
+
+A method reads its data only through :attr:`MethodModule.data_spec`, the attached DataModule's
+:class:`~maesil.data.spec.DataSpec`, and never drives the DataModule. Each method declares the data task it
+needs (``accepted_tasks``) and the superpatch its network is built for (``superpatch_size``); ``setup`` checks
+both against the spec before any step, naming the YAML keys to change.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -29,10 +36,20 @@ from torch import Tensor
 from torch.optim import Optimizer
 from matplotlib.figure import Figure
 
+from maesil.checkpoints.layouts import TransferLayout, register_layout
+from maesil.data.spec import DataSpec
 from maesil.evaluation.figures import save_figure
 from maesil.nonfinite import guard_training_step, restore_learning_rates, skip_optimizer_update
-from maesil.random_state import capture_rng_state, restore_rng_state
 from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, decay_parameter_groups, warmup_cosine
+from maesil.random_state import capture_rng_state, restore_rng_state
+from maesil.trainer_attachment import attached_trainer
+
+
+def datamodule_spec(trainer: object | None) -> DataSpec | None:
+    """The :class:`DataSpec` of ``trainer``'s DataModule, or None (no trainer, no DataModule, or one that
+    publishes no spec). The one place that reads the DataModule."""
+    spec = getattr(getattr(trainer, "datamodule", None), "spec", None)
+    return spec if isinstance(spec, DataSpec) else None
 
 
 class ReconstructionEvaluationHooks:
@@ -41,7 +58,7 @@ class ReconstructionEvaluationHooks:
     Each stage resets ``self.val_metrics`` and the figure candidate, scores every batch with the method's
     ``self._evaluation_step(batch, stage)``, and at ``_evaluation_epoch_end(stage)`` logs the metrics and
     draws the kept candidate with the method's ``_log_reconstruction``. Listed before
-    :class:`PretrainModule` in the bases so these hooks take effect.
+    :class:`MethodModule` in the bases so these hooks take effect.
     """
 
     def on_validation_epoch_start(self) -> None:
@@ -66,21 +83,21 @@ class ReconstructionEvaluationHooks:
     #: The metric of ``val_metrics`` shown in the progress bar.
     progress_metric: str = "psnr_masked"
 
-    #: Modality of the inputs when no DataModule is attached; ``benchmark-recon`` sets it from the
-    #: checkpoint's data settings. None: CT.
-    input_modality: str | None = None
+    def validation_generators(self, batch: dict) -> list[torch.Generator]:
+        """One CPU generator per superpatch of ``batch``, seeded by ``crc32("val_mask_seed:subject:location")``.
 
-    @property
-    def data_modality(self) -> str:
-        """``"ct"`` or ``"mri"``: the attached DataModule's ``modality``, else ``input_modality``, else CT.
-
-        The intensity conventions follow it, so one method YAML serves both: CT is windowed to [0, 1],
-        MRI is z-normalised and unbounded (clamp in :meth:`clamp_reconstruction`, metric range in
-        :class:`~maesil.evaluation.metrics.ReconstructionMetrics`, picture range in
-        :func:`~maesil.evaluation.figures.display_range`)."""
-        trainer = getattr(self, "_trainer", None)
-        modality = getattr(getattr(trainer, "datamodule", None), "modality", None)
-        return str(modality or self.input_modality or "ct").lower()
+        Masks drawn from them are the same for a superpatch in every epoch and run, whatever the batch size or
+        the number of DDP processes, so validation curves and checkpoints compare on identical masks.
+        """
+        images = batch["image"]
+        subjects = batch.get("subject_id") or ["?"] * images.shape[0]
+        locations = batch.get("location")
+        generators = []
+        for index, subject in enumerate(subjects):
+            where = locations[index].tolist() if locations is not None else index
+            seed = zlib.crc32(f"{self.val_mask_seed}:{subject}:{where}".encode())
+            generators.append(torch.Generator().manual_seed(seed))
+        return generators
 
     def clamp_reconstruction(self, reconstruction: Tensor) -> Tensor:
         """A reconstruction clamped to the inputs' range before scoring: [0, 1] for windowed CT; as it is
@@ -123,7 +140,7 @@ class ReconstructionEvaluationHooks:
             )
 
 
-class PretrainModule(L.LightningModule):
+class MethodModule(L.LightningModule):
     """Shared optimisation and plumbing for pretraining and fine-tuning methods.
 
     Args:
@@ -135,9 +152,23 @@ class PretrainModule(L.LightningModule):
     no_weight_decay: Sequence[str] = ("mask_token", "pos_embed")
 
     #: Batches with a NaN/Inf loss the run may skip before it stops (set by
-    #: :class:`maesil.nonfinite.NonFiniteLossGuard`), and how many it has skipped (checkpointed).
+    #: :class:`maesil.nonfinite.NonFiniteSkipBudget`), and how many it has skipped (checkpointed).
     max_skipped_batches: int = 0
     skipped_batches: int = 0
+
+    #: The DataModule tasks (``data.init_args.task``) whose batches this method trains on; empty: any.
+    accepted_tasks: ClassVar[tuple[str, ...]] = ()
+
+    #: The superpatch (X, Y, Z) the network is built for, which the DataModule must sample; None: any size.
+    superpatch_size: tuple[int, int, int] | None = None
+
+    #: Modality of the inputs when no DataModule is attached; ``benchmark-recon`` sets it from the
+    #: checkpoint's data settings. None: CT.
+    input_modality: str | None = None
+
+    #: Which checkpoint keys are the encoder (and decoder) that fine-tuning takes, and how to recognise
+    #: this method's checkpoints (:class:`maesil.checkpoints.layouts.TransferLayout`); None: nothing transfers.
+    transfer_layout: ClassVar[TransferLayout | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Every method's ``training_step`` stops on a NaN/Inf loss, naming the step and the subjects
@@ -145,6 +176,8 @@ class PretrainModule(L.LightningModule):
         super().__init_subclass__(**kwargs)
         if "training_step" in cls.__dict__:
             cls.training_step = guard_training_step(cls.__dict__["training_step"])
+        if cls.transfer_layout is not None:  # checkpoint loading and export find the layout by class name
+            register_layout(cls.__name__, cls.transfer_layout)
 
     def __init__(
         self,
@@ -175,25 +208,84 @@ class PretrainModule(L.LightningModule):
         """
         raise NotImplementedError(f"{type(self).__name__} does not reconstruct its input")
 
+    @property
+    def data_spec(self) -> DataSpec | None:
+        """What the attached DataModule publishes about its data (task, modality, superpatch, preprocessing,
+        batch size), or None outside a Trainer or with a DataModule that publishes no spec."""
+        return datamodule_spec(attached_trainer(self))
+
+    @property
+    def data_modality(self) -> str:
+        """``"ct"`` or ``"mri"``: the data spec's ``modality``, else ``input_modality``, else CT.
+
+        The intensity conventions follow it, so one method YAML serves both: CT is windowed to [0, 1],
+        MRI is z-normalised and unbounded (clamp in ``clamp_reconstruction``, metric range in
+        :class:`~maesil.evaluation.metrics.ReconstructionMetrics`, picture range in
+        :func:`~maesil.evaluation.figures.display_range`)."""
+        spec = self.data_spec
+        return str((spec.modality if spec is not None else None) or self.input_modality or "ct").lower()
+
+    def setup(self, stage: str) -> None:
+        """Checks the DataModule's spec against the method before any step: the task
+        (``accepted_tasks``) and the superpatch (``superpatch_size``)."""
+        spec = self.data_spec
+        if spec is None:
+            return
+        self.check_task(spec.task)
+        self.check_input_size(spec.superpatch_size)
+
+    def check_task(self, task: str) -> None:
+        """Fails when the DataModule's batches are not of a task this method trains on (a PGL run with
+        ``task: reconstruct`` would otherwise stop at the first step, missing ``view1``)."""
+        if self.accepted_tasks and task not in self.accepted_tasks:
+            needed = " or ".join(self.accepted_tasks)
+            raise ValueError(f"{type(self).__name__} needs data.init_args.task: {needed} (the DataModule has task "
+                             f"{task!r})")
+
+    def check_input_size(self, size: Sequence[int]) -> None:
+        """Fails when the DataModule samples superpatches of ``size`` but the network is built for another
+        ``superpatch_size``."""
+        expected = self.superpatch_size
+        if expected is not None and tuple(size) != tuple(expected):
+            raise ValueError(
+                f"{type(self).__name__} was built for superpatches of {expected}, but the DataModule samples "
+                f"{tuple(size)}. State the size once, as data.init_args.superpatch_size (the CLI passes it to the "
+                f"model), and remove the deprecated model.init_args.img_size; in Python, build both with one size."
+            )
+
+    def describe(self) -> str | None:
+        """One line printed at fit start: the network's size and the method's settings; None prints nothing."""
+        return None
+
+    def on_fit_start(self) -> None:
+        line = self.describe()
+        if line:
+            self.print(line)
+
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: weight-decayed and not decayed trainable parameters (biases,
+        norms and ``no_weight_decay`` names). A group's ``lr_scale`` (layer-wise decay) multiplies its rate."""
+        return decay_parameter_groups(self, self.no_weight_decay)
+
     def scale_learning_rates(self, optimizer: Optimizer) -> None:
-        """Multiplies every param group's ``lr`` by ``batch_lr_factor``.
+        """Multiplies every param group's ``lr`` by ``batch_lr_factor`` and by the group's ``lr_scale``, and
+        records the result as the group's ``initial_lr``.
 
         Called right after the optimizer is built and before the scheduler, so that the scheduler's
-        ``base_lrs`` (and ``initial_lr``) are the scaled rates.
+        ``base_lrs`` are the scaled rates and :class:`~maesil.callbacks.EncoderWarmup` has them without a
+        scheduler.
         """
-        if self.batch_lr_factor == 1.0:
-            return
         for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * self.batch_lr_factor
-            if "initial_lr" in group:
-                group["initial_lr"] = group["initial_lr"] * self.batch_lr_factor
+            group["lr"] = group["lr"] * self.batch_lr_factor * group.get("lr_scale", 1.0)
+            group["initial_lr"] = group["lr"]
 
     def configure_optimizers(self):
-        """Builds the injected optimizer over decay/no-decay groups and a per-step schedule.
+        """Builds the injected optimizer over :meth:`parameter_groups` and a per-step schedule.
 
-        The configured lr is multiplied by ``batch_lr_factor`` (see ``LinearLRScaling``).
+        The configured lr is multiplied by ``batch_lr_factor`` (see ``LinearLRScaling``) and each group's
+        ``lr_scale``.
         """
-        optimizer = self.optimizer_factory(decay_parameter_groups(self, self.no_weight_decay))
+        optimizer = self.optimizer_factory(self.parameter_groups())
         self.scale_learning_rates(optimizer)
         if self.scheduler_factory is None:
             return optimizer
@@ -227,7 +319,7 @@ class PretrainModule(L.LightningModule):
         """Stores every process's RNG state and the count of skipped non-finite batches, so that
         ``--ckpt_path last`` continues the random streams instead of replaying them from the seed."""
         state = capture_rng_state()
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
             states: list = [None] * trainer.world_size
             torch.distributed.all_gather_object(states, state)
@@ -247,7 +339,7 @@ class PretrainModule(L.LightningModule):
         """
         self.skipped_batches = int(checkpoint.get("maesil_skipped_batches", 0))
         states = checkpoint.get("maesil_rng")
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         world_size = trainer.world_size if trainer is not None else 1
         if states and len(states) == world_size:
             self._pending_rng_state = states[trainer.global_rank if trainer is not None else 0]
@@ -258,23 +350,6 @@ class PretrainModule(L.LightningModule):
         if state is not None:
             restore_rng_state(state)
             self._pending_rng_state = None
-
-    def on_train_epoch_start(self) -> None:
-        """Reshuffles the DDP subject split of the DataModule each epoch."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "set_epoch"):
-            datamodule.set_epoch(self.current_epoch)
-
-    def check_input_size(self, expected: Sequence[int]) -> None:
-        """Fails fast when the DataModule's superpatch differs from the size the model was built for."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        size = getattr(datamodule, "superpatch_size", None)
-        if size is not None and tuple(size) != tuple(expected):
-            raise ValueError(
-                f"{type(self).__name__} was built for input size {tuple(expected)}, but the DataModule "
-                f"samples superpatches of {tuple(size)}. Set model.init_args.img_size to "
-                f"{list(size)} or data.init_args.superpatch_size to {list(expected)}."
-            )
 
     def run_folder(self) -> Path:
         """Folder of this run's logs: the first logger's ``log_dir`` (or ``save_dir``), else

@@ -38,26 +38,23 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from maesil.checkpoints.layouts import TransferLayout, any_key_starts_with
 from maesil.evaluation.figures import display_range, volume_panels_figure
 from maesil.evaluation.metrics import ReconstructionMetrics
-from maesil.methods.base import PretrainModule, ReconstructionEvaluationHooks
-from maesil.models.autoencoders import (
-    ae_latent_shape,
-    as_size3,
-    build_ae,
-    build_vae,
-    build_vqvae,
-    count_parameters,
-    vqvae_code_grid,
-)
+from maesil.methods.arguments import superpatch_argument
+from maesil.methods.base import MethodModule, ReconstructionEvaluationHooks
+from maesil.models.autoencoders import ae_latent_shape, build_ae, build_vae, build_vqvae, vqvae_code_grid
+from maesil.models.parameters import count_parameters
 from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, warmup_cosine
+from maesil.shapes import as_triple
+from maesil.trainer_attachment import attached_trainer
 
 ReconstructionLoss = Literal["mse", "l1"]
 
@@ -82,13 +79,13 @@ class AutoencoderOutput:
     codes: Tensor | None = None
 
 
-class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
+class _AutoencoderModule(ReconstructionEvaluationHooks, MethodModule):
     """Training, validation, pictures and ``reconstruct_for_evaluation`` shared by the baselines.
 
     Subclasses build ``self.net`` and implement :meth:`forward`, returning an :class:`AutoencoderOutput`.
 
     Args:
-        img_size: Superpatch size the network is built for; must equal the DataModule's ``superpatch_size``.
+        superpatch_size: Superpatch the network is built for (the DataModule's ``superpatch_size``).
         in_channels: Image channels.
         loss: Reconstruction loss over voxels, ``mse`` or ``l1``.
         metric_data_range: Intensity range for PSNR/SSIM; None follows the data (1.0 for windowed CT, each
@@ -98,12 +95,13 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
     """
 
     progress_metric = "psnr"  # autoencoders see every voxel: no masked region
+    accepted_tasks = ("reconstruct",)
 
     net: nn.Module
 
     def __init__(
         self,
-        img_size: int | tuple[int, int, int],
+        superpatch_size: int | tuple[int, int, int],
         in_channels: int,
         loss: ReconstructionLoss,
         metric_data_range: float | None,
@@ -113,7 +111,7 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
         super().__init__(optimizer=optimizer, scheduler=scheduler)
         if loss not in ("mse", "l1"):
             raise ValueError(f"loss must be 'mse' or 'l1', got {loss!r}")
-        self.img_size: tuple[int, int, int] = as_size3(img_size)
+        self.superpatch_size = as_triple(superpatch_size, "superpatch_size")
         self.in_channels = in_channels
         self.loss_name = loss
         self.val_metrics = ReconstructionMetrics(data_range=metric_data_range)
@@ -135,16 +133,11 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
     @property
     def voxels_per_sample(self) -> int:
         """Values in one input superpatch (channels × X × Y × Z)."""
-        return self.in_channels * math.prod(self.img_size)
+        return self.in_channels * math.prod(self.superpatch_size)
 
-    def setup(self, stage: str) -> None:
-        self.check_input_size(self.img_size)
-
-    def on_fit_start(self) -> None:
-        self.print(
-            f"{type(self).__name__}: {count_parameters(self.net) / 1e6:.2f} M parameters, "
-            f"input {self.img_size}, latent {self.latent_description()}"
-        )
+    def describe(self) -> str:
+        return (f"{type(self).__name__}: {count_parameters(self.net) / 1e6:.2f} M parameters, "
+                f"input {self.superpatch_size}, latent {self.latent_description()}")
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["image"]
@@ -190,13 +183,13 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, PretrainModule):
 class AE(_AutoencoderModule):
     """Convolutional autoencoder baseline (MONAI ``AutoEncoder``), trained to reconstruct whole superpatches.
 
-    The latent is ``channels[-1]`` × (img_size / prod(strides))³; the defaults (the "paper" preset of
+    The latent is ``channels[-1]`` × (superpatch_size / prod(strides))³; the defaults (the "paper" preset of
     :data:`maesil.models.autoencoders.AUTOENCODER_PRESETS`, 51.2 M parameters) give 64 × 8³ for 128³
     superpatches, 64× fewer values than voxels.
 
     Args:
-        img_size: Superpatch size; must equal the DataModule's ``superpatch_size`` and be a multiple of
-            prod(strides).
+        superpatch_size: Superpatch the network is built for, the DataModule's ``superpatch_size`` (the CLI sets
+            it from ``data.init_args.superpatch_size``; None: 128), a multiple of prod(strides).
         in_channels: Image channels.
         channels: Output channels of each encoder level (the decoder mirrors them).
         strides: Stride of each encoder level; the last level (stride 1, few channels) is the bottleneck.
@@ -206,11 +199,19 @@ class AE(_AutoencoderModule):
             superpatch's own max − min for MRI).
         optimizer: Optimizer factory (default AdamW).
         scheduler: ``(optimizer, total_steps)`` → schedule (default warm-up + cosine).
+        img_size: Deprecated name of ``superpatch_size`` (older YAMLs and checkpoints).
     """
+
+    #: Nothing transfers (a MONAI network, no U-Net or ViT encoder); the layout names AE checkpoints in errors.
+    transfer_layout: ClassVar[TransferLayout | None] = TransferLayout(
+        prefixes={},
+        network="none",
+        recognise=lambda state: any_key_starts_with(state, "net.encode.") and not any_key_starts_with(state, "net.mu."),
+    )
 
     def __init__(
         self,
-        img_size: int | tuple[int, int, int] = 128,
+        superpatch_size: int | tuple[int, int, int] | None = None,
         in_channels: int = 1,
         channels: Sequence[int] = (32, 128, 320, 640, 64),
         strides: Sequence[int] = (2, 2, 2, 2, 1),
@@ -219,11 +220,15 @@ class AE(_AutoencoderModule):
         metric_data_range: float | None = None,
         optimizer: OptimizerFactory = adamw,
         scheduler: SchedulerFactory | None = warmup_cosine,
+        img_size: int | tuple[int, int, int] | None = None,
     ) -> None:
-        super().__init__(img_size, in_channels, loss, metric_data_range, optimizer, scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.net = build_ae(self.img_size, in_channels, channels, strides, num_res_units)
-        self.latent_shape = ae_latent_shape(self.img_size, channels, strides)
+        superpatch_size = superpatch_argument(type(self).__name__, superpatch_size, img_size, default=128)
+        super().__init__(superpatch_size, in_channels, loss, metric_data_range, optimizer, scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "img_size"])
+        # Under LightningCLI the hyperparameters are the parsed config: store the resolved value, under its new name.
+        self.hparams.update(superpatch_size=superpatch_size)
+        self.net = build_ae(self.superpatch_size, in_channels, channels, strides, num_res_units)
+        self.latent_shape = ae_latent_shape(self.superpatch_size, channels, strides)
 
     def latent_description(self) -> str:
         values = math.prod(self.latent_shape)
@@ -245,8 +250,8 @@ class VAE(_AutoencoderModule):
     "paper" preset, 50.4 M parameters) encode a 128³ superpatch into a 2 048-dimensional Gaussian.
 
     Args:
-        img_size: Superpatch size; must equal the DataModule's ``superpatch_size`` and be a multiple of
-            prod(strides).
+        superpatch_size: Superpatch the network is built for, the DataModule's ``superpatch_size`` (the CLI sets
+            it from ``data.init_args.superpatch_size``; None: 128), a multiple of prod(strides).
         in_channels: Image channels.
         channels: Output channels of each encoder level (the decoder mirrors them).
         strides: Stride of each encoder level.
@@ -260,11 +265,19 @@ class VAE(_AutoencoderModule):
             superpatch's own max − min for MRI).
         optimizer: Optimizer factory (default AdamW).
         scheduler: ``(optimizer, total_steps)`` → schedule (default warm-up + cosine).
+        img_size: Deprecated name of ``superpatch_size`` (older YAMLs and checkpoints).
     """
+
+    #: Nothing transfers (a MONAI network, no U-Net or ViT encoder); the layout names VAE checkpoints in errors.
+    transfer_layout: ClassVar[TransferLayout | None] = TransferLayout(
+        prefixes={},
+        network="none",
+        recognise=lambda state: any_key_starts_with(state, "net.encode.") and any_key_starts_with(state, "net.mu."),
+    )
 
     def __init__(
         self,
-        img_size: int | tuple[int, int, int] = 128,
+        superpatch_size: int | tuple[int, int, int] | None = None,
         in_channels: int = 1,
         channels: Sequence[int] = (16, 64, 128, 256, 512, 64),
         strides: Sequence[int] = (2, 2, 2, 2, 2, 1),
@@ -276,12 +289,16 @@ class VAE(_AutoencoderModule):
         metric_data_range: float | None = None,
         optimizer: OptimizerFactory = adamw,
         scheduler: SchedulerFactory | None = warmup_cosine,
+        img_size: int | tuple[int, int, int] | None = None,
     ) -> None:
-        super().__init__(img_size, in_channels, loss, metric_data_range, optimizer, scheduler)
+        superpatch_size = superpatch_argument(type(self).__name__, superpatch_size, img_size, default=128)
+        super().__init__(superpatch_size, in_channels, loss, metric_data_range, optimizer, scheduler)
         if kl_weight < 0 or kl_warmup_steps < 0:
             raise ValueError(f"kl_weight and kl_warmup_steps must be >= 0, got {kl_weight}, {kl_warmup_steps}")
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.net = build_vae(self.img_size, in_channels, channels, strides, num_res_units, latent_size)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "img_size"])
+        # Under LightningCLI the hyperparameters are the parsed config: store the resolved value, under its new name.
+        self.hparams.update(superpatch_size=superpatch_size)
+        self.net = build_vae(self.superpatch_size, in_channels, channels, strides, num_res_units, latent_size)
         self.kl_weight = float(kl_weight)
         self.kl_warmup_steps = int(kl_warmup_steps)
 
@@ -384,8 +401,8 @@ class VQVAE(_AutoencoderModule):
     1 024 codes of 64 dimensions.
 
     Args:
-        img_size: Superpatch size; must equal the DataModule's ``superpatch_size`` and be a multiple of
-            2^len(channels).
+        superpatch_size: Superpatch the network is built for, the DataModule's ``superpatch_size`` (the CLI sets
+            it from ``data.init_args.superpatch_size``; None: 128), a multiple of 2^len(channels).
         in_channels: Image channels.
         channels: Channels of each level; every level halves the spatial size.
         num_res_layers: Residual layers per level.
@@ -403,11 +420,19 @@ class VQVAE(_AutoencoderModule):
             superpatch's own max − min for MRI).
         optimizer: Optimizer factory (default AdamW).
         scheduler: ``(optimizer, total_steps)`` → schedule (default warm-up + cosine).
+        img_size: Deprecated name of ``superpatch_size`` (older YAMLs and checkpoints).
     """
+
+    #: Nothing transfers (a MONAI network, no U-Net or ViT encoder); the layout names VQ-VAE checkpoints in errors.
+    transfer_layout: ClassVar[TransferLayout | None] = TransferLayout(
+        prefixes={},
+        network="none",
+        recognise=lambda state: any_key_starts_with(state, "net.quantizer."),
+    )
 
     def __init__(
         self,
-        img_size: int | tuple[int, int, int] = 128,
+        superpatch_size: int | tuple[int, int, int] | None = None,
         in_channels: int = 1,
         channels: Sequence[int] = (32, 128, 416),
         num_res_layers: int = 2,
@@ -422,11 +447,15 @@ class VQVAE(_AutoencoderModule):
         metric_data_range: float | None = None,
         optimizer: OptimizerFactory = adamw,
         scheduler: SchedulerFactory | None = warmup_cosine,
+        img_size: int | tuple[int, int, int] | None = None,
     ) -> None:
-        super().__init__(img_size, in_channels, loss, metric_data_range, optimizer, scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        superpatch_size = superpatch_argument(type(self).__name__, superpatch_size, img_size, default=128)
+        super().__init__(superpatch_size, in_channels, loss, metric_data_range, optimizer, scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "img_size"])
+        # Under LightningCLI the hyperparameters are the parsed config: store the resolved value, under its new name.
+        self.hparams.update(superpatch_size=superpatch_size)
         self.net = build_vqvae(
-            self.img_size, in_channels, channels, num_res_layers, num_res_channels,
+            self.superpatch_size, in_channels, channels, num_res_layers, num_res_channels,
             num_embeddings, embedding_dim, commitment_cost, ema_decay,
         )  # fmt: skip
         self.num_embeddings = num_embeddings
@@ -441,7 +470,7 @@ class VQVAE(_AutoencoderModule):
         quantizer.ema_w.copy_(quantizer.embedding.weight.detach())
         # Saved in checkpoints, so that a resumed run does not initialise its codebook a second time.
         self.register_buffer("codebook_initialised", torch.tensor(not init_codebook_from_data))
-        self.code_grid = vqvae_code_grid(self.img_size, channels)
+        self.code_grid = vqvae_code_grid(self.superpatch_size, channels)
         self.codebook_usage = CodebookUsage(num_embeddings)
         self.last_collapse_message: str | None = None
 
@@ -485,7 +514,7 @@ class VQVAE(_AutoencoderModule):
         drawn = vectors[picks]
         if vectors.shape[0] < count:  # repeated picks: separate them slightly
             drawn = drawn + 1e-3 * drawn.std().clamp_min(1e-6) * torch.randn_like(drawn)
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is not None and trainer.world_size > 1:
             drawn = trainer.strategy.broadcast(drawn, src=0).to(vectors.device)
         return drawn

@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maesil.methods.base import PretrainModule
+from maesil.methods.arguments import unet_overrides
+from maesil.methods.base import MethodModule
+from maesil.models.parameters import count_parameters
+from maesil.models.unet import resenc_unet
 from maesil.optim import OptimizerFactory, SchedulerFactory
 
 
@@ -63,7 +66,7 @@ def embedding_spread(embeddings: Tensor) -> Tensor:
     return normalised.std(dim=0).mean() * math.sqrt(embeddings.shape[1])
 
 
-class BootstrapModule(PretrainModule):
+class BootstrapModule(MethodModule):
     """Online/target training loop of BYOL-style methods (see the module docstring).
 
     Subclasses build ``backbone``, ``projector`` and ``predictor`` and pass them here, and implement
@@ -78,6 +81,8 @@ class BootstrapModule(PretrainModule):
         optimizer: optimizer factory over the online parameters.
         scheduler: ``(optimizer, total_steps)`` → per-step schedule.
     """
+
+    accepted_tasks = ("two_view",)
 
     def __init__(
         self,
@@ -121,11 +126,13 @@ class BootstrapModule(PretrainModule):
         self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         self.momentum = cosine_momentum(self.global_step, self._total_steps, self.base_momentum, self.final_momentum)
         self._ema_step = self.global_step
-        online = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        backbone = sum(p.numel() for p in self.backbone.parameters())
-        self.print(f"{type(self).__name__}: backbone {backbone / 1e6:.2f} M parameters, "
-                   f"online network {online / 1e6:.2f} M trained, target momentum "
-                   f"{self.base_momentum} → {self.final_momentum} over {self._total_steps} steps")
+        super().on_fit_start()
+
+    def describe(self) -> str:
+        online = count_parameters(self, trainable_only=True)
+        return (f"{type(self).__name__}: backbone {count_parameters(self.backbone) / 1e6:.2f} M parameters, "
+                f"online network {online / 1e6:.2f} M trained, target momentum "
+                f"{self.base_momentum} → {self.final_momentum} over {self._total_steps} steps")
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, stats = self.view_loss(batch)
@@ -188,7 +195,6 @@ class BootstrapModule(PretrainModule):
 
         overlap = box_intersection(batch["box1"], batch["box2"])[0]
         image = batch["image"][0, 0].float().numpy()
-        modality = str(getattr(getattr(self.trainer, "datamodule", None), "modality", None) or "ct").lower()
         figure = two_view_figure(
             image,
             [batch["view1"][0, 0].float().numpy(), batch["view2"][0, 0].float().numpy()],
@@ -197,7 +203,7 @@ class BootstrapModule(PretrainModule):
             overlap.numpy(),
             title=f"{batch['subject_id'][0]} · step {self.global_step} · overlap "
                   f"{float(batch['overlap'][0]):.0%}",
-            value_range=display_range(image, modality),  # (0, 1) for CT; percentiles for z-normalised MRI
+            value_range=display_range(image, self.data_modality),  # (0, 1) for CT; percentiles for z-normalised MRI
         )
         self.log_figure("views", figure)
 
@@ -206,9 +212,5 @@ def unet_backbone(preset: str, in_channels: int, features: Sequence[int] | None,
                   blocks_per_stage: Sequence[int] | None, strides: Sequence[int] | None) -> nn.Module:
     """A feature-extracting ResEnc U-Net (no output head) from a preset plus optional overrides; the
     same class and key names (``encoder.``, ``decoder.``) that segmentation fine-tuning loads."""
-    from maesil.models.unet import resenc_unet
-
-    overrides = {name: list(value) for name, value in
-                 (("features", features), ("blocks_per_stage", blocks_per_stage), ("strides", strides))
-                 if value is not None}
-    return resenc_unet(preset, in_channels=in_channels, out_channels=None, **overrides)
+    return resenc_unet(preset, in_channels=in_channels, out_channels=None,
+                       **unet_overrides(features, blocks_per_stage, strides))

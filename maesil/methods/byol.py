@@ -14,10 +14,12 @@ and the two views share its statistics.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from maesil.checkpoints.layouts import TransferLayout, any_key_starts_with
 from maesil.methods.bootstrap import BootstrapModule, bootstrap_loss, embedding_spread, unet_backbone
 from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, warmup_cosine
 
@@ -45,6 +47,16 @@ class BYOL(BootstrapModule):
         optimizer: optimizer factory.
         scheduler: ``(optimizer, total_steps)`` → per-step schedule.
     """
+
+    #: The online encoder transfers; the U-Net decoder stays at its random initialisation (the pooled loss
+    #: never reaches it), so it is exported only on request. Recognised by its projector, an MLP of ``Linear``.
+    transfer_layout: ClassVar[TransferLayout | None] = TransferLayout(
+        prefixes={"backbone.encoder.": "encoder."},
+        network="resenc",
+        untrained={"backbone.decoder.": "decoder."},
+        recognise=lambda state: (any_key_starts_with(state, "backbone.encoder.") and "projector.0.weight" in state
+                                 and state["projector.0.weight"].ndim == 2),
+    )
 
     def __init__(
         self,

@@ -20,26 +20,30 @@ show the input's 1st–99th percentile.
 
 from __future__ import annotations
 
-import zlib
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from maesil.checkpoints.layouts import TransferLayout, any_key_starts_with
 from maesil.evaluation.figures import display_range, masked_reconstruction_figure
 from maesil.evaluation.metrics import ReconstructionMetrics
-from maesil.methods.base import PretrainModule, ReconstructionEvaluationHooks
+from maesil.methods.arguments import renamed_argument, superpatch_argument
+from maesil.methods.base import MethodModule, ReconstructionEvaluationHooks
 from maesil.models.mae import MAEOutput, MaskedAutoencoder3D
+from maesil.models.parameters import count_parameters
 from maesil.models.masking import MaskingMode, TokenMask, expected_mask_ratio, make_mask
 from maesil.models.vit3d import unpatchify
 from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, warmup_cosine
 
 
-class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
+class MAESIL(ReconstructionEvaluationHooks, MethodModule):
     """3D ViT masked autoencoder with tube, dual or random masking.
 
     Args:
-        img_size: Superpatch size the model is built for; must equal the DataModule's ``superpatch_size``.
-        patch_size: Side of a cubic patch (token) in voxels.
+        superpatch_size: Superpatch the model is built for, the DataModule's ``superpatch_size`` (the CLI sets
+            it from ``data.init_args.superpatch_size``); None: 128.
+        token_size: Side of a cubic ViT token (patch embedding) in voxels; None: 8.
         in_channels: Image channels.
         embed_dim: Encoder width.
         depth: Encoder transformer blocks.
@@ -59,12 +63,23 @@ class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
             (:class:`~maesil.evaluation.metrics.ReconstructionMetrics`).
         optimizer: Optimizer factory (default AdamW lr 1.5e-4, betas (0.9, 0.95), wd 0.05).
         scheduler: ``(optimizer, total_steps)`` → schedule (default warm-up + cosine).
+        img_size: Deprecated name of ``superpatch_size`` (older YAMLs and checkpoints).
+        patch_size: Deprecated name of ``token_size``.
     """
+
+    accepted_tasks = ("reconstruct",)
+
+    #: The ViT encoder transfers (to UNETR); the MAE decoder is pretraining-only.
+    transfer_layout: ClassVar[TransferLayout | None] = TransferLayout(
+        prefixes={"net.encoder.": "encoder."},
+        network="vit",
+        recognise=lambda state: any_key_starts_with(state, "net.encoder.patch_embed."),
+    )
 
     def __init__(
         self,
-        img_size: int | tuple[int, int, int] = 128,
-        patch_size: int = 8,
+        superpatch_size: int | tuple[int, int, int] | None = None,
+        token_size: int | None = None,
         in_channels: int = 1,
         embed_dim: int = 768,
         depth: int = 6,
@@ -81,12 +96,19 @@ class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
         metric_data_range: float | None = None,
         optimizer: OptimizerFactory = adamw,
         scheduler: SchedulerFactory | None = warmup_cosine,
+        img_size: int | tuple[int, int, int] | None = None,
+        patch_size: int | None = None,
     ) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        superpatch_size = superpatch_argument(type(self).__name__, superpatch_size, img_size, default=128)
+        token_size = renamed_argument(type(self).__name__, "token_size", token_size, "patch_size", patch_size,
+                                      default=8, yaml_key="model.init_args.token_size")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "img_size", "patch_size"])
+        # Under LightningCLI the hyperparameters are the parsed config: store the resolved values, under their new names.
+        self.hparams.update(superpatch_size=superpatch_size, token_size=token_size)
         self.net = MaskedAutoencoder3D(
-            img_size=img_size,
-            patch_size=patch_size,
+            superpatch_size,
+            token_size=token_size,
             in_channels=in_channels,
             embed_dim=embed_dim,
             depth=depth,
@@ -100,20 +122,14 @@ class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
         self.masking = masking
         self.mask_ratio = mask_ratio
         self.axial_mask_ratio = axial_mask_ratio if masking == "dual" else None
+        self.token_size = int(token_size)
+        self.superpatch_size = tuple(self.net.encoder.superpatch_size)
         self.grid = tuple(self.net.encoder.grid)
         # Validates the ratios now rather than at the first step.
         self.effective_mask_ratio = expected_mask_ratio(masking, self.grid, mask_ratio, self.axial_mask_ratio)
         self.val_mask_seed = val_mask_seed
         self.val_metrics = ReconstructionMetrics(data_range=metric_data_range)
         self._figure_candidate: tuple[float, dict] | None = None
-
-    @property
-    def img_size(self) -> tuple[int, int, int]:
-        """Superpatch size in voxels, (X, Y, Z)."""
-        return tuple(p * g for p, g in zip((self.hparams.patch_size,) * 3, self.grid))
-
-    def setup(self, stage: str) -> None:
-        self.check_input_size(self.img_size)
 
     def draw_mask(self, batch_size: int, generator: torch.Generator | None = None) -> TokenMask:
         """A token mask for a batch, drawn with the configured mode and ratios.
@@ -131,12 +147,10 @@ class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
     def forward(self, images: Tensor, mask: TokenMask | None = None) -> MAEOutput:
         return self.net(images, mask if mask is not None else self.draw_mask(images.shape[0]))
 
-    def on_fit_start(self) -> None:
-        self.print(
-            f"MAESIL: {sum(p.numel() for p in self.net.parameters()) / 1e6:.2f} M parameters, "
-            f"input {self.img_size}, {self.net.encoder.num_tokens} tokens, "
-            f"{self.masking} masking, masked fraction {self.effective_mask_ratio:.3f}"
-        )
+    def describe(self) -> str:
+        return (f"MAESIL: {count_parameters(self.net) / 1e6:.2f} M parameters, input {self.superpatch_size}, "
+                f"{self.net.encoder.num_tokens} tokens, {self.masking} masking, masked fraction "
+                f"{self.effective_mask_ratio:.3f}")
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = batch["image"]
@@ -146,24 +160,13 @@ class MAESIL(ReconstructionEvaluationHooks, PretrainModule):
 
     def voxel_mask(self, mask: TokenMask, channels: int) -> Tensor:
         """Token mask (B, N) → boolean voxel mask (B, channels, X, Y, Z)."""
-        patch_voxels = channels * self.hparams.patch_size**3
-        tokens = mask.mask[..., None].expand(-1, -1, patch_voxels).float()
-        return unpatchify(tokens, self.hparams.patch_size, self.grid, channels) > 0.5
+        token_voxels = channels * self.token_size**3
+        tokens = mask.mask[..., None].expand(-1, -1, token_voxels).float()
+        return unpatchify(tokens, self.token_size, self.grid, channels) > 0.5
 
     def validation_mask(self, batch: dict) -> TokenMask:
-        """Masks seeded by each superpatch's subject and location.
-
-        The same superpatch gets the same mask in every epoch and run, whatever the batch size or the
-        number of DDP processes, so validation curves and checkpoints compare on identical masks.
-        """
-        images = batch["image"]
-        subjects = batch.get("subject_id") or ["?"] * images.shape[0]
-        locations = batch.get("location")
-        masks = []
-        for index, subject in enumerate(subjects):
-            where = locations[index].tolist() if locations is not None else index
-            seed = zlib.crc32(f"{self.val_mask_seed}:{subject}:{where}".encode())
-            masks.append(self.draw_mask(1, torch.Generator().manual_seed(seed)))
+        """Masks seeded by each superpatch's subject and location (:meth:`validation_generators`)."""
+        masks = [self.draw_mask(1, generator) for generator in self.validation_generators(batch)]
         return TokenMask(
             ids_keep=torch.cat([m.ids_keep for m in masks]),
             ids_restore=torch.cat([m.ids_restore for m in masks]),

@@ -26,10 +26,12 @@ The original code was never released; this is maesil's design, each choice state
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from maesil.checkpoints.layouts import TransferLayout, any_key_starts_with
 from maesil.data.views import box_intersection
 from maesil.methods.bootstrap import BootstrapModule, bootstrap_loss, embedding_spread, unet_backbone
 from maesil.models.roi_align3d import roi_align3d
@@ -67,6 +69,14 @@ class PGL(BootstrapModule):
         optimizer: optimizer factory.
         scheduler: ``(optimizer, total_steps)`` → per-step schedule.
     """
+
+    #: The online U-Net, encoder and decoder, transfers. Recognised by its projector: one 1×1×1 conv MLP per
+    #: decoder scale (``projector.0.0.weight``).
+    transfer_layout: ClassVar[TransferLayout | None] = TransferLayout(
+        prefixes={"backbone.encoder.": "encoder.", "backbone.decoder.": "decoder."},
+        network="resenc",
+        recognise=lambda state: any_key_starts_with(state, "backbone.encoder.") and "projector.0.0.weight" in state,
+    )
 
     def __init__(
         self,

@@ -26,18 +26,21 @@ only, the metric range is 1 for CT and each superpatch's own for z-normalised MR
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from maesil.checkpoints.layouts import TransferLayout, any_key_starts_with
 from maesil.evaluation.figures import display_range, masked_reconstruction_figure
 from maesil.evaluation.metrics import ReconstructionMetrics
-from maesil.methods.base import PretrainModule, ReconstructionEvaluationHooks
-from maesil.models.autoencoders import as_size3
+from maesil.methods.arguments import superpatch_argument, unet_overrides
+from maesil.methods.base import MethodModule, ReconstructionEvaluationHooks
+from maesil.models.parameters import count_parameters
+from maesil.models.presets import from_preset
 from maesil.models.sparse import (
     SparseMaskedUNet,
     block_mask,
@@ -49,6 +52,7 @@ from maesil.models.sparse import (
 )
 from maesil.models.unet import UNET_PRESETS
 from maesil.optim import OptimizerFactory, PolyLR, SchedulerFactory
+from maesil.shapes import as_triple
 
 __all__ = ["S3D", "nesterov_sgd", "poly_lr"]
 
@@ -63,7 +67,7 @@ def poly_lr(optimizer: Optimizer, total_steps: int) -> LRScheduler:
     return PolyLR(optimizer, total_steps, exponent=0.9, warmup_steps=0)
 
 
-class S3D(ReconstructionEvaluationHooks, PretrainModule):
+class S3D(ReconstructionEvaluationHooks, MethodModule):
     """Sparse masked image modelling with a ResEnc U-Net (see the module docstring).
 
     Args:
@@ -72,8 +76,9 @@ class S3D(ReconstructionEvaluationHooks, PretrainModule):
         features: per-stage widths overriding the preset.
         blocks_per_stage: residual blocks per encoder stage overriding the preset.
         strides: per-stage strides overriding the preset (the first must be 1).
-        img_size: superpatch size the model is built for; must equal the DataModule's ``superpatch_size`` and
-            be a multiple of ``mask_block_size`` and of the U-Net's total stride.
+        superpatch_size: superpatch the model is built for, the DataModule's ``superpatch_size`` (the CLI sets
+            it from ``data.init_args.superpatch_size``), a multiple of ``mask_block_size`` and of the U-Net's total
+            stride; None: 160.
         in_channels: image channels (also predicted).
         mask_block_size: side of a mask cell in voxels (paper: 16).
         mask_ratio: masked fraction of cells when ``mask_ratio_range`` is None.
@@ -85,7 +90,17 @@ class S3D(ReconstructionEvaluationHooks, PretrainModule):
             each superpatch's own max − min for z-normalised MRI.
         optimizer: optimizer factory (default :func:`nesterov_sgd`).
         scheduler: ``(optimizer, total_steps)`` → schedule (default :func:`poly_lr`), or None.
+        img_size: deprecated name of ``superpatch_size`` (older YAMLs and checkpoints).
     """
+
+    accepted_tasks = ("reconstruct",)
+
+    #: Encoder and decoder transfer; the mask tokens and densify convs are pretraining-only (and recognise it).
+    transfer_layout: ClassVar[TransferLayout | None] = TransferLayout(
+        prefixes={"net.encoder.": "encoder.", "net.decoder.": "decoder."},
+        network="resenc",
+        recognise=lambda state: any_key_starts_with(state, "net.mask_tokens.", "net.densify."),
+    )
 
     def __init__(
         self,
@@ -93,7 +108,7 @@ class S3D(ReconstructionEvaluationHooks, PretrainModule):
         features: Sequence[int] | None = None,
         blocks_per_stage: Sequence[int] | None = None,
         strides: Sequence[int] | None = None,
-        img_size: int | tuple[int, int, int] = 160,
+        superpatch_size: int | tuple[int, int, int] | None = None,
         in_channels: int = 1,
         mask_block_size: int = 16,
         mask_ratio: float = 0.75,
@@ -103,22 +118,24 @@ class S3D(ReconstructionEvaluationHooks, PretrainModule):
         metric_data_range: float | None = None,
         optimizer: OptimizerFactory = nesterov_sgd,
         scheduler: SchedulerFactory | None = poly_lr,
+        img_size: int | tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        superpatch_size = superpatch_argument(type(self).__name__, superpatch_size, img_size, default=160)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "img_size"])
+        # Under LightningCLI the hyperparameters are the parsed config: store the resolved value, under its new name.
+        self.hparams.update(superpatch_size=superpatch_size)
         if unet_preset not in UNET_PRESETS:
             raise ValueError(f"unknown U-Net preset {unet_preset!r}; choose from {sorted(UNET_PRESETS)}.")
-        config = dict(UNET_PRESETS[unet_preset])
-        config.update({name: list(value) for name, value in
-                       (("features", features), ("blocks_per_stage", blocks_per_stage), ("strides", strides))
-                       if value is not None})  # fmt: skip
-        self.net = SparseMaskedUNet(in_channels=in_channels, **config, block_size=mask_block_size, sparse=sparse)
-        self.img_size: tuple[int, int, int] = as_size3(img_size)
+        self.net = from_preset(SparseMaskedUNet, UNET_PRESETS, unet_preset, in_channels=in_channels,
+                               block_size=mask_block_size, sparse=sparse,
+                               **unet_overrides(features, blocks_per_stage, strides))
+        self.superpatch_size = as_triple(superpatch_size, "superpatch_size")
         self.in_channels = in_channels
         self.block_size = self.net.block_size
-        self.grid = mask_grid(self.img_size, self.block_size)
+        self.grid = mask_grid(self.superpatch_size, self.block_size)
         # Fails now on a size the U-Net cannot take (stride multiple, > 1 voxel at the deepest stage).
-        self.net.check_input(torch.empty(1, in_channels, *self.img_size, device="meta"))
+        self.net.check_input(torch.empty(1, in_channels, *self.superpatch_size, device="meta"))
 
         if mask_ratio_range is not None:
             low, high = (float(v) for v in mask_ratio_range)
@@ -132,42 +149,34 @@ class S3D(ReconstructionEvaluationHooks, PretrainModule):
             self.val_mask_ratio = float(mask_ratio)
             ratios = (self.val_mask_ratio,)
         for ratio in ratios:
-            masked_cell_count(self.grid, ratio)  # ValueError when a ratio hides no or every cell of img_size
+            masked_cell_count(self.grid, ratio)  # ValueError when a ratio hides no or every cell of the superpatch
         self.mask_ratio = float(mask_ratio)
         self.sparse = bool(sparse)
         self.val_mask_seed = val_mask_seed
         self.val_metrics = ReconstructionMetrics(data_range=metric_data_range)
         self._figure_candidate: tuple[float, dict] | None = None
 
-    # ----------------------------------------------------------------------------------------------------------
-
-    def setup(self, stage: str) -> None:
-        self.check_input_size(self.img_size)
-
     def describe(self) -> str:
         """One line: parameters, input, masking, variant (printed at fit start)."""
-        count = sum(p.numel() for p in self.net.parameters())
+        count = count_parameters(self.net)
         ratio = (f"U({self.mask_ratio_range[0]:g}, {self.mask_ratio_range[1]:g}) per batch"
                  if self.mask_ratio_range is not None else f"{self.mask_ratio:g}")  # fmt: skip
         variant = "sparse encoder + mask tokens" if self.sparse else "dense zero-fill (sparse: false)"
         return (
-            f"S3D: {count / 1e6:.2f} M parameters, input {self.img_size}, {self.block_size}³ mask blocks "
+            f"S3D: {count / 1e6:.2f} M parameters, input {self.superpatch_size}, {self.block_size}³ mask blocks "
             f"(grid {self.grid}), mask ratio {ratio}, validation {self.val_mask_ratio:g}, {variant}"
         )
-
-    def on_fit_start(self) -> None:
-        self.print(self.describe())
 
     def draw_mask(
         self, batch_size: int, spatial_shape: Sequence[int] | None = None, ratio: float | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:  # fmt: skip
         """A cell mask ``(B, 1, gx, gy, gz)`` (True = masked) for inputs of ``spatial_shape`` (default
-        ``img_size``), with ``ratio`` (default: drawn as configured).
+        ``superpatch_size``), with ``ratio`` (default: drawn as configured).
 
         Without a generator it is drawn on the model's device; a seeded generator draws on the CPU.
         """
-        grid = mask_grid(spatial_shape if spatial_shape is not None else self.img_size, self.block_size)
+        grid = mask_grid(spatial_shape if spatial_shape is not None else self.superpatch_size, self.block_size)
         if ratio is None:
             ratio = draw_mask_ratio(self.mask_ratio, self.mask_ratio_range)
         device = self.device if generator is None else None
@@ -196,21 +205,11 @@ class S3D(ReconstructionEvaluationHooks, PretrainModule):
         return loss
 
     def validation_mask(self, batch: dict) -> Tensor:
-        """Cell masks at ``val_mask_ratio`` seeded by each superpatch's subject and location.
-
-        The same superpatch gets the same mask in every epoch and run, whatever the batch size or the number
-        of DDP processes (the seed string is MAESIL's: ``"val_mask_seed:subject:location"``).
-        """
-        images = batch["image"]
-        subjects = batch.get("subject_id") or ["?"] * images.shape[0]
-        locations = batch.get("location")
-        masks = []
-        for index, subject in enumerate(subjects):
-            where = locations[index].tolist() if locations is not None else index
-            seed = zlib.crc32(f"{self.val_mask_seed}:{subject}:{where}".encode())
-            generator = torch.Generator().manual_seed(seed)
-            masks.append(self.draw_mask(1, images.shape[2:], self.val_mask_ratio, generator))
-        return torch.cat(masks)
+        """Cell masks at ``val_mask_ratio`` seeded by each superpatch's subject and location
+        (:meth:`validation_generators`, as MAESIL's)."""
+        shape = batch["image"].shape[2:]
+        return torch.cat([self.draw_mask(1, shape, self.val_mask_ratio, generator)
+                          for generator in self.validation_generators(batch)])
 
     def masked_reconstruction(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         """``(reconstruction, hidden voxel mask, loss)`` with the validation masks; the reconstruction is the

@@ -27,14 +27,20 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
-from maesil.methods.base import PretrainModule
+from maesil.methods.arguments import renamed_argument, superpatch_argument
+from maesil.methods.base import MethodModule
+from maesil.models.parameters import count_parameters
 from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, warmup_cosine
+from maesil.shapes import as_triple
+
+if TYPE_CHECKING:
+    import torchio as tio
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +48,14 @@ Architecture = Literal["unet", "unetr"]
 
 
 def build_segmentation_network(architecture: Architecture, preset: str, num_classes: int, in_channels: int,
-                               img_size: int | Sequence[int], network_args: dict[str, Any] | None) -> nn.Module:
+                               superpatch_size: Sequence[int], network_args: dict[str, Any] | None) -> nn.Module:
     """The segmentation network: a UNETR (ViT encoder) or a ResEnc U-Net, from a preset plus overrides."""
     overrides = dict(network_args or {})
     if architecture == "unetr":
         from maesil.models.unetr import build_unetr
 
-        size = tuple(img_size) if not isinstance(img_size, int) else img_size
-        return build_unetr(preset, img_size=size, in_channels=in_channels, out_channels=num_classes, **overrides)
+        return build_unetr(preset, superpatch_size=tuple(superpatch_size), in_channels=in_channels,
+                           out_channels=num_classes, **overrides)
     if architecture == "unet":
         from maesil.models.unet import resenc_unet
 
@@ -57,7 +63,7 @@ def build_segmentation_network(architecture: Architecture, preset: str, num_clas
     raise ValueError(f"architecture must be 'unet' or 'unetr', got {architecture!r}")
 
 
-class Segmentation(PretrainModule):
+class Segmentation(MethodModule):
     """Fine-tunes a (pretrained) encoder for segmentation; see the module docstring.
 
     Args:
@@ -66,8 +72,10 @@ class Segmentation(PretrainModule):
         preset: network preset (:data:`maesil.models.unet.UNET_PRESETS` or
             :data:`maesil.models.unetr.UNETR_PRESETS`), e.g. ``cpu``, ``resenc_l``, ``maesil_cpu``,
             ``selfmedmae``.
-        network_args: constructor arguments overriding the preset (e.g. ``patch_size``, ``features``).
-        img_size: training patch size (the DataModule's ``superpatch_size``; UNETR needs it).
+        network_args: constructor arguments overriding the preset (e.g. ``token_size``, ``features``); the
+            deprecated ``patch_size`` is read as ``token_size``.
+        superpatch_size: training superpatch and sliding-window size, the DataModule's ``superpatch_size`` (the
+            CLI sets it from ``data.init_args.superpatch_size``); None: 64.
         in_channels: image channels.
         pretrained: checkpoint or exported encoder to start from; ``None`` trains from scratch.
         pretrained_mapping: explicit ``{checkpoint prefix: model prefix}``; ``None`` detects the layout.
@@ -79,11 +87,14 @@ class Segmentation(PretrainModule):
         output_dir: where ``predict`` writes label maps; ``None``: ``<default_root_dir>/predictions``.
         optimizer: optimizer factory.
         scheduler: ``(optimizer, total_steps)`` → per-step schedule.
+        img_size: deprecated name of ``superpatch_size`` (older YAMLs and checkpoints).
     """
 
     #: Settings of the command that runs the model rather than of the trained network: with ``--ckpt_path``
-    #: the command's config wins over the checkpoint's for these (see :class:`maesil.cli.MaesilCLI`).
+    #: the command's config wins over the checkpoint's for these (see :class:`maesil.lightning_cli.MaesilCLI`).
     runtime_hparams: tuple[str, ...] = ("output_dir", "overlap", "blend", "inference_batch_size")
+
+    accepted_tasks = ("segment",)
 
     def __init__(
         self,
@@ -91,7 +102,7 @@ class Segmentation(PretrainModule):
         architecture: Architecture = "unet",
         preset: str = "cpu",
         network_args: dict[str, Any] | None = None,
-        img_size: int | tuple[int, int, int] = 64,
+        superpatch_size: int | tuple[int, int, int] | None = None,
         in_channels: int = 1,
         pretrained: str | None = None,
         pretrained_mapping: dict[str, str] | None = None,
@@ -103,9 +114,19 @@ class Segmentation(PretrainModule):
         output_dir: str | None = None,
         optimizer: OptimizerFactory = adamw,
         scheduler: SchedulerFactory | None = warmup_cosine,
+        img_size: int | tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        superpatch_size = superpatch_argument(type(self).__name__, superpatch_size, img_size, default=64)
+        if network_args and "patch_size" in network_args:
+            network_args = dict(network_args)
+            network_args["token_size"] = renamed_argument(
+                type(self).__name__, "network_args.token_size", network_args.get("token_size"),
+                "network_args.patch_size", network_args.pop("patch_size"), default=None,
+                yaml_key="model.init_args.network_args.token_size")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "img_size"])
+        # Under LightningCLI the hyperparameters are the parsed config: store the resolved values, under their new names.
+        self.hparams.update(superpatch_size=superpatch_size, network_args=network_args)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background + at least one class), got {num_classes}")
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
@@ -121,8 +142,8 @@ class Segmentation(PretrainModule):
             raise ValueError(f"class_names must name the {num_classes - 1} foreground classes, got {class_names}")
         self.num_classes = int(num_classes)
         self.architecture = architecture
-        self.img_size = (img_size,) * 3 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
-        self.net = build_segmentation_network(architecture, preset, num_classes, in_channels, self.img_size,
+        self.superpatch_size = as_triple(superpatch_size, "superpatch_size")
+        self.net = build_segmentation_network(architecture, preset, num_classes, in_channels, self.superpatch_size,
                                               network_args)
         self.layer_decay = layer_decay if architecture == "unetr" else None
         self.class_names = list(class_names) if class_names else [f"class_{c}" for c in range(1, num_classes)]
@@ -138,9 +159,10 @@ class Segmentation(PretrainModule):
         return self.net.encoder
 
     def setup(self, stage: str) -> None:
-        self.check_input_size(self.img_size)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        declared = getattr(datamodule, "num_classes", None)
+        """The base checks (task, superpatch), then the DataModule's classes; loads ``pretrained`` for ``fit``."""
+        super().setup(stage)
+        spec = self.data_spec
+        declared = spec.num_classes if spec is not None else None
         if declared is not None and int(declared) != self.num_classes:
             raise ValueError(f"the model predicts {self.num_classes} classes but the DataModule declares "
                              f"num_classes={declared}; set model.init_args.num_classes and "
@@ -148,7 +170,7 @@ class Segmentation(PretrainModule):
         # The DataModule checked every label map against its declared classes in its setup; only data
         # without declared classes is checked batch by batch (a device sync per step).
         self._check_batch_labels = declared is None
-        if stage == "fit" and self.hparams.pretrained and getattr(self.trainer, "ckpt_path", None) is None:
+        if stage == "fit" and self.hparams.pretrained and self.trainer.ckpt_path is None:
             self.load_pretrained_weights()
 
     def load_pretrained_weights(self) -> None:
@@ -160,27 +182,25 @@ class Segmentation(PretrainModule):
         report = load_pretrained(self.net, path, mapping=self.hparams.pretrained_mapping)
         self.pretrained_report = report
         self.print(f"pretrained weights from {path}:\n{report.summary()}")
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None:
-            actual = {"modality": getattr(datamodule, "modality", None),
-                      "target_spacing": getattr(datamodule, "target_spacing", None),
-                      "hu_window": getattr(datamodule, "hu_window", None),
-                      "superpatch_size": getattr(datamodule, "superpatch_size", None)}
+        spec = self.data_spec
+        if spec is not None:
+            actual = {"modality": spec.modality, "target_spacing": spec.target_spacing, "hu_window": spec.hu_window,
+                      "superpatch_size": spec.superpatch_size}
             for message in check_preprocessing(report.metadata, **{k: v for k, v in actual.items() if v is not None}):
                 warnings.warn(f"{path}: {message}", UserWarning, stacklevel=2)
 
-    def on_fit_start(self) -> None:
-        params = sum(p.numel() for p in self.net.parameters())
-        encoder = sum(p.numel() for p in self.encoder.parameters())
+    def describe(self) -> str:
         source = self.hparams.pretrained or "random initialisation (from scratch)"
-        self.print(f"Segmentation ({self.architecture}, {self.hparams.preset}): {params / 1e6:.2f} M parameters, "
-                   f"encoder {encoder / 1e6:.2f} M from {source}; {self.num_classes} classes")
+        return (f"Segmentation ({self.architecture}, {self.hparams.preset}): "
+                f"{count_parameters(self.net) / 1e6:.2f} M parameters, encoder "
+                f"{count_parameters(self.encoder) / 1e6:.2f} M from {source}; {self.num_classes} classes")
 
     # --------------------------------------------------------------- optimiser
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Decay / no-decay groups, split into encoder and decoder; with ``layer_decay`` one group per
-        ViT layer, scaled by ``layer_decay^(L − 1 − layer)`` (``lr_scale``). ``is_encoder`` marks the
-        groups :class:`~maesil.callbacks.EncoderWarmup` holds back."""
+        ViT layer, scaled by ``layer_decay^(L − 1 − layer)`` (``lr_scale``, applied by the base class's
+        ``configure_optimizers`` with ``batch_lr_factor``). ``is_encoder`` marks the groups
+        :class:`~maesil.callbacks.EncoderWarmup` holds back."""
         groups: dict[tuple, dict[str, Any]] = {}
         num_layers = getattr(self.net, "num_lr_layers", None)
         for name, param in self.net.named_parameters():
@@ -196,20 +216,6 @@ class Segmentation(PretrainModule):
                                             "layer": layer, **({"weight_decay": 0.0} if no_decay else {})})
             group["params"].append(param)
         return list(groups.values())
-
-    def configure_optimizers(self):
-        """The injected optimizer over :meth:`parameter_groups`: each group's rate is the configured lr ×
-        ``batch_lr_factor`` (linear scaling rule, see ``LinearLRScaling``) × its layer-decay ``lr_scale``."""
-        optimizer = self.optimizer_factory(self.parameter_groups())
-        base_lr = optimizer.defaults["lr"] * self.batch_lr_factor
-        for group in optimizer.param_groups:
-            group["lr"] = base_lr * group.get("lr_scale", 1.0)
-            group["initial_lr"] = group["lr"]
-        if self.scheduler_factory is None:
-            return optimizer
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = self.scheduler_factory(optimizer, total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- training
     def forward(self, images: Tensor) -> Tensor:
@@ -230,7 +236,7 @@ class Segmentation(PretrainModule):
         from maesil.evaluation.segmentation import sliding_window_probabilities
 
         return sliding_window_probabilities(
-            lambda patches: self.net(patches), image, self.img_size, overlap=self.hparams.overlap,
+            lambda patches: self.net(patches), image, self.superpatch_size, overlap=self.hparams.overlap,
             blend=self.hparams.blend, batch_size=self.hparams.inference_batch_size, device=self.device,
         )
 
@@ -300,6 +306,20 @@ class Segmentation(PretrainModule):
             return Path(self.hparams.output_dir)
         return Path(self.trainer.default_root_dir) / "predictions"
 
+    def source_image(self, subject_id: str) -> tio.ScalarImage:
+        """The original image of a predicted subject: its label map is written on this image's grid.
+
+        Asked of the :class:`~maesil.data.VolumeDataModule`, not read from the batch's ``source`` path, because
+        the DataModule knows how to read it (the DICOM series of a folder, the source of a cached subject).
+        """
+        from maesil.data import VolumeDataModule
+
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, VolumeDataModule):
+            raise TypeError(f"Segmentation predicts with maesil.data.VolumeDataModule, which reads each input's "
+                            f"original image; got {type(datamodule).__name__}")
+        return datamodule.source_image(subject_id)
+
     def predict_step(self, batch: dict, batch_idx: int) -> list[Path]:
         """Writes each input's label map, resampled back to its original geometry, as NIfTI."""
         from maesil.evaluation.segmentation import to_original_geometry, write_label_map
@@ -308,7 +328,7 @@ class Segmentation(PretrainModule):
         folder = self.predict_output_dir()
         for index in range(batch["image"].shape[0]):
             probabilities = self.volume_probabilities(batch["image"][index])
-            source = self.trainer.datamodule.source_image(batch["subject_id"][index])
+            source = self.source_image(batch["subject_id"][index])
             label = to_original_geometry(probabilities, batch["subject"][index], source)
             path = folder / f"{batch['subject_id'][index]}.nii.gz"
             write_label_map(label, path)

@@ -8,25 +8,23 @@ and predicts the voxels of every patch; the loss is taken on the masked patches 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from maesil.models.masking import TokenMask
 from maesil.models.vit3d import (
-    TransformerBlock,
     ViTEncoder3D,
     gather_tokens,
     init_vit_weights,
     patchify,
     sincos_pos_embed_3d,
+    transformer_blocks,
     unpatchify,
 )
 
-__all__ = ["MAEOutput", "MaskedAutoencoder3D", "MAE_PRESETS", "build_mae"]
+__all__ = ["MAEOutput", "MaskedAutoencoder3D"]
 
 _NORM_PIX_EPS = 1.0e-6
 
@@ -58,8 +56,8 @@ class MaskedAutoencoder3D(nn.Module):
     """ViT masked autoencoder for 3D volumes ``(B, C, X, Y, Z)``.
 
     Args:
-        img_size: ``(X, Y, Z)`` or one int for a cube; divisible by ``patch_size``.
-        patch_size: cubic patch edge ``p``.
+        superpatch_size: input ``(X, Y, Z)`` or one int for a cube; divisible by ``token_size``.
+        token_size: cubic token edge ``p``.
         in_channels: image channels ``C``.
         embed_dim: encoder width.
         depth: encoder blocks.
@@ -76,8 +74,8 @@ class MaskedAutoencoder3D(nn.Module):
 
     def __init__(
         self,
-        img_size: int | tuple[int, int, int] = 64,
-        patch_size: int = 8,
+        superpatch_size: int | tuple[int, int, int] = 64,
+        token_size: int = 8,
         in_channels: int = 1,
         embed_dim: int = 192,
         depth: int = 6,
@@ -90,34 +88,28 @@ class MaskedAutoencoder3D(nn.Module):
         decode_visible: bool = False,
     ) -> None:
         super().__init__()
-        if decoder_depth < 1:
-            raise ValueError(f"decoder_depth must be positive, got {decoder_depth}.")
-        if decoder_num_heads < 1 or decoder_embed_dim % decoder_num_heads != 0:
-            raise ValueError(
-                f"decoder_embed_dim ({decoder_embed_dim}) must be divisible by decoder_num_heads ({decoder_num_heads})."
-            )
         self.encoder = ViTEncoder3D(
-            img_size,
-            patch_size=patch_size,
+            superpatch_size,
+            token_size=token_size,
             in_channels=in_channels,
             embed_dim=embed_dim,
             depth=depth,
             num_heads=num_heads,
             mlp_ratio=mlp_ratio,
         )
-        self.patch_size = patch_size
+        self.token_size = token_size
         self.in_channels = in_channels
         self.norm_pix_loss = norm_pix_loss
         self.decode_visible = decode_visible
-        patch_dim = in_channels * patch_size**3
+        patch_dim = in_channels * token_size**3
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.register_buffer(
             "decoder_pos_embed", sincos_pos_embed_3d(decoder_embed_dim, self.encoder.grid), persistent=False
         )  # (N, Dd)
-        self.decoder_blocks = nn.ModuleList(
-            TransformerBlock(decoder_embed_dim, decoder_num_heads, mlp_ratio=mlp_ratio) for _ in range(decoder_depth)
+        self.decoder_blocks = transformer_blocks(
+            decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio=mlp_ratio, prefix="decoder_"
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_dim)
@@ -137,8 +129,10 @@ class MaskedAutoencoder3D(nn.Module):
         return self.encoder.num_tokens
 
     def _check_mask(self, images: Tensor, mask: TokenMask) -> None:
-        if images.shape[2:] != self.encoder.img_size:
-            raise ValueError(f"images must have spatial size {self.encoder.img_size}, got {tuple(images.shape[2:])}.")
+        if images.shape[2:] != self.encoder.superpatch_size:
+            raise ValueError(
+                f"images must have spatial size {self.encoder.superpatch_size}, got {tuple(images.shape[2:])}."
+            )
         if mask.num_tokens != self.num_tokens or mask.ids_keep.shape[0] != images.shape[0]:
             raise ValueError(
                 f"mask is for batch {mask.ids_keep.shape[0]} x {mask.num_tokens} tokens, "
@@ -186,7 +180,7 @@ class MaskedAutoencoder3D(nn.Module):
             pred: ``(B, N, C * p**3)``.
             mask: the mask used for ``pred``.
         """
-        target = patchify(images, self.patch_size)  # (B, N, C*p^3)
+        target = patchify(images, self.token_size)  # (B, N, C*p^3)
         if self.norm_pix_loss:
             mean, std = _patch_stats(target)
             target = (target - mean) / std
@@ -198,7 +192,7 @@ class MaskedAutoencoder3D(nn.Module):
         """Encode visible patches, decode all, score the masked ones.
 
         Args:
-            images: ``(B, C, X, Y, Z)`` with the spatial size ``img_size``.
+            images: ``(B, C, X, Y, Z)`` with the spatial size ``superpatch_size``.
             mask: a :class:`TokenMask` for this batch and grid (e.g. from ``make_mask``).
         """
         self._check_mask(images, mask)
@@ -216,43 +210,10 @@ class MaskedAutoencoder3D(nn.Module):
         Returns:
             ``(B, C, X, Y, Z)``, exactly ``images`` at visible patches.
         """
-        target = patchify(images, self.patch_size)  # (B, N, C*p^3)
+        target = patchify(images, self.token_size)  # (B, N, C*p^3)
         pred = output.pred.to(target.dtype)
         if self.norm_pix_loss:
             mean, std = _patch_stats(target)
             pred = pred * std + mean
         merged = torch.where(output.mask.mask.unsqueeze(-1), pred, target)
-        return unpatchify(merged, self.patch_size, self.grid, self.in_channels)
-
-
-MAE_PRESETS: dict[str, dict[str, Any]] = {
-    # small enough to train on a laptop CPU; also the configuration benchmarked against MONAI
-    "cpu": dict(
-        img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=4,
-        decoder_embed_dim=192, decoder_depth=2, decoder_num_heads=4,
-    ),
-    # MAESIL paper-sized
-    "maesil": dict(
-        img_size=128, patch_size=8, embed_dim=768, depth=6, num_heads=8,
-        decoder_embed_dim=384, decoder_depth=4, decoder_num_heads=8,
-    ),
-    # SelfMedMAE (ViT-B/16 on 96^3)
-    "selfmedmae": dict(
-        img_size=96, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-        decoder_embed_dim=384, decoder_depth=8, decoder_num_heads=12, norm_pix_loss=True,
-    ),
-}  # fmt: skip
-
-
-def build_mae(preset: str, **overrides: Any) -> MaskedAutoencoder3D:
-    """Build a :class:`MaskedAutoencoder3D` from a named preset in :data:`MAE_PRESETS`, with keyword overrides.
-
-    Raises:
-        ValueError: on an unknown preset or override name.
-    """
-    if preset not in MAE_PRESETS:
-        raise ValueError(f"unknown MAE preset {preset!r}; choose from {sorted(MAE_PRESETS)}.")
-    unknown = set(overrides) - set(inspect.signature(MaskedAutoencoder3D).parameters)
-    if unknown:
-        raise ValueError(f"unknown MaskedAutoencoder3D arguments: {sorted(unknown)}.")
-    return MaskedAutoencoder3D(**{**MAE_PRESETS[preset], **overrides})
+        return unpatchify(merged, self.token_size, self.grid, self.in_channels)

@@ -103,9 +103,12 @@ def _check_ratio(name: str, ratio: float) -> float:
     return float(ratio)
 
 
-def _check_batch(batch_size: int) -> None:
+def _mask_size(mode: MaskingMode, batch_size: int, grid: tuple[int, int, int], ratio: float,
+               axial_ratio: float | None = None) -> tuple[Grid, int]:
+    """The checked grid and the number of visible tokens per sample of a mask about to be drawn."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    return _check_grid(grid), num_kept_tokens(mode, grid, ratio, axial_ratio)
 
 
 def _keep(n: int, ratio: float) -> int:
@@ -187,9 +190,7 @@ def random_mask(
         generator: optional RNG for reproducible masks (must live on ``device``).
         device: device of the returned tensors.
     """
-    _check_batch(batch_size)
-    gx, gy, gz = _check_grid(grid)
-    n_keep = num_kept_tokens("random", grid, ratio)
+    (gx, gy, gz), n_keep = _mask_size("random", batch_size, grid, ratio)
     noise = torch.rand(batch_size, gx * gy * gz, generator=generator, device=device)  # (B, N)
     return _from_bool_mask(_keep_lowest(noise, n_keep), n_keep)
 
@@ -218,9 +219,7 @@ def tube_mask(
         generator: optional RNG for reproducible masks.
         device: device of the returned tensors.
     """
-    _check_batch(batch_size)
-    gx, gy, gz = _check_grid(grid)
-    n_keep = num_kept_tokens("tube", grid, ratio)
+    (gx, gy, gz), n_keep = _mask_size("tube", batch_size, grid, ratio)
     mask_xy = _tube_xy(batch_size, gx * gy, n_keep // gz, generator, device)  # (B, gx*gy)
     mask = mask_xy[:, :, None].expand(batch_size, gx * gy, gz).reshape(batch_size, -1)  # (B, N), z fastest
     return _from_bool_mask(mask, n_keep)
@@ -247,9 +246,7 @@ def dual_mask(
         generator: optional RNG for reproducible masks.
         device: device of the returned tensors.
     """
-    _check_batch(batch_size)
-    gx, gy, gz = _check_grid(grid)
-    n_keep = num_kept_tokens("dual", grid, tube_ratio, axial_ratio)
+    (gx, gy, gz), n_keep = _mask_size("dual", batch_size, grid, tube_ratio, axial_ratio)
     gxy = gx * gy
     keep_xy = _keep(gxy, tube_ratio)
     mask_xy = _tube_xy(batch_size, gxy, keep_xy, generator, device)  # (B, gx*gy)

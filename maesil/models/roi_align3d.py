@@ -25,12 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _as_size(output_size: int | Sequence[int]) -> tuple[int, int, int]:
-    size = (int(output_size),) * 3 if isinstance(output_size, int) else tuple(int(s) for s in output_size)
-    if len(size) != 3 or any(s < 1 for s in size):
-        raise ValueError(f"output_size must be a positive int or 3 positive ints, got {output_size!r}")
-    return size  # type: ignore[return-value]
+from maesil.shapes import as_triple
 
 
 def roi_sampling_grid(view_boxes: Tensor, flips: Tensor, rois: Tensor, output_size: int | Sequence[int],
@@ -47,7 +42,7 @@ def roi_sampling_grid(view_boxes: Tensor, flips: Tensor, rois: Tensor, output_si
     Returns:
         (B, X·r, Y·r, Z·r, 3) normalised coordinates in ``grid_sample``'s order (last axis = z, y, x).
     """
-    size = _as_size(output_size)
+    size = as_triple(output_size, "output_size")
     if view_boxes.shape != rois.shape or view_boxes.ndim != 2 or view_boxes.shape[1] != 6:
         raise ValueError(f"view_boxes and rois must both be (B, 6), got {tuple(view_boxes.shape)} and "
                          f"{tuple(rois.shape)}")
@@ -111,7 +106,7 @@ class RoIAlign3D(nn.Module):
 
     def __init__(self, output_size: int | Sequence[int], sampling_ratio: int = 1) -> None:
         super().__init__()
-        self.output_size = _as_size(output_size)
+        self.output_size = as_triple(output_size, "output_size")
         if sampling_ratio < 1:
             raise ValueError(f"sampling_ratio must be >= 1, got {sampling_ratio}")
         self.sampling_ratio = int(sampling_ratio)

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from maesil.models.autoencoders import count_parameters
+from maesil.models.presets import from_preset
 
 __all__ = [
     "LayerFactory",
@@ -47,7 +47,6 @@ __all__ = [
     "ResEncUNet",
     "UNET_PRESETS",
     "resenc_unet",
-    "count_parameters",
 ]
 
 
@@ -326,11 +325,6 @@ class ResEncUNet(nn.Module):
         """Channels of the :meth:`decode` outputs, coarsest first."""
         return [self.features[s] for s in range(self.num_stages - 2, -1, -1)]
 
-    @property
-    def feature_strides(self) -> list[int]:
-        """Downsampling factor (per axis) of each :meth:`decode` output, coarsest first."""
-        return [math.prod(self.strides[: s + 1]) for s in range(self.num_stages - 2, -1, -1)]
-
     def init_weights(self, zero_init_residual: bool = False) -> None:
         """nnU-Net initialisation: He-normal conv weights (LeakyReLU slope), zero biases, unit/zero norm affine."""
         for m in self.modules():
@@ -406,12 +400,6 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def resenc_unet(preset: str = "cpu", **overrides: Any) -> ResEncUNet:
-    """Builds a :class:`ResEncUNet` from :data:`UNET_PRESETS`; ``overrides`` replace or add constructor arguments
-    (e.g. ``in_channels``, ``out_channels=None``).
-
-    Raises:
-        ValueError: on an unknown preset.
-    """
-    if preset not in UNET_PRESETS:
-        raise ValueError(f"unknown U-Net preset {preset!r}; choose from {sorted(UNET_PRESETS)}.")
-    return ResEncUNet(**{**UNET_PRESETS[preset], **overrides})
+    """A :class:`ResEncUNet` from :data:`UNET_PRESETS` with keyword overrides (e.g. ``in_channels``,
+    ``out_channels=None``), see :func:`~maesil.models.presets.from_preset`."""
+    return from_preset(ResEncUNet, UNET_PRESETS, preset, **overrides)

@@ -1,11 +1,12 @@
 """UNETR (Hatamizadeh et al. 2021) on maesil's own :class:`~maesil.models.vit3d.ViTEncoder3D`.
 
 Why not MONAI's ``UNETR``: it builds its own ViT (class-free, learnable or fixed positions, other parameter names)
-and hard-codes patch 16 and 12 layers. Here the encoder is exactly the ``ViTEncoder3D`` that MAESIL / SelfMedMAE
+and hard-codes 16³ tokens and 12 layers. Here the encoder is exactly the ``ViTEncoder3D`` that MAESIL / SelfMedMAE
 pretrain (stored at ``encoder``), so a pretrained MAE's ``net.encoder.*`` weights load with a plain prefix rename,
 strict and with no missing key; the decoder reuses MONAI's UNETR blocks unchanged.
 
-Layout for patch ``p = 2**L`` (``L`` = :attr:`UNETR.num_levels`; MONAI's layout for ``p = 16``, ``L = 4``)::
+Layout for the token edge ``p = 2**L`` (``token_size``; ``L`` = :attr:`UNETR.num_levels`; MONAI's layout for
+``p = 16``, ``L = 4``)::
 
     level 0 (full res, F ch)       input_block    UnetrBasicBlock(C → F) on the image
     level k (res / 2**k, F·2**k)   skip_blocks[k-1]  UnetrPrUpBlock(D → F·2**k), L-k transposed convs (k = 1..L-1)
@@ -20,15 +21,14 @@ Layout for patch ``p = 2**L`` (``L`` = :attr:`UNETR.num_levels`; MONAI's layout 
 Skip layers are 1-based block numbers: layer ``l`` is the output of ``encoder.blocks[l - 1]``, taken *before* the
 encoder's final LayerNorm (as MONAI's ViT returns its hidden states); only the bottleneck uses the normed output,
 which is what the encoder was trained to emit at its top. The default is ``ceil(k * depth / L)`` for
-``k = 1..L-1``: evenly spaced, giving the paper's 3/6/9 for depth 12 at patch 16, 2/4 for depth 6 at patch 8, and
-strictly increasing for every depth >= L-1. Note that MONAI's (and SelfMedMAE's) code indexes
+``k = 1..L-1``: evenly spaced, giving the paper's 3/6/9 for depth 12 with 16³ tokens, 2/4 for depth 6 with 8³
+tokens, and strictly increasing for every depth >= L-1. Note that MONAI's (and SelfMedMAE's) code indexes
 ``hidden_states_out[3, 6, 9]`` 0-based, i.e. blocks 4/7/10 (MONAI issue #4520); pass ``skip_layers=(4, 7, 10)`` to
 reproduce that code rather than the paper.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from collections.abc import Sequence
@@ -37,7 +37,9 @@ from typing import Any, ClassVar
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import Tensor, nn
 
-from maesil.models.vit3d import ViTEncoder3D, _triple, token_grid
+from maesil.models.presets import from_preset
+from maesil.models.vit3d import ViTEncoder3D, token_grid
+from maesil.shapes import as_triple
 
 __all__ = ["tokens_to_volume", "default_skip_layers", "UNETR", "UNETR_PRESETS", "build_unetr"]
 
@@ -59,7 +61,7 @@ def tokens_to_volume(tokens: Tensor, grid: Sequence[int]) -> Tensor:
 def default_skip_layers(depth: int, num_levels: int) -> tuple[int, ...]:
     """Evenly spaced 1-based skip layers ``ceil(k * depth / num_levels)``, ``k = 1..num_levels-1``.
 
-    Examples: depth 12 / 4 levels (patch 16) → (3, 6, 9); depth 6 / 3 levels (patch 8) → (2, 4); depth 2 / 3 levels
+    Examples: depth 12 / 4 levels (16³ tokens) → (3, 6, 9); depth 6 / 3 levels (8³ tokens) → (2, 4); depth 2 / 3 levels
     → (1, 2). Strictly increasing and within ``1..depth`` whenever ``depth >= num_levels - 1``.
 
     Raises:
@@ -82,9 +84,9 @@ class UNETR(nn.Module):
     """UNETR segmentation network whose encoder is a :class:`ViTEncoder3D` at ``encoder`` (see module docstring).
 
     Args:
-        img_size: training patch ``(X, Y, Z)`` or one int; divisible by ``patch_size``. Other input sizes work as
-            long as they are divisible by ``patch_size`` (the ViT rebuilds its sin-cos positions for the grid).
-        patch_size: ViT patch edge, a power of two >= 4 (must equal the pretrained encoder's); ``log2`` of it is the
+        superpatch_size: training input ``(X, Y, Z)`` or one int; divisible by ``token_size``. Other input sizes
+            work as long as they are divisible by ``token_size`` (the ViT rebuilds its sin-cos positions for the grid).
+        token_size: ViT token edge, a power of two >= 4 (must equal the pretrained encoder's); ``log2`` of it is the
             number of decoder levels.
         in_channels: image channels.
         out_channels: classes (logit channels).
@@ -108,8 +110,8 @@ class UNETR(nn.Module):
 
     def __init__(
         self,
-        img_size: int | tuple[int, int, int] = 96,
-        patch_size: int = 16,
+        superpatch_size: int | tuple[int, int, int] = 96,
+        token_size: int = 16,
         in_channels: int = 1,
         out_channels: int = 2,
         embed_dim: int = 768,
@@ -123,25 +125,27 @@ class UNETR(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        patch_size = _positive_int(patch_size, "patch_size")
-        if patch_size < 4 or patch_size & (patch_size - 1):
-            raise ValueError(f"patch_size must be a power of two >= 4, got {patch_size}.")
+        token_size = _positive_int(token_size, "token_size")
+        if token_size < 4 or token_size & (token_size - 1):
+            raise ValueError(f"token_size must be a power of two >= 4, got {token_size}.")
         for value, name in ((in_channels, "in_channels"), (out_channels, "out_channels"), (depth, "depth"),
                             (feature_size, "feature_size"), (embed_dim, "embed_dim")):  # fmt: skip
             _positive_int(value, name)
-        self.img_size = _triple(img_size, "img_size")
-        if any(s % patch_size for s in self.img_size):
-            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size={patch_size} on every axis.")
+        self.superpatch_size = as_triple(superpatch_size, "superpatch_size")
+        if any(s % token_size for s in self.superpatch_size):
+            raise ValueError(
+                f"superpatch_size {self.superpatch_size} must be divisible by token_size={token_size} on every axis."
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-        num_levels = int(math.log2(patch_size))
+        num_levels = int(math.log2(token_size))
         if skip_layers is None:
             skip_layers = default_skip_layers(depth, num_levels)
         skips = tuple(skip_layers)
         if len(skips) != num_levels - 1:
             raise ValueError(
                 f"skip_layers {list(skips)} must hold {num_levels - 1} layers (one per decoder level below the "
-                f"bottleneck for patch_size={patch_size}), got {len(skips)}."
+                f"bottleneck for token_size={token_size}), got {len(skips)}."
             )
         for layer in skips:
             if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or not 1 <= layer <= depth:
@@ -150,7 +154,7 @@ class UNETR(nn.Module):
             if b <= a:
                 raise ValueError(f"skip_layers {list(skips)} must be strictly increasing ({b} follows {a}).")
 
-        self.patch_size = patch_size
+        self.token_size = token_size
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.embed_dim = embed_dim
@@ -159,7 +163,7 @@ class UNETR(nn.Module):
         self.skip_layers: tuple[int, ...] = tuple(int(s) for s in skips)
 
         self.encoder = ViTEncoder3D(
-            self.img_size, patch_size=patch_size, in_channels=in_channels, embed_dim=embed_dim, depth=depth,
+            self.superpatch_size, token_size=token_size, in_channels=in_channels, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio,
         )  # fmt: skip
         self.feature_dropout = nn.Dropout(dropout)
@@ -189,8 +193,8 @@ class UNETR(nn.Module):
 
     @property
     def num_levels(self) -> int:
-        """Upsampling levels ``L = log2(patch_size)`` between the token grid and full resolution."""
-        return int(math.log2(self.patch_size))
+        """Upsampling levels ``L = log2(token_size)`` between the token grid and full resolution."""
+        return int(math.log2(self.token_size))
 
     @property
     def num_lr_layers(self) -> int:
@@ -226,19 +230,19 @@ class UNETR(nn.Module):
         return self.depth + 1
 
     def check_input(self, images: Tensor) -> None:
-        """Raises ``ValueError`` unless ``images`` is ``(B, in_channels, X, Y, Z)``, sizes divisible by the patch."""
+        """Raises ``ValueError`` unless ``images`` is ``(B, in_channels, X, Y, Z)``, sizes divisible by the token."""
         if images.ndim != 5 or images.shape[1] != self.in_channels:
             raise ValueError(f"images must be (B, {self.in_channels}, X, Y, Z), got shape {tuple(images.shape)}.")
-        if any(s == 0 or s % self.patch_size for s in images.shape[2:]):
+        if any(s == 0 or s % self.token_size for s in images.shape[2:]):
             raise ValueError(
                 f"input spatial size {tuple(images.shape[2:])} must be a positive multiple of "
-                f"patch_size={self.patch_size} on every axis (the ViT tokenises it into {self.patch_size}³ patches)."
+                f"token_size={self.token_size} on every axis (the ViT cuts it into {self.token_size}³ tokens)."
             )
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, C, X, Y, Z) -> (B, out_channels, X, Y, Z)`` logits."""
         self.check_input(images)
-        grid = token_grid(images.shape[2:], self.patch_size)
+        grid = token_grid(images.shape[2:], self.token_size)
         tokens, hidden = self.encoder(images, return_hidden_states=True)  # (B, N, D), depth × (B, N, D) pre-norm
         features = [self.input_block(images)]  # level 0: (B, F, X, Y, Z)
         for layer, block in zip(self.skip_layers, self.skip_blocks):
@@ -251,25 +255,17 @@ class UNETR(nn.Module):
 
 
 #: Architectures of :func:`build_unetr`. "selfmedmae": SelfMedMAE's fine-tuning net (ViT-B/16 on 96³, F 16, skips
-#: 3/6/9); "maesil_cpu": the MAESIL CPU demo encoder (MAE preset "cpu", patch 8 on 64³); "tiny": unit tests.
+#: 3/6/9); "maesil_cpu": the encoder of experiments/pretrain/maesil_demo.yaml (8³ tokens on 64³); "tiny": unit tests.
 UNETR_PRESETS: dict[str, dict[str, Any]] = {
-    "selfmedmae": dict(img_size=96, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+    "selfmedmae": dict(superpatch_size=96, token_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                        feature_size=16, skip_layers=(3, 6, 9)),
-    "maesil_cpu": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=4, mlp_ratio=4.0,
+    "maesil_cpu": dict(superpatch_size=64, token_size=8, embed_dim=192, depth=6, num_heads=4, mlp_ratio=4.0,
                        feature_size=16),
-    "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, feature_size=8),
+    "tiny": dict(superpatch_size=32, token_size=8, embed_dim=48, depth=2, num_heads=2, feature_size=8),
 }  # fmt: skip
 
 
 def build_unetr(preset: str, **overrides: Any) -> UNETR:
-    """Build a :class:`UNETR` from :data:`UNETR_PRESETS` with keyword overrides (e.g. ``out_channels``).
-
-    Raises:
-        ValueError: on an unknown preset or override name.
-    """
-    if preset not in UNETR_PRESETS:
-        raise ValueError(f"unknown UNETR preset {preset!r}; choose from {sorted(UNETR_PRESETS)}.")
-    unknown = set(overrides) - set(inspect.signature(UNETR).parameters)
-    if unknown:
-        raise ValueError(f"unknown UNETR arguments: {sorted(unknown)}.")
-    return UNETR(**{**UNETR_PRESETS[preset], **overrides})
+    """A :class:`UNETR` from :data:`UNETR_PRESETS` with keyword overrides (e.g. ``out_channels``), see
+    :func:`~maesil.models.presets.from_preset`."""
+    return from_preset(UNETR, UNETR_PRESETS, preset, **overrides)

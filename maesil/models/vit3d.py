@@ -2,7 +2,8 @@
 
 Conventions (shared with :mod:`maesil.models.masking`):
 
-* images are ``(B, C, X, Y, Z)``; the token grid is ``(gx, gy, gz) = (X / p, Y / p, Z / p)``;
+* images are ``(B, C, X, Y, Z)``; ``p`` is the token edge ``token_size``; the token grid is
+  ``(gx, gy, gz) = (X / p, Y / p, Z / p)``;
 * the flattened token index is ``(ix * gy + iy) * gz + iz`` (``z`` fastest);
 * a patch vector is flattened in order ``(C, px, py, pz)``, exactly the flatten order of a ``Conv3d`` weight of shape
   ``(D, C, p, p, p)``, so ``conv(x)`` equals ``F.linear(patchify(x), conv.weight.flatten(1), conv.bias)``.
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maesil.shapes import as_triple
+
 __all__ = [
     "patchify",
     "unpatchify",
@@ -26,38 +29,29 @@ __all__ = [
     "Attention",
     "Mlp",
     "TransformerBlock",
+    "transformer_blocks",
     "ViTEncoder3D",
     "init_vit_weights",
 ]
 
 
-def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
-    if isinstance(value, int):
-        out = (value, value, value)
-    else:
-        out = tuple(int(v) for v in value)
-    if len(out) != 3 or any(v < 1 for v in out):
-        raise ValueError(f"{name} must be a positive int or three positive ints, got {value}.")
-    return out  # type: ignore[return-value]
-
-
-def token_grid(spatial_size: Sequence[int], patch_size: int) -> tuple[int, int, int]:
+def token_grid(spatial_size: Sequence[int], token_size: int) -> tuple[int, int, int]:
     """Token grid ``(X / p, Y / p, Z / p)``; raises ``ValueError`` when a size is not divisible by ``p``."""
-    if patch_size < 1:
-        raise ValueError(f"patch_size must be positive, got {patch_size}.")
-    if len(spatial_size) != 3 or any(s % patch_size for s in spatial_size):
+    if token_size < 1:
+        raise ValueError(f"token_size must be positive, got {token_size}.")
+    if len(spatial_size) != 3 or any(s % token_size for s in spatial_size):
         raise ValueError(
-            f"spatial size {tuple(spatial_size)} must be three sizes divisible by patch_size={patch_size}."
+            f"spatial size {tuple(spatial_size)} must be three sizes divisible by token_size={token_size}."
         )
-    return spatial_size[0] // patch_size, spatial_size[1] // patch_size, spatial_size[2] // patch_size
+    return spatial_size[0] // token_size, spatial_size[1] // token_size, spatial_size[2] // token_size
 
 
-def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """Cut images into non-overlapping cubic patches.
+def patchify(images: Tensor, token_size: int) -> Tensor:
+    """Cut images into non-overlapping cubic tokens (patches of ``token_size`` voxels per axis).
 
     Args:
         images: ``(B, C, X, Y, Z)``.
-        patch_size: patch edge ``p``; every spatial size must be divisible by it.
+        token_size: token edge ``p``; every spatial size must be divisible by it.
 
     Returns:
         ``(B, N, C * p**3)`` with ``N = gx * gy * gz`` (z fastest) and each patch flattened as ``(C, px, py, pz)``.
@@ -65,19 +59,19 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     if images.ndim != 5:
         raise ValueError(f"images must be (B, C, X, Y, Z), got shape {tuple(images.shape)}.")
     b, c = images.shape[:2]
-    gx, gy, gz = token_grid(images.shape[2:], patch_size)
-    p = patch_size
+    gx, gy, gz = token_grid(images.shape[2:], token_size)
+    p = token_size
     x = images.reshape(b, c, gx, p, gy, p, gz, p)
     x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # (B, gx, gy, gz, C, px, py, pz)
     return x.reshape(b, gx * gy * gz, c * p**3)
 
 
-def unpatchify(tokens: Tensor, patch_size: int, grid: Sequence[int], channels: int) -> Tensor:
+def unpatchify(tokens: Tensor, token_size: int, grid: Sequence[int], channels: int) -> Tensor:
     """Inverse of :func:`patchify`.
 
     Args:
         tokens: ``(B, N, C * p**3)``.
-        patch_size: patch edge ``p``.
+        token_size: token edge ``p``.
         grid: token grid ``(gx, gy, gz)`` with ``gx * gy * gz == N``.
         channels: ``C``.
 
@@ -85,12 +79,12 @@ def unpatchify(tokens: Tensor, patch_size: int, grid: Sequence[int], channels: i
         ``(B, C, gx * p, gy * p, gz * p)``.
     """
     gx, gy, gz = (int(g) for g in grid)
-    p = patch_size
+    p = token_size
     b, n, d = tokens.shape
     if n != gx * gy * gz or d != channels * p**3:
         raise ValueError(
             f"tokens of shape {tuple(tokens.shape)} do not match grid {tuple(grid)}, "
-            f"patch_size={p}, channels={channels}."
+            f"token_size={p}, channels={channels}."
         )
     x = tokens.reshape(b, gx, gy, gz, channels, p, p, p)
     x = x.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, gx, px, gy, py, gz, pz)
@@ -145,16 +139,16 @@ class PatchEmbed3D(nn.Module):
     on those patches while masked patches cost nothing in the forward or backward pass.
     """
 
-    def __init__(self, patch_size: int, in_channels: int, embed_dim: int) -> None:
+    def __init__(self, token_size: int, in_channels: int, embed_dim: int) -> None:
         super().__init__()
-        if patch_size < 1 or in_channels < 1 or embed_dim < 1:
+        if token_size < 1 or in_channels < 1 or embed_dim < 1:
             raise ValueError(
-                f"patch_size, in_channels and embed_dim must be positive, got {patch_size}, {in_channels}, {embed_dim}."
+                f"token_size, in_channels and embed_dim must be positive, got {token_size}, {in_channels}, {embed_dim}."
             )
-        self.patch_size = patch_size
+        self.token_size = token_size
         self.in_channels = in_channels
         self.embed_dim = embed_dim
-        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=token_size, stride=token_size)
 
     def forward(self, images: Tensor, ids_keep: Tensor | None = None) -> Tensor:
         """Embed patches.
@@ -168,7 +162,7 @@ class PatchEmbed3D(nn.Module):
         """
         if images.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels, got {images.shape[1]}.")
-        patches = patchify(images, self.patch_size)  # (B, N, C*p^3)
+        patches = patchify(images, self.token_size)  # (B, N, C*p^3)
         if ids_keep is not None:
             patches = gather_tokens(patches, ids_keep)  # (B, n, C*p^3)
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
@@ -246,6 +240,21 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                       prefix: str = "") -> nn.ModuleList:
+    """``depth`` :class:`TransformerBlock` of width ``dim``: an encoder's or a decoder's stack.
+
+    Raises:
+        ValueError: naming the argument (``{prefix}depth``, ``{prefix}embed_dim``, ``{prefix}num_heads``) when
+            ``depth < 1`` or ``dim`` is not divisible by ``num_heads``.
+    """
+    if depth < 1:
+        raise ValueError(f"{prefix}depth must be positive, got {depth}.")
+    if num_heads < 1 or dim % num_heads != 0:
+        raise ValueError(f"{prefix}embed_dim ({dim}) must be divisible by {prefix}num_heads ({num_heads}).")
+    return nn.ModuleList(TransformerBlock(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias) for _ in range(depth))
+
+
 def init_vit_weights(module: nn.Module) -> None:
     """MAE initialisation: xavier-uniform Linear weights with zero bias, unit LayerNorm, conv patch embedding
     xavier-uniform on its flattened ``(D, C*p^3)`` view (it acts as a Linear)."""
@@ -269,11 +278,11 @@ class ViTEncoder3D(nn.Module):
     There is no class token: MAE pretraining does not need one and the segmentation decoders (UNETR-style) that
     reuse this encoder read the token sequence only. Position embeddings are fixed sin-cos, kept as a
     non-persistent buffer (they are recomputed from the grid, so they are not in the state dict); images whose
-    grid differs from ``img_size`` get a sin-cos embedding computed for their own grid.
+    grid differs from ``superpatch_size`` get a sin-cos embedding computed for their own grid.
 
     Args:
-        img_size: ``(X, Y, Z)`` or one int for a cube; divisible by ``patch_size``.
-        patch_size: cubic patch edge ``p``.
+        superpatch_size: input ``(X, Y, Z)`` or one int for a cube; divisible by ``token_size``.
+        token_size: cubic token edge ``p``.
         in_channels: image channels ``C``.
         embed_dim: token width ``D`` (divisible by ``num_heads``).
         depth: number of transformer blocks.
@@ -284,8 +293,8 @@ class ViTEncoder3D(nn.Module):
 
     def __init__(
         self,
-        img_size: int | tuple[int, int, int],
-        patch_size: int = 8,
+        superpatch_size: int | tuple[int, int, int],
+        token_size: int = 8,
         in_channels: int = 1,
         embed_dim: int = 192,
         depth: int = 6,
@@ -294,37 +303,31 @@ class ViTEncoder3D(nn.Module):
         qkv_bias: bool = True,
     ) -> None:
         super().__init__()
-        self.img_size = _triple(img_size, "img_size")
-        self._grid = token_grid(self.img_size, patch_size)
-        if depth < 1:
-            raise ValueError(f"depth must be positive, got {depth}.")
-        if num_heads < 1 or embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}).")
-        self.patch_size = patch_size
+        self.superpatch_size = as_triple(superpatch_size, "superpatch_size")
+        self._grid = token_grid(self.superpatch_size, token_size)
+        self.token_size = token_size
         self.in_channels = in_channels
         self.embed_dim = embed_dim
         self.depth = depth
-        self.patch_embed = PatchEmbed3D(patch_size, in_channels, embed_dim)
+        self.patch_embed = PatchEmbed3D(token_size, in_channels, embed_dim)
         self.register_buffer("pos_embed", sincos_pos_embed_3d(embed_dim, self._grid), persistent=False)  # (N, D)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias) for _ in range(depth)
-        )
+        self.blocks = transformer_blocks(embed_dim, depth, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias)
         self.norm = nn.LayerNorm(embed_dim)
         init_vit_weights(self)
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        """Token grid ``(gx, gy, gz)`` of ``img_size``."""
+        """Token grid ``(gx, gy, gz)`` of ``superpatch_size``."""
         return self._grid
 
     @property
     def num_tokens(self) -> int:
-        """Number of tokens ``N`` of ``img_size``."""
+        """Number of tokens ``N`` of ``superpatch_size``."""
         gx, gy, gz = self._grid
         return gx * gy * gz
 
     def _pos_embed_for(self, spatial_size: Sequence[int]) -> Tensor:
-        grid = token_grid(spatial_size, self.patch_size)
+        grid = token_grid(spatial_size, self.token_size)
         if grid == self._grid:
             return self.pos_embed
         return sincos_pos_embed_3d(self.embed_dim, grid).to(self.pos_embed)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import inspect
 import logging
 import math
 import sys
@@ -42,8 +43,9 @@ import torch
 import torchio as tio
 
 from maesil.data.preprocess import PreprocessSettings, padding_value
-from maesil.data.sampling import as_patch_size
 from maesil.evaluation.reconstruction import BODY_THRESHOLD
+from maesil.models.parameters import count_parameters
+from maesil.shapes import as_triple
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class Method:
 
 
 def _resolve_class(class_path: str, path: Path) -> type:
-    from maesil.methods.base import PretrainModule
+    from maesil.methods.base import MethodModule
     import maesil.methods  # noqa: F401  (registers the methods)
 
     module_name, _, name = class_path.rpartition(".")
@@ -91,45 +93,59 @@ def _resolve_class(class_path: str, path: Path) -> type:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as error:
         raise BenchmarkError(f"{path}: its model class {class_path!r} cannot be imported ({error})") from error
-    if not (isinstance(cls, type) and issubclass(cls, PretrainModule)):
-        raise BenchmarkError(f"{path}: {class_path!r} is not a maesil PretrainModule")
-    if cls.reconstruct_for_evaluation is PretrainModule.reconstruct_for_evaluation:
+    if not (isinstance(cls, type) and issubclass(cls, MethodModule)):
+        raise BenchmarkError(f"{path}: {class_path!r} is not a maesil MethodModule")
+    if cls.reconstruct_for_evaluation is MethodModule.reconstruct_for_evaluation:
         raise BenchmarkError(f"{path}: {cls.__name__} does not reconstruct its input (no reconstruct_for_evaluation)")
     return cls
+
+
+def _init_arguments(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The saved hyperparameters ``cls.__init__`` takes, as ``load_from_checkpoint`` passes them: LightningCLI's
+    own entries (``_class_path``, ``_instantiator``) and, unless ``__init__`` takes ``**kwargs``, names it does
+    not know are left out."""
+    parameters = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return {k: v for k, v in hparams.items() if not k.startswith("_")}
+    return {k: v for k, v in hparams.items() if k in parameters and k != "self"}
 
 
 def load_method(path: str | Path, device: torch.device | str = "cpu") -> tuple[Any, dict[str, Any]]:
     """Loads a checkpoint written by ``python -m maesil fit``: the model, in eval mode on ``device``,
     and the DataModule's hyper-parameters.
 
-    LightningCLI stores the model class as ``hyper_parameters["_class_path"]`` and the data options as
-    ``datamodule_hyper_parameters``. The class is imported from that path and must be a
-    :class:`~maesil.methods.base.PretrainModule` that implements ``reconstruct_for_evaluation``; tensors
-    are read with ``weights_only=True``. The model's ``input_modality`` is set from the data settings, so
-    that it clamps (CT) or does not clamp (MRI) its reconstructions as in validation. Raises
-    :class:`BenchmarkError` for missing, unreadable or foreign checkpoints.
+    The file is read by the one safe reader (:func:`maesil.checkpoints.load_checkpoint_state`,
+    ``weights_only=True``). LightningCLI stores the model class as ``hyper_parameters["_class_path"]`` and the
+    data options as ``datamodule_hyper_parameters``. The class is imported from that path and must be a
+    :class:`~maesil.methods.base.MethodModule` that implements ``reconstruct_for_evaluation``; it is built
+    from the saved hyperparameters and takes the saved state dict (strictly). The model's ``input_modality``
+    is set from the data settings, so that it clamps (CT) or does not clamp (MRI) its reconstructions as in
+    validation. Raises :class:`BenchmarkError` for missing, unreadable or foreign checkpoints.
     """
+    from maesil.checkpoints import CheckpointError, load_checkpoint_state
+
     path = Path(path)
     if not path.is_file():
         raise BenchmarkError(f"{path}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any reader error
+        state, metadata = load_checkpoint_state(path)
+    except (CheckpointError, OSError) as error:
         raise BenchmarkError(f"{path}: cannot be read as a checkpoint ({type(error).__name__}: {error})") from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if "hyper_parameters" not in metadata:
         raise BenchmarkError(f"{path}: not a Lightning checkpoint (no state_dict)")
-    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    hparams = dict(metadata["hyper_parameters"])
+    class_path = hparams.get("_class_path")
     if not class_path:
         raise BenchmarkError(f"{path}: the checkpoint does not name its model class (hyper_parameters._class_path);"
                              " use checkpoints written by `python -m maesil fit`")
-    data = checkpoint.get("datamodule_hyper_parameters")
-    if not isinstance(data, dict):
+    data = metadata["datamodule_hyper_parameters"]
+    if not data:
         raise BenchmarkError(f"{path}: the checkpoint holds no data settings (datamodule_hyper_parameters);"
                              " use checkpoints written by `python -m maesil fit`")
-    del checkpoint
     cls = _resolve_class(str(class_path), path)
     try:
-        model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        model = cls(**_init_arguments(cls, hparams))
+        model.load_state_dict(state)
     except Exception as error:  # noqa: BLE001
         raise BenchmarkError(f"{path}: {cls.__name__} cannot be restored ({type(error).__name__}: {error})") from error
     model.input_modality = str(data.get("modality") or "ct")
@@ -144,7 +160,7 @@ def data_settings(data: dict[str, Any]) -> tuple[PreprocessSettings, tuple[int, 
     options.update({k: v for k, v in data.items() if k in DATA_DEFAULTS})
     if options["hu_window"] is None:  # allowed for MRI, which ignores the window (CT runs cannot save None)
         options["hu_window"] = DATA_DEFAULTS["hu_window"]
-    return settings_from_options(options), as_patch_size(options["superpatch_size"])
+    return settings_from_options(options), as_triple(options["superpatch_size"], "superpatch_size")
 
 
 def _run_folder(path: Path) -> str:
@@ -399,13 +415,12 @@ def benchmark_recon_command(argv: Sequence[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from maesil.data.sources import DataError
-    from maesil.evaluation.figures import display_range, save_figure
+    from maesil.data.records import DataError
+    from maesil.evaluation.figures import comparison_figure, display_range, save_figure
     from maesil.evaluation.metrics import resolve_data_range
     from maesil.evaluation.reconstruction import (
         LPIPS2D,
         body_mask,
-        comparison_figure,
         lpips_volume,
         reconstruct_volume,
         volume_metrics,
@@ -424,7 +439,7 @@ def _run(args: argparse.Namespace) -> int:
     methods = []
     for name, (path, model, data) in zip(names, loaded):
         settings, size = data_settings(data)
-        params = sum(p.numel() for p in model.parameters())
+        params = count_parameters(model)
         methods.append(Method(name, path, model, settings, size, params))
     _check_same_settings(methods)
     settings, superpatch = methods[0].settings, methods[0].superpatch_size

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 from maesil.data.checks import check_dataset, format_problem_table
 from maesil.data.manifest import declared_classes
-from maesil.data.sampling import as_patch_size
 from maesil.data.sources import DEFAULT_EXCLUDE
+from maesil.shapes import as_triple
 from maesil.tools.data_options import add_data_arguments, resolve_data_options
 
 
@@ -45,7 +45,7 @@ def check_data_command(argv: Sequence[str]) -> int:
     if data_dir is None:
         raise SystemExit("error: give DIR (a data folder or manifest) or a --config with data.init_args.data_dir")
     size = args.superpatch_size or options["superpatch_size"]
-    superpatch = as_patch_size(size[0] if isinstance(size, list) and len(size) == 1 else size)
+    superpatch = as_triple(size[0] if isinstance(size, list) and len(size) == 1 else size, "superpatch_size")
     num_classes = args.num_classes if args.num_classes is not None else options.get("num_classes")
     classes = args.classes or (list(range(num_classes)) if num_classes else declared_classes(data_dir))
     exclude = options["exclude"] if options["exclude"] is not None else DEFAULT_EXCLUDE

@@ -6,10 +6,11 @@ steps, schedule and seeds, then scores every run on a fixed held-out set over wh
 and HD95 in mm). It prints mean ± std over the seeds, and writes ``results.csv`` (one row per run and
 class), ``summary.csv`` and ``compare_init.png``.
 
-Each checkpoint picks its network: a ViT encoder (MAESIL, SelfMedMAE) is fine-tuned as UNETR with
-``--unetr-config``, a U-Net (PGL, BYOL, S3D) with ``--unet-config``. The encoder's sizes are read from the
-checkpoint, so the scratch baseline of each family is the very same network, randomly initialised. Nothing
-is tuned per run: the scratch baseline gets exactly the schedule the pretrained runs get.
+Each checkpoint picks its network from its method's transfer layout: a ViT encoder (MAESIL) is fine-tuned
+as UNETR with ``--unetr-config``, a U-Net (PGL, BYOL, S3D) with ``--unet-config``. The encoder's sizes are
+read from the checkpoint, so the scratch baseline of each family is the very same network, randomly
+initialised. Nothing is tuned per run: the scratch baseline gets exactly the schedule the pretrained runs
+get.
 
     python -m maesil compare-init --checkpoints runs/pgl_demo/checkpoints/last.ckpt \\
         runs/maesil_demo/checkpoints/last.ckpt --train-count 4 --seeds 0 1 2 --steps 300
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maesil.data.phantoms import ORGAN_LABELS
+from maesil.phantoms import ORGAN_LABELS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_UNET_CONFIG = REPO_ROOT / "experiments/finetune/unet_demo.yaml"
@@ -46,29 +47,63 @@ class Initialisation:
     preset: str | None = None
 
 
+#: UNETR arguments read from a ViT checkpoint: name -> the older name a checkpoint may store it under.
+_VIT_ARGS: dict[str, str | None] = {"token_size": "patch_size", "embed_dim": None, "depth": None,
+                                    "num_heads": None, "mlp_ratio": None}
+#: ResEnc U-Net arguments read from a U-Net checkpoint.
+_UNET_ARGS = ("features", "blocks_per_stage", "strides")
+
+
+def _encoder_network(method: str | None, state: dict, architecture: dict) -> str:
+    """``"vit"``, ``"resenc"`` or ``"none"``: the method's transfer layout says it; for a file that names no
+    method (an export of an unknown method, a bare state dict), its architecture or its keys do."""
+    from maesil.checkpoints.layouts import method_layouts
+
+    layout = method_layouts().get(method or "")
+    if layout is not None:
+        return layout.network
+    if method is not None:
+        return "none"
+    kind = architecture.get("type")
+    if kind == "ViTEncoder3D" or (kind is None and any(".patch_embed." in key for key in state)):
+        return "vit"
+    return "resenc" if kind == "ResEncUNet" else "none"
+
+
 def describe_checkpoint(path: Path) -> Initialisation:
-    """The network family and encoder sizes of a pretrained checkpoint (read with ``weights_only``)."""
-    from maesil.checkpoints import infer_method, load_checkpoint_state
+    """The network family and encoder sizes of a pretrained checkpoint (read by the one safe reader).
+
+    A ViT encoder is fine-tuned as UNETR, a U-Net encoder as the ResEnc U-Net, with the sizes of an export's
+    ``architecture`` or of the checkpoint's hyperparameters.
+    """
+    from maesil.checkpoints import identify_method, load_checkpoint_state
+    from maesil.checkpoints.layouts import transferable_layouts
 
     state, metadata = load_checkpoint_state(path)
-    method = infer_method(state, metadata)
-    source = dict(metadata.get("architecture") or metadata.get("hyper_parameters") or {})
+    method = identify_method(state, metadata)
+    architecture = dict(metadata.get("architecture") or {})
+    source = architecture or dict(metadata.get("hyper_parameters") or {})
     name = f"{method or path.stem} ({path.parent.parent.name if path.parent.name == 'checkpoints' else path.stem})"
-    if method in ("MAESIL", "SelfMedMAE") or (method is None and any(".patch_embed." in key for key in state)):
-        args = {key: source[key] for key in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-                if key in source}
+    network = _encoder_network(method, state, architecture)
+    if network == "vit":
+        args = {}
+        for key, old_key in _VIT_ARGS.items():
+            value = source.get(key)
+            if value is None and old_key is not None:
+                value = source.get(old_key)
+            if value is not None:
+                args[key] = value
         return Initialisation(name, "unetr", path, network_args=args)
-    if method in ("PGL", "BYOL", "S3D"):
-        args = {key: list(source[key]) for key in ("features", "blocks_per_stage", "strides")
-                if source.get(key) is not None}
+    if network == "resenc":
+        args = {key: list(source[key]) for key in _UNET_ARGS if source.get(key) is not None}
         return Initialisation(name, "unet", path, network_args=args, preset=source.get("unet_preset"))
     raise ValueError(f"{path}: a {method or 'unknown'} checkpoint has no encoder compare-init can fine-tune "
-                     f"(it handles MAESIL/SelfMedMAE, PGL, BYOL and S3D checkpoints)")
+                     f"(it handles checkpoints of {', '.join(sorted(transferable_layouts()))})")
 
 
 def write_phantom_manifest(folder: Path, train_count: int, test_count: int, seed: int) -> Path:
     """Writes ``train_count + test_count`` phantoms and a manifest with a fixed train/test split."""
-    from maesil.data.phantoms import write_phantoms
+    from maesil.phantoms import write_phantoms
 
     paths = write_phantoms(folder, train_count + test_count, seed=seed)
     manifest = folder / "compare_init.csv"
@@ -91,7 +126,7 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
     """
     import json
 
-    from maesil.cli import MaesilCLI
+    from maesil.lightning_cli import MaesilCLI
 
     slug = "".join(c if c.isalnum() else "_" for c in arm.name.lower()).strip("_")
     run_dir = out_dir / "runs" / f"{slug}_seed{seed}"
@@ -191,11 +226,13 @@ def compare_init_command(argv: Sequence[str]) -> int:
     parser.add_argument("--unet-config", type=Path, default=DEFAULT_UNET_CONFIG)
     parser.add_argument("--unetr-config", type=Path, default=DEFAULT_UNETR_CONFIG)
     parser.add_argument("--families", nargs="*", choices=["unet", "unetr"], default=None,
-                        help="scratch baselines to run without a checkpoint of that family (default: those of the checkpoints, else unet)")
+                        help="scratch baselines to run without a checkpoint of that family (default: those of "
+                        "the checkpoints, else unet)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run, e.g. data.init_args.num_workers=0")
     parser.add_argument("--no-cache", action="store_true",
-                        help="read the volumes from their files in every run instead of one prepared cache in OUT/cache")
+                        help="read the volumes from their files in every run instead of one prepared cache in "
+                        "OUT/cache")
     parser.add_argument("--out", type=Path, default=Path("runs/compare_init"))
     args = parser.parse_args(list(argv))
     if args.train_count < 1 or args.test_count < 1 or args.steps < 1:

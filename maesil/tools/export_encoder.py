@@ -16,8 +16,9 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m maesil export-encoder",
-        description="Export the pretrained encoder of a maesil checkpoint (MAESIL, PGL, BYOL, S3D) as safetensors, "
-        "with its U-Net decoder for methods that train one (PGL, S3D). EMA targets, projectors, predictors and "
+        description="Export the pretrained encoder of a maesil checkpoint (e.g. MAESIL, PGL, BYOL, S3D) as "
+        "safetensors, with its U-Net decoder for methods that train one (e.g. PGL, S3D): the method's transfer "
+        "layout says which weights those are. EMA targets, projectors, predictors and "
         "pretraining-only decoders are left out. A JSON sidecar next to the output (enc.safetensors → enc.json) "
         "records the method, architecture and preprocessing. The checkpoint is read with weights_only=True: "
         "files that would need arbitrary unpickling are refused.",

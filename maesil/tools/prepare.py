@@ -9,7 +9,8 @@ from pathlib import Path
 
 from maesil.data.checks import check_records, format_problem_table
 from maesil.data.manifest import declared_classes
-from maesil.data.sources import DEFAULT_EXCLUDE, DataError, Problem, discover_subjects
+from maesil.data.records import DataError, Problem
+from maesil.data.sources import DEFAULT_EXCLUDE, discover_subjects
 from maesil.tools.data_options import add_data_arguments, resolve_data_options, settings_from_options
 
 

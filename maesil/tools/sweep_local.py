@@ -254,21 +254,27 @@ def read_summary(run_dir: Path) -> dict | None:
 
 def mask_ratio_from_config(run_dir: Path) -> float | None:
     """The masked fraction from the run's saved ``config.yaml``, for runs without ``effective_mask_ratio``
-    in their summary: :func:`maesil.models.masking.expected_mask_ratio` of its model settings."""
+    in their summary: :func:`maesil.models.masking.expected_mask_ratio` of its model settings.
+
+    The superpatch is the data's ``superpatch_size`` (the model follows it), or the model's own in configs
+    that state it there (``superpatch_size``, or ``img_size`` in older ones); the token edge is ``token_size``
+    (``patch_size`` in older configs)."""
     import yaml
 
     from maesil.models.masking import expected_mask_ratio
+    from maesil.shapes import as_triple
 
     for path in sorted(run_dir.glob("**/config.yaml")):
         try:
-            model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
-            args = model.get("init_args") or {}
+            config = yaml.safe_load(path.read_text()) or {}
+            args = (config.get("model") or {}).get("init_args") or {}
+            data_args = (config.get("data") or {}).get("init_args") or {}
             masking, ratio = args.get("masking"), args.get("mask_ratio")
             if masking is None or ratio is None:
                 continue
-            size, patch = args.get("img_size", 128), args.get("patch_size", 8)
-            sizes = size if isinstance(size, (list, tuple)) else [size] * 3
-            grid = tuple(int(s) // int(patch) for s in sizes)
+            size = args.get("superpatch_size") or args.get("img_size") or data_args.get("superpatch_size") or 128
+            token = args.get("token_size") or args.get("patch_size") or 8
+            grid = tuple(edge // int(token) for edge in as_triple(size, "superpatch_size"))
             axial = args.get("axial_mask_ratio") if masking == "dual" else None
             return expected_mask_ratio(masking, grid, float(ratio), None if axial is None else float(axial))
         except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):

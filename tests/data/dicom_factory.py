@@ -19,9 +19,16 @@ MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
-def _write(writer: sitk.ImageFileWriter, image: sitk.Image) -> None:
-    """GDCM's writer switches the process locale to "C" and leaves it so (Python would then read
-    text files as ASCII); put the locale back."""
+def _write(path: Path, image: sitk.Image) -> None:
+    """Write ``image`` with GDCM, keeping the UIDs set in its metadata.
+
+    GDCM's writer switches the process locale to "C" and leaves it so (Python would then read text
+    files as ASCII); the locale is put back.
+    """
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetImageIO("GDCMImageIO")
+    writer.SetFileName(str(path))
     saved = locale.setlocale(locale.LC_ALL)
     try:
         writer.Execute(image)
@@ -75,9 +82,6 @@ def write_dicom_series(
         file_names = [f"IM{int(i):04d}{extension}" for i in numbers]
     rot = np.asarray(direction, float).reshape(3, 3)
     orientation = _ds(list(rot[:, 0]) + list(rot[:, 1]))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    writer.SetImageIO("GDCMImageIO")
     paths = []
     for k in range(n):
         if k == drop_slice:
@@ -106,8 +110,7 @@ def write_dicom_series(
         for key, value in tags.items():
             image.SetMetaData(key, value)
         path = folder / file_names[k]
-        writer.SetFileName(str(path))
-        _write(writer, image)
+        _write(path, image)
         paths.append(path)
     return paths
 
@@ -137,11 +140,7 @@ def write_enhanced_ct(
         "0028|1053": "1",
     }.items():
         image.SetMetaData(key, value)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    writer.SetImageIO("GDCMImageIO")
-    writer.SetFileName(str(path))
-    _write(writer, image)
+    _write(path, image)
     return path
 
 

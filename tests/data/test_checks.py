@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from maesil.data.checks import check_dataset, check_records, format_problem_table, raise_on_errors
-from maesil.data.sources import DataError, Problem, discover_subjects
+from maesil.data.records import DataError, Problem
+from maesil.data.sources import discover_subjects
 
 from .conftest import make_ct, write_volume
 

@@ -4,6 +4,7 @@ import re
 
 import sys
 import types
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -14,9 +15,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
-from maesil.data import DataError, VolumeDataModule
-from maesil.data.datamodule import split_subjects
-from maesil.data.sampling import TASKS, PatchTask
+from maesil.data import DataError, DataSpec, VolumeDataModule
+from maesil.data.sampling import UnrepeatedSampler
+from maesil.data.splits import split_subjects
+from maesil.data.tasks import TASKS, PatchTask
 from maesil.data.sources import discover_subjects
 
 from .conftest import make_ct, write_volume
@@ -36,7 +38,7 @@ def _dm(data_dir: Path | None, **kwargs) -> VolumeDataModule:
 def test_train_batch_format(flat_ct_dir: Path) -> None:
     dm = _dm(flat_ct_dir)
     dm.setup("fit")
-    assert dm.superpatch_size == PATCH and dm.voxel_spacing == (3.0, 3.0, 3.0)
+    assert dm.superpatch_size == PATCH and dm.spec.target_spacing == (3.0, 3.0, 3.0)
     assert len(dm.train_records) == 3 and len(dm.val_records) == 1
     loader = dm.train_dataloader()
     assert len(loader) == 2  # 3 subjects x 2 patches / batch 3
@@ -156,7 +158,7 @@ def test_ddp_subject_sampler_and_set_epoch(flat_ct_dir: Path, tmp_path: Path) ->
         dm = _dm(flat_ct_dir)
         dm.setup("fit")
         loader = dm.train_dataloader()
-        sampler = dm.subject_sampler
+        sampler = loader.dataset.subject_sampler  # the tio.Queue's
         assert isinstance(sampler, DistributedSampler)
         assert sampler.num_replicas == dist.get_world_size() and sampler.rank == dist.get_rank()
         assert sampler.shuffle
@@ -198,7 +200,7 @@ def test_lightning_fit_smoke(flat_ct_dir: Path, tmp_path: Path) -> None:
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 4
     assert model.val_subjects == {r.subject_id for r in dm.val_records}
-    assert dm.subject_sampler.epoch == 1  # Lightning's per-epoch set_epoch reached the queue
+    assert trainer.train_dataloader.dataset.subject_sampler.epoch == 1  # Lightning's set_epoch reached the queue
 
 
 def test_data_dir_none_writes_phantoms_in_prepare_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -211,7 +213,7 @@ def test_data_dir_none_writes_phantoms_in_prepare_data(tmp_path: Path, monkeypat
             write_volume(Path(out_dir) / "images" / f"phantom_{i:03d}.nii.gz", ct)
             write_volume(Path(out_dir) / "labels" / f"phantom_{i:03d}.nii.gz", label)
 
-    monkeypatch.setitem(sys.modules, "maesil.data.phantoms",
+    monkeypatch.setitem(sys.modules, "maesil.phantoms",
                         types.SimpleNamespace(write_phantoms=fake_write_phantoms))
     phantom_dir = tmp_path / "phantoms"
     dm = _dm(None, phantom_dir=str(phantom_dir), phantom_count=3, task="segment")
@@ -371,9 +373,7 @@ def test_whole_volume_loader_under_ddp(labeled_ct_dir: Path, tmp_path: Path) -> 
         loader = dm.val_dataloader()
         assert isinstance(loader.sampler, DistributedSampler) and not loader.sampler.shuffle
         assert len(list(loader)) == len(dm.val_records)
-        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-        assert isinstance(dm.predict_dataloader().sampler, UnrepeatedDistributedSampler)
+        assert isinstance(dm.predict_dataloader().sampler, UnrepeatedSampler)
     finally:
         dist.destroy_process_group()
 
@@ -509,3 +509,50 @@ def test_mri_cache_is_not_refused_over_a_window(flat_ct_dir: Path, tmp_path: Pat
     _dm(flat_ct_dir, cache_dir=str(tmp_path / "ct"), hu_window=(-1000, 1000)).prepare_data()
     with pytest.raises(DataError, match="cache was prepared with"):
         _dm(tmp_path / "ct").setup("fit")  # for CT the window still decides the cache
+
+
+# ---------------------------------------------------------------- what methods and checkpoints read
+
+
+def test_spec_is_the_typed_view_methods_read(labeled_ct_dir: Path) -> None:
+    assert _dm(labeled_ct_dir, task="segment", num_classes=3).spec == DataSpec(
+        task="segment", modality="ct", superpatch_size=PATCH, target_spacing=(3.0, 3.0, 3.0),
+        hu_window=(-175.0, 250.0), num_classes=3, batch_size=3)
+    mri = _dm(labeled_ct_dir, modality="mri", target_spacing=None, superpatch_size=16).spec
+    assert mri.hu_window is None and mri.target_spacing is None and mri.num_classes is None
+    assert mri.superpatch_size == (16, 16, 16) and mri.task == "reconstruct"
+
+
+class _DataPositions(L.Callback):
+    """The DataModule's data position at the end of every training batch (when a checkpoint may be saved)."""
+
+    def __init__(self) -> None:
+        self.positions: list[tuple[int, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        state = trainer.datamodule.state_dict()
+        self.positions.append((state["epoch"], state["batches_in_epoch"]))
+
+
+def test_state_dict_counts_the_training_batches_of_the_epoch(flat_ct_dir: Path, tmp_path: Path) -> None:
+    dm = _dm(flat_ct_dir)  # 3 training subjects x 2 superpatches / batch 3: 2 batches an epoch
+    callback = _DataPositions()
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        limit_val_batches=0, callbacks=[callback])
+    trainer.fit(_TinyModule(), datamodule=dm)
+    assert callback.positions == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1)]
+    resumed = _dm(flat_ct_dir)
+    resumed.load_state_dict({"epoch": 2, "batches_in_epoch": 1, "batch_size": 3})
+    resumed.setup("fit")
+    assert [len(batch["subject_id"]) for batch in resumed.train_dataloader()] == [3]  # the epoch's second half
+
+
+def test_loaders_leave_the_warning_filters_alone(labeled_ct_dir: Path, tmp_path: Path) -> None:
+    before = list(warnings.filters)
+    for dm in (_dm(labeled_ct_dir, task="segment"), _dm(labeled_ct_dir, cache_dir=str(tmp_path / "cache"))):
+        dm.prepare_data()
+        dm.setup("fit")
+        for build in (dm.train_dataloader, dm.val_dataloader, dm.predict_dataloader):
+            build()
+    assert warnings.filters == before

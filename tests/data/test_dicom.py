@@ -9,7 +9,6 @@ import torchio as tio
 
 from maesil.data.dicom import (
     is_dicom_file,
-    is_dicom_folder,
     list_series,
     read_dicom,
     select_series,
@@ -17,7 +16,7 @@ from maesil.data.dicom import (
     series_problems,
 )
 from maesil.data.io import read_volume
-from maesil.data.sources import DataError
+from maesil.data.records import DataError
 
 from .dicom_factory import stored_pixels, write_dicom_series, write_enhanced_ct
 
@@ -47,10 +46,7 @@ def test_detects_dicom_by_magic_or_extension(tmp_path: Path) -> None:
     paths = write_dicom_series(tmp_path / "s", hu_volume(), extension="")
     assert paths[0].suffix == "" and is_dicom_file(paths[0])
     (tmp_path / "notes").write_text("not dicom")
-    (tmp_path / "empty").mkdir()
     assert not is_dicom_file(tmp_path / "notes") and not is_dicom_file(tmp_path / "s")
-    assert is_dicom_folder(tmp_path / "s")
-    assert not is_dicom_folder(tmp_path) and not is_dicom_folder(tmp_path / "empty")
 
 
 @pytest.mark.parametrize("extension", [".dcm", ""])

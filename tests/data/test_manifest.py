@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from maesil.data.manifest import declared_classes, read_manifest
-from maesil.data.sources import DataError, discover_subjects
+from maesil.data.records import DataError
+from maesil.data.sources import discover_subjects
 
 
 def test_csv_manifest(labeled_ct_dir: Path, tmp_path: Path) -> None:

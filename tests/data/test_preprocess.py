@@ -8,7 +8,7 @@ import torch
 import torchio as tio
 
 from maesil.data.preprocess import HUWindow, PadToMinShape, build_preprocessing
-from maesil.data.sources import DataError
+from maesil.data.records import DataError
 
 from .conftest import SHAPE, make_ct, write_volume
 

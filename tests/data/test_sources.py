@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from maesil.data.checks import check_headers
-from maesil.data.sources import DataError, SubjectRecord, discover_subjects
+from maesil.data.records import DataError, SubjectRecord
+from maesil.data.sources import discover_subjects, scan_subjects
 
 from .conftest import make_ct, write_volume
 
@@ -206,3 +207,71 @@ def test_all_problems_reported_at_once(flat_ct_dir: Path) -> None:
         discover_subjects(flat_ct_dir)
     assert len(info.value.problems) == 2
     assert "a.docx" in str(info.value) and "b.pdf" in str(info.value)
+
+
+# ---------------------------------------------------------------- symbolic links
+
+
+def _warnings(root: Path) -> list[str]:
+    records, problems = scan_subjects(root)
+    assert not [p for p in problems if p.severity == "error"], problems
+    return [str(p) for p in problems]
+
+
+def test_link_loop_is_reported_once_and_files_read_once(flat_ct_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (flat_ct_dir / "sub").mkdir()
+    write_volume(flat_ct_dir / "sub" / "case_010.nii.gz", make_ct(0)[0])
+    (flat_ct_dir / "sub" / "up").symlink_to("..")  # back to the data folder
+    with caplog.at_level(logging.WARNING, logger="maesil.data.sources"):
+        records = discover_subjects(flat_ct_dir)
+    assert [r.subject_id for r in records] == ["case_000", "case_001", "case_002", "case_003", "case_010"]
+    assert _warnings(flat_ct_dir) == [
+        f"{flat_ct_dir / 'sub' / 'up'}: symbolic link back to {flat_ct_dir}, a folder that contains it (a loop);"
+        " not followed"
+    ]
+    assert caplog.text.count("a loop") == 1
+
+
+def test_link_to_a_folder_above_the_data_folder_is_a_loop(tmp_path: Path) -> None:
+    root = tmp_path / "data" / "images"
+    write_volume(root / "a.nii.gz", make_ct(0)[0])
+    (root / "top").symlink_to(tmp_path)
+    records, problems = scan_subjects(tmp_path / "data")
+    assert [r.subject_id for r in records] == ["a"]
+    assert [str(p) for p in problems] == [
+        f"{root / 'top'}: symbolic link back to {tmp_path.resolve()}, a folder that contains it (a loop); not followed"
+    ]
+
+
+def test_links_to_files_and_outside_folders_are_followed_once(tmp_path: Path) -> None:
+    outside = tmp_path / "archive"
+    write_volume(outside / "b.nii.gz", make_ct(1)[0])
+    write_volume(tmp_path / "c.nii.gz", make_ct(2)[0])
+    root = tmp_path / "data"
+    write_volume(root / "a.nii.gz", make_ct(0)[0])
+    (root / "archive").symlink_to(outside)
+    (root / "again").symlink_to(outside)  # a second way into the same folder
+    (root / "c.nii.gz").symlink_to(tmp_path / "c.nii.gz")
+    records = discover_subjects(root)
+    assert [(r.subject_id, r.image) for r in records] == [
+        ("a", root / "a.nii.gz"), ("b", root / "again" / "b.nii.gz"), ("c", root / "c.nii.gz"),
+    ]
+    assert _warnings(root) == [
+        f"{root / 'archive'}: the same folder as {root / 'again'} (through a symbolic link); read once,"
+        f" as {root / 'again'}"
+    ]
+
+
+def test_loop_in_images_with_labels(labeled_ct_dir: Path) -> None:
+    (labeled_ct_dir / "images" / "nested").mkdir()
+    (labeled_ct_dir / "images" / "nested" / "back").symlink_to("../..")
+    records, problems = scan_subjects(labeled_ct_dir)
+    assert len(records) == 6 and all(r.label is not None for r in records)
+    assert [(p.severity, p.path) for p in problems] == [("warning", str(labeled_ct_dir / "images" / "nested" / "back"))]
+
+
+def test_excluded_link_is_not_reported(flat_ct_dir: Path) -> None:
+    (flat_ct_dir / ".snapshot").symlink_to(".")
+    records, problems = scan_subjects(flat_ct_dir)
+    assert len(records) == 4 and problems == []
+

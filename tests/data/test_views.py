@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from maesil.data import VolumeDataModule
-from maesil.data.sampling import TASKS, get_task
+from maesil.data.tasks import TASKS, get_task
 from maesil.data.views import (
     TwoViewTask,
     ViewSettings,

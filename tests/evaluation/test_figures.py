@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from maesil.evaluation.figures import (
+    comparison_figure,
     display_range,
     masked_reconstruction_figure,
     orthogonal_slices,
@@ -77,3 +78,10 @@ def test_row_ranges_override_the_shared_range():
     figure = volume_panels_figure({"input": volume, "|difference|": np.abs(volume)}, value_range=(-2.0, 3.0),
                                   row_ranges={"|difference|": (0.0, 5.0)})
     assert [figure.axes[i].images[0].get_clim() for i in (0, 3)] == [(-2.0, 3.0), (0.0, 5.0)]
+
+
+def test_comparison_figure_has_a_column_per_method():
+    image = np.random.default_rng(0).random((16, 16, 8)).astype(np.float32)
+    figure = comparison_figure(image, {"a": image, "b": image * 0.5}, spacing=(1.0, 1.0, 2.0))
+    image_axes = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
+    assert len(image_axes) == 4 * 3

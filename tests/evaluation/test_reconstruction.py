@@ -10,30 +10,29 @@ import torch
 import torchio as tio
 
 from maesil.data.io import subject_from_record
-from maesil.data.phantoms import make_phantom
+from maesil.phantoms import make_phantom
 from maesil.data.preprocess import PreprocessSettings
 from maesil.data.sources import discover_subjects
 from maesil.evaluation.reconstruction import (
     LPIPS2D,
     body_mask,
-    comparison_figure,
     lpips_volume,
     reconstruct_volume,
     volume_metrics,
 )
-from maesil.methods.base import PretrainModule
+from maesil.methods.base import MethodModule
 
 PATCH = (8, 8, 8)
 
 
-class Identity(PretrainModule):
+class Identity(MethodModule):
     """Returns its input; sees everything."""
 
     def reconstruct_for_evaluation(self, batch):
         return batch["image"].clone(), None
 
 
-class Noise(PretrainModule):
+class Noise(MethodModule):
     """Returns uniform noise."""
 
     def reconstruct_for_evaluation(self, batch):
@@ -41,7 +40,7 @@ class Noise(PretrainModule):
         return torch.rand(batch["image"].shape, generator=generator), None
 
 
-class MaskedIdentity(PretrainModule):
+class MaskedIdentity(MethodModule):
     """Returns its input, and hides the first half along X of every superpatch whose location sum is even."""
 
     def reconstruct_for_evaluation(self, batch):
@@ -199,10 +198,3 @@ def test_lpips_weights_that_do_not_fit_name_the_file(tmp_path):
         LPIPS2D.from_weights(path)
     with pytest.raises(ValueError, match="no such file"):
         LPIPS2D.from_weights(tmp_path / "absent.pth")
-
-
-def test_comparison_figure_has_a_column_per_method():
-    image = np.random.default_rng(0).random((16, 16, 8)).astype(np.float32)
-    figure = comparison_figure(image, {"a": image, "b": image * 0.5}, spacing=(1.0, 1.0, 2.0))
-    image_axes = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
-    assert len(image_axes) == 4 * 3

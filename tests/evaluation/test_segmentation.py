@@ -10,9 +10,9 @@ import torch
 import torchio as tio
 
 from maesil.data.io import read_volume, subject_from_record
-from maesil.data.phantoms import ORGAN_LABELS
+from maesil.phantoms import ORGAN_LABELS
 from maesil.data.preprocess import PreprocessSettings
-from maesil.data.sources import SubjectRecord
+from maesil.data.records import SubjectRecord
 from maesil.evaluation.segmentation import (
     SegmentationScoreboard,
     grid_overlap,
@@ -60,8 +60,8 @@ def test_sliding_window_matches_whole_volume(blend: str, overlap: float, shape: 
         calls.append(tuple(batch.shape))
         return _pointwise_logits(batch)
 
-    probabilities = sliding_window_probabilities(predict, image, patch_size=(8, 8, 8), overlap=overlap, blend=blend,
-                                                 batch_size=3)
+    probabilities = sliding_window_probabilities(predict, image, superpatch_size=(8, 8, 8), overlap=overlap,
+                                                 blend=blend, batch_size=3)
     expected = torch.softmax(_pointwise_logits(image[None]), dim=1)[0]
     assert probabilities.shape == (3, *shape) and probabilities.dtype == torch.float32
     assert probabilities.device.type == "cpu"
@@ -77,7 +77,7 @@ def test_sliding_window_geometry_of_an_image() -> None:
     """A tio.ScalarImage in: the output has its shape and, wrapped with its affine, its exact grid."""
     affine = np.array([[-1.5, 0, 0, 30.0], [0, -0.8, 0, 12.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]])
     image = tio.ScalarImage(tensor=_ramp_volume((19, 6, 13), seed=1), affine=affine)
-    probabilities = sliding_window_probabilities(_pointwise_logits, image, patch_size=(8, 8, 8), overlap=0.5)
+    probabilities = sliding_window_probabilities(_pointwise_logits, image, superpatch_size=(8, 8, 8), overlap=0.5)
     output = tio.ScalarImage(tensor=probabilities, affine=image.affine)
     assert output.spatial_shape == image.spatial_shape
     assert np.allclose(output.affine, affine) and output.orientation == image.orientation
@@ -116,7 +116,7 @@ def test_sliding_window_blends_overlapping_patches() -> None:
 def test_sliding_window_checks_the_model_output() -> None:
     with pytest.raises(ValueError, match=r"predict_fn returned shape \(1, 2, 4, 4, 4\)"):
         sliding_window_probabilities(lambda x: torch.zeros(x.shape[0], 2, 4, 4, 4), torch.zeros(1, 8, 8, 8),
-                                     patch_size=8, batch_size=1)
+                                     superpatch_size=8, batch_size=1)
     with pytest.raises(ValueError, match="blend"):
         sliding_window_probabilities(_pointwise_logits, torch.zeros(1, 8, 8, 8), 8,
                                      blend="crop")  # type: ignore[arg-type]

@@ -212,7 +212,7 @@ def test_yaml_sizes_match_presets_and_demo_shares_maesil_data_and_trainer(name):
         expected.pop("default_root_dir")
         trainer.pop("callbacks"), expected.pop("callbacks")
         assert trainer == expected
-        init_args = config["model"]["init_args"]
+        init_args = {**config["model"]["init_args"], "superpatch_size": config["data"]["init_args"]["superpatch_size"]}
         for key, value in AUTOENCODER_PRESETS[name][preset].items():
             assert init_args[key] == (list(value) if isinstance(value, tuple) else value), key
         assert config["model"]["init_args"]["optimizer"] == reference["model"]["init_args"]["optimizer"]

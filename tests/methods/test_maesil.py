@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from maesil.methods import MAESIL
-from tests.helpers import validate_on_tiny_mri
+from tests.helpers import REPO_ROOT, validate_on_tiny_mri
 
 
 def tiny_module(**overrides) -> MAESIL:
@@ -98,3 +98,16 @@ def test_ct_reconstructions_stay_clamped_to_the_window():
     module.input_modality = "mri"  # as benchmark-recon sets it from an MRI checkpoint
     reconstruction, _ = module.reconstruct_for_evaluation(batch_of(images, ["a", "b"]))
     torch.testing.assert_close(reconstruction, images * 3.0 - 1.0)
+
+
+def test_a_checkpoint_of_the_0_1_layout_loads_from_its_img_size_and_patch_size():
+    path = REPO_ROOT / "tests/fixtures/old_checkpoints/maesil_v0_1.ckpt"
+    with pytest.warns(FutureWarning, match="img_size is deprecated, use superpatch_size"):
+        module = MAESIL.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    assert module.superpatch_size == (32, 32, 32) and module.token_size == 8 and module.grid == (4, 4, 4)
+    assert module.hparams.superpatch_size == 32 and module.hparams.token_size == 8
+    assert "img_size" not in module.hparams and "patch_size" not in module.hparams
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(value, state[key]) for key, value in module.state_dict().items())
+    reconstruction, hidden = module.reconstruct_for_evaluation(batch_of(torch.rand(1, 1, 32, 32, 32), ["a"]))
+    assert reconstruction.shape == hidden.shape == (1, 1, 32, 32, 32)

@@ -204,7 +204,7 @@ def test_paper_config_builds_resenc_l_for_160_cubed():
     init_args = {k: v for k, v in config["model"]["init_args"].items() if k not in ("optimizer", "scheduler")}
     with torch.device("meta"):
         module = S3D(**init_args)
-    assert module.img_size == (160, 160, 160) and module.grid == (10, 10, 10)
+    assert module.superpatch_size == (160, 160, 160) and module.grid == (10, 10, 10)
     assert module.net.features == (32, 64, 128, 256, 320, 320) and module.net.total_stride == 32
     assert module.mask_ratio_range == (0.6, 0.9) and module.sparse
     assert config["data"]["init_args"]["superpatch_size"] == 160

@@ -14,6 +14,7 @@ from maesil.callbacks import EncoderWarmup
 from maesil.cli import main
 from maesil.methods import Segmentation
 from tests.helpers import REPO_ROOT, TINY_SPACING
+from tests.methods.test_base import tiny_spec
 
 
 def test_unet_and_unetr_networks_and_their_encoders():
@@ -143,6 +144,30 @@ def test_class_count_mismatch_with_the_datamodule_fails_at_setup():
     from types import SimpleNamespace
 
     module = Segmentation(num_classes=3, preset="tiny", img_size=32)
-    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(num_classes=8, superpatch_size=(32, 32, 32)))
+    module.trainer = SimpleNamespace(datamodule=SimpleNamespace(spec=tiny_spec(task="segment", num_classes=8)))
     with pytest.raises(ValueError, match="num_classes=8"):
         module.setup("fit")
+
+
+def test_superpatch_and_token_sizes_take_the_new_names_and_translate_the_old_ones():
+    with pytest.warns(FutureWarning, match="use network_args.token_size"):
+        old = Segmentation(num_classes=2, architecture="unetr", preset="tiny", superpatch_size=[32, 32, 16],
+                           network_args={"patch_size": 4})
+    assert old.net.token_size == 4 and old.superpatch_size == (32, 32, 16)
+    assert old.hparams.network_args == {"token_size": 4} and old.hparams.superpatch_size == [32, 32, 16]
+    new = Segmentation(num_classes=2, architecture="unetr", preset="tiny", superpatch_size=32,
+                       network_args={"token_size": 4})
+    assert new.net.token_size == 4 and new(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+    with pytest.raises(ValueError, match="network_args.patch_size=8 and network_args.token_size=16"):
+        Segmentation(num_classes=2, architecture="unetr", preset="tiny", network_args={"patch_size": 8,
+                                                                                      "token_size": 16})
+    assert Segmentation(num_classes=2, preset="tiny").superpatch_size == (64, 64, 64)  # the default
+
+
+def test_prediction_needs_the_volume_datamodule_for_original_images():
+    from types import SimpleNamespace
+
+    module = Segmentation(num_classes=2, preset="tiny", superpatch_size=32)
+    module.trainer = SimpleNamespace(datamodule=SimpleNamespace(spec=tiny_spec(task="segment")))
+    with pytest.raises(TypeError, match="VolumeDataModule"):
+        module.source_image("case_000")

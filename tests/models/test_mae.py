@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
-from maesil.models.mae import MAE_PRESETS, MaskedAutoencoder3D, build_mae
+from maesil.models.mae import MaskedAutoencoder3D
 from maesil.models.masking import make_mask
 from maesil.models.vit3d import patchify, unpatchify
 
-TINY = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=4, decoder_embed_dim=24, decoder_depth=2,
+TINY = dict(superpatch_size=16, token_size=4, embed_dim=24, depth=2, num_heads=4, decoder_embed_dim=24, decoder_depth=2,
             decoder_num_heads=4)  # fmt: skip
 
 
@@ -138,31 +138,11 @@ def test_state_dict_prefix_and_init():
     assert model.mask_token.std() < 0.1 and model.decoder_embed.bias.abs().sum() == 0
 
 
-@pytest.mark.parametrize(
-    ("preset", "expected"),
-    [("cpu", (3.0e6, 5.0e6)), ("maesil", (45e6, 60e6)), ("selfmedmae", (95e6, 115e6))],
-)
-def test_presets_build(preset, expected):
-    if preset == "cpu":
-        model = build_mae(preset)
-    else:
-        with torch.device("meta"):
-            model = build_mae(preset)
-    n = sum(p.numel() for p in model.parameters())
-    assert expected[0] < n < expected[1], n
-    cfg = MAE_PRESETS[preset]
-    assert model.encoder.grid == (cfg["img_size"] // cfg["patch_size"],) * 3
-    assert model.norm_pix_loss == cfg.get("norm_pix_loss", False)
-
-
-def test_build_mae_overrides_and_errors():
-    assert build_mae("cpu", img_size=32, depth=1, decoder_depth=1).encoder.grid == (4, 4, 4)
-    with pytest.raises(ValueError):
-        build_mae("huge")
-    with pytest.raises(ValueError):
-        build_mae("cpu", not_an_arg=1)
-    with pytest.raises(ValueError):
+def test_invalid_configurations_and_inputs_raise():
+    with pytest.raises(ValueError, match=r"decoder_embed_dim \(24\) must be divisible by decoder_num_heads \(5\)"):
         MaskedAutoencoder3D(**{**TINY, "decoder_num_heads": 5})
+    with pytest.raises(ValueError, match="decoder_depth must be positive"):
+        MaskedAutoencoder3D(**{**TINY, "decoder_depth": 0})
     model = _tiny()
     with pytest.raises(ValueError):
         model(torch.randn(2, 1, 16, 16, 16), make_mask("random", 2, (2, 2, 2), 0.5))

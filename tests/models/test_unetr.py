@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maesil.models.autoencoders import count_parameters
+from maesil.models.parameters import count_parameters
 from maesil.models.mae import MaskedAutoencoder3D
 from maesil.models.unetr import (
     UNETR,
@@ -19,7 +19,7 @@ from maesil.models.unetr import (
 from maesil.models.vit3d import ViTEncoder3D, patchify, unpatchify
 
 #: A tiny ViT shared by the MAE and the UNETR in the transfer tests.
-VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
+VIT = dict(superpatch_size=32, token_size=8, embed_dim=48, depth=2, num_heads=2)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,9 +39,9 @@ def _tiny(**overrides) -> UNETR:
 @pytest.mark.parametrize(
     "config, levels",
     [
-        (dict(patch_size=8), 3),
-        (dict(patch_size=16, depth=3), 4),
-        (dict(patch_size=4, img_size=(16, 16, 8)), 2),
+        (dict(token_size=8), 3),
+        (dict(token_size=16, depth=3), 4),
+        (dict(token_size=4, superpatch_size=(16, 16, 8)), 2),
     ],
     ids=["patch8", "patch16", "patch4-anisotropic"],
 )
@@ -49,16 +49,16 @@ def test_forward_shape_and_every_parameter_gets_a_gradient(config, levels):
     net = _tiny(**config)
     assert net.num_levels == levels
     assert len(net.skip_blocks) == levels - 1 and len(net.up_blocks) == levels
-    images = torch.rand(2, 1, *net.img_size)
+    images = torch.rand(2, 1, *net.superpatch_size)
     logits = net(images)
-    assert logits.shape == (2, 3, *net.img_size)
+    assert logits.shape == (2, 3, *net.superpatch_size)
     logits.square().mean().backward()
     no_grad = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
 
 
 def test_decoder_widths_follow_monai_for_patch_16():
-    net = _tiny(patch_size=16, depth=3, feature_size=16)
+    net = _tiny(token_size=16, depth=3, feature_size=16)
     # MONAI UNETR: encoder2..4 give F·2, F·4, F·8 with 2, 1, 0 extra upsamplings; decoder5 reads the bottleneck
     assert [len(b.blocks) for b in net.skip_blocks] == [2, 1, 0]
     assert [b.transp_conv_init.conv.out_channels for b in net.skip_blocks] == [32, 64, 128]
@@ -70,7 +70,7 @@ def test_other_input_sizes_divisible_by_the_patch_work():
     net = _tiny().eval()
     with torch.no_grad():
         assert net(torch.rand(1, 1, 48, 32, 16)).shape == (1, 3, 48, 32, 16)
-    with pytest.raises(ValueError, match="multiple of patch_size=8"):
+    with pytest.raises(ValueError, match="multiple of token_size=8"):
         net(torch.rand(1, 1, 36, 32, 32))
     with pytest.raises(ValueError, match="images must be"):
         net(torch.rand(1, 2, 32, 32, 32))
@@ -147,19 +147,19 @@ def test_default_skip_layers():
             assert all(b > a for a, b in zip(skips, skips[1:]))
     with pytest.raises(ValueError, match="too shallow"):
         default_skip_layers(1, 4)
-    assert build_unetr("selfmedmae", img_size=32, depth=12, embed_dim=24, num_heads=2).skip_layers == (3, 6, 9)
+    assert build_unetr("selfmedmae", superpatch_size=32, depth=12, embed_dim=24, num_heads=2).skip_layers == (3, 6, 9)
     assert build_unetr("maesil_cpu", embed_dim=24, num_heads=2).skip_layers == (2, 4)
-    assert UNETR(patch_size=16, depth=12, embed_dim=24, num_heads=2, img_size=32).skip_layers == (3, 6, 9)
+    assert UNETR(token_size=16, depth=12, embed_dim=24, num_heads=2, superpatch_size=32).skip_layers == (3, 6, 9)
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(patch_size=12), "power of two"),
-        (dict(patch_size=2), "power of two"),
-        (dict(patch_size=0), "patch_size"),
-        (dict(img_size=36), r"img_size \(36, 36, 36\)"),
-        (dict(img_size=(32, 32, 20)), r"\(32, 32, 20\)"),
+        (dict(token_size=12), "power of two"),
+        (dict(token_size=2), "power of two"),
+        (dict(token_size=0), "token_size"),
+        (dict(superpatch_size=36), r"superpatch_size \(36, 36, 36\)"),
+        (dict(superpatch_size=(32, 32, 20)), r"\(32, 32, 20\)"),
         (dict(skip_layers=(1,)), "must hold 2 layers"),
         (dict(skip_layers=(1, 2, 3)), "must hold 2 layers"),
         (dict(skip_layers=(0, 2)), "skip layer 0"),
@@ -222,7 +222,7 @@ def test_token_map_of_patch_means_equals_average_pooling():
 
 
 def test_layer_index_covers_every_parameter():
-    net = _tiny(depth=3, patch_size=16)
+    net = _tiny(depth=3, token_size=16)
     indices = {name: net.layer_index(name) for name, _ in net.named_parameters()}
     assert indices["encoder.patch_embed.proj.weight"] == 0
     assert indices["encoder.patch_embed.proj.bias"] == 0
@@ -243,14 +243,15 @@ def test_layer_index_covers_every_parameter():
 
 
 def test_presets_match_their_encoders():
-    assert UNETR_PRESETS["maesil_cpu"]["patch_size"] == 8
+    assert UNETR_PRESETS["maesil_cpu"]["token_size"] == 8
     cpu = build_unetr("maesil_cpu")
-    mae = MaskedAutoencoder3D(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=4, mlp_ratio=4.0)
+    mae = MaskedAutoencoder3D(superpatch_size=64, token_size=8, embed_dim=192, depth=6, num_heads=4, mlp_ratio=4.0)
     assert {k: v.shape for k, v in cpu.encoder.state_dict().items()} == {
         k: v.shape for k, v in mae.encoder.state_dict().items()
     }
     tiny = build_unetr("tiny")
-    assert (tiny.patch_size, tiny.embed_dim, tiny.depth, tiny.feature_size, tiny.img_size) == (8, 48, 2, 8, (32,) * 3)
+    assert (tiny.token_size, tiny.embed_dim, tiny.depth, tiny.feature_size) == (8, 48, 2, 8)
+    assert tiny.superpatch_size == (32,) * 3
     print(f"\nUNETR maesil_cpu: {count_parameters(cpu):,} parameters ({count_parameters(cpu.encoder):,} encoder)")
     print(f"UNETR tiny: {count_parameters(tiny):,} parameters ({count_parameters(tiny.encoder):,} encoder)")
 
@@ -263,7 +264,7 @@ def test_selfmedmae_preset_is_a_vit_b_unetr():
     print(f"\nUNETR selfmedmae: {total:,} parameters ({encoder_params:,} ViT-B encoder)")
     assert 85e6 <= encoder_params <= 90e6
     assert 3e6 <= total - encoder_params <= 6e6  # MONAI's UNETR decoder at feature size 16
-    assert (net.patch_size, net.num_levels, net.skip_layers, net.img_size) == (16, 4, (3, 6, 9), (96,) * 3)
+    assert (net.token_size, net.num_levels, net.skip_layers, net.superpatch_size) == (16, 4, (3, 6, 9), (96,) * 3)
     net.eval()
     with torch.no_grad():
         assert net(torch.rand(1, 1, 32, 32, 32)).shape == (1, 14, 32, 32, 32)

@@ -40,7 +40,7 @@ def test_patchify_errors():
 
 def test_patch_embed_equals_conv_on_kept_patches():
     torch.manual_seed(0)
-    embed = PatchEmbed3D(patch_size=4, in_channels=2, embed_dim=24)
+    embed = PatchEmbed3D(token_size=4, in_channels=2, embed_dim=24)
     x = torch.randn(2, 2, 16, 12, 8)
     conv = embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), z fastest
     torch.testing.assert_close(embed(x), conv, rtol=1e-5, atol=1e-5)
@@ -69,7 +69,7 @@ def test_block_query_subset_matches_full():
 
 def test_encoder_shapes_hidden_states_and_grid():
     torch.manual_seed(0)
-    enc = ViTEncoder3D((16, 16, 8), patch_size=4, embed_dim=24, depth=2, num_heads=4)
+    enc = ViTEncoder3D((16, 16, 8), token_size=4, embed_dim=24, depth=2, num_heads=4)
     assert enc.grid == (4, 4, 2) and enc.num_tokens == 32
     x = torch.randn(2, 1, 16, 16, 8)
     out, hidden = enc(x, return_hidden_states=True)
@@ -84,7 +84,7 @@ def test_encoder_shapes_hidden_states_and_grid():
 def test_encoder_subset_equals_full_without_attention_mixing():
     # with one token visible per sample, attention is trivial: encoding only it equals a depth-0-context run
     torch.manual_seed(0)
-    enc = ViTEncoder3D(8, patch_size=4, embed_dim=24, depth=1, num_heads=2)
+    enc = ViTEncoder3D(8, token_size=4, embed_dim=24, depth=1, num_heads=2)
     x = torch.randn(1, 1, 8, 8, 8)
     ids = torch.tensor([[5]])
     single = enc(x, ids)
@@ -96,10 +96,10 @@ def test_encoder_subset_equals_full_without_attention_mixing():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(img_size=15, patch_size=4),
-        dict(img_size=16, patch_size=4, embed_dim=30, num_heads=4),
-        dict(img_size=16, patch_size=4, depth=0),
-        dict(img_size=(16, 16), patch_size=4),
+        dict(superpatch_size=15, token_size=4),
+        dict(superpatch_size=16, token_size=4, embed_dim=30, num_heads=4),
+        dict(superpatch_size=16, token_size=4, depth=0),
+        dict(superpatch_size=(16, 16), token_size=4),
     ],
 )
 def test_encoder_value_errors(kwargs):

@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from maesil.cli import TOOLS, main
-from maesil.methods.base import PretrainModule
+from maesil.cli import main
+from maesil.tools import TOOLS
+from maesil.methods.base import MethodModule
 from maesil.tools.benchmark_recon import benchmark_recon_command, format_mean_std, method_names, summarise
 from tests.helpers import REPO_ROOT, tiny_maesil_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:The state dict in .* contains no parameters")
 
 
-class SeeAll(PretrainModule):
+class SeeAll(MethodModule):
     """An 'autoencoder' that returns its input exactly and has no mask."""
 
     def reconstruct_for_evaluation(self, batch):
@@ -241,3 +242,36 @@ def test_names_and_summaries():
     assert format_mean_std(*summarise([math.inf, 30.0]), 2) == "∞"
     assert format_mean_std(*summarise([]), 2) == "n/a"
     assert format_mean_std(12.345, 0.5, 2) == "12.35 ± 0.50"
+
+
+class _RunsCode:
+    """Unpickling this would create a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def test_checkpoints_are_read_by_the_safe_reader(tmp_path, capsys):
+    from maesil.tools.benchmark_recon import BenchmarkError, load_method
+
+    marker = tmp_path / "ran"
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": f"{__name__}.SeeAll", "x": _RunsCode(marker)},
+                "datamodule_hyper_parameters": {"modality": "ct"}}, unsafe)
+    with pytest.raises(BenchmarkError, match="unsafe.ckpt: cannot be read as a checkpoint") as info:
+        load_method(unsafe)
+    assert "arbitrary unpickling" in str(info.value) and not marker.exists()
+
+
+def test_an_old_checkpoint_is_rebuilt_from_its_class_path():
+    from maesil.tools.benchmark_recon import load_method
+    from tests.checkpoints.test_old_format import MAESIL_V0_1
+
+    model, data = load_method(MAESIL_V0_1)
+    saved = torch.load(MAESIL_V0_1, map_location="cpu", weights_only=True)["state_dict"]
+    assert type(model).__name__ == "MAESIL" and not model.training and model.input_modality == "ct"
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in saved.items())
+    assert data["superpatch_size"] == 32 and data["target_spacing"] == 4.0

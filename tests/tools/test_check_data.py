@@ -71,3 +71,16 @@ def test_manifest_is_checked(labeled_ct_dir: Path, capsys) -> None:
     manifest.write_text("image,label\nimages/case_000.nii.gz,labels/case_000.nii.gz\nimages/gone.nii.gz,\n")
     code, out = _run(capsys, str(manifest))
     assert code == 1 and str(labeled_ct_dir / "images" / "gone.nii.gz") in out and "row 2 does not exist" in out
+
+
+def test_link_loop_is_one_warning_and_files_are_checked_once(labeled_ct_dir: Path, capsys) -> None:
+    link = labeled_ct_dir / "images" / "nested" / "back"
+    link.parent.mkdir()
+    link.symlink_to("../..")  # the data folder itself
+    code, out = _run(capsys, str(labeled_ct_dir), "--superpatch-size", "16", "--num-classes", "3")
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith(("error", "warning"))]
+    assert len(rows) == 1 and rows[0].startswith("warning") and str(link) in rows[0]
+    assert f"symbolic link back to {labeled_ct_dir}" in rows[0] and "loop" in rows[0]
+    assert "6 subject(s), 12 file(s) checked" in out and "0 error(s), 1 warning(s)" in out
+

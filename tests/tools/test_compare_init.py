@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 
@@ -61,3 +60,31 @@ def test_compare_init_refuses_a_checkpoint_without_encoder(tmp_path, capsys):
         main(["compare-init", "--checkpoints", str(bad), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 1
     assert str(bad) in capsys.readouterr().err
+
+
+def test_describe_checkpoint_takes_the_network_from_the_transfer_layout(tmp_path):
+    from maesil.checkpoints import export_encoder
+    from tests.checkpoints.test_old_format import MAESIL_V0_1, PGL_V0_1
+
+    vit = describe_checkpoint(MAESIL_V0_1)  # old hyperparameter names: img_size, patch_size
+    assert vit.family == "unetr" and vit.name == "MAESIL (maesil_v0_1)" and vit.preset is None
+    assert vit.network_args == {"token_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0}
+    unet = describe_checkpoint(PGL_V0_1)
+    assert unet.family == "unet" and unet.preset == "cpu" and unet.network_args == {"features": [4, 8, 16, 16]}
+
+    exported = describe_checkpoint(export_encoder(MAESIL_V0_1, tmp_path / "vit.safetensors"))
+    assert exported.family == "unetr" and exported.network_args == vit.network_args
+    exported = describe_checkpoint(export_encoder(PGL_V0_1, tmp_path / "unet.safetensors"))
+    assert exported.family == "unet" and exported.network_args == {"features": [4, 8, 16, 16],
+                                                                   "blocks_per_stage": [1, 2, 2, 2],
+                                                                   "strides": [1, 2, 2, 2]}
+
+
+def test_describe_checkpoint_refuses_a_method_without_encoder(tmp_path):
+    import torch
+
+    vae = tmp_path / "vae.ckpt"
+    torch.save({"state_dict": {"net.encode.conv.weight": torch.ones(1), "net.mu.weight": torch.ones(1)}}, vae)
+    with pytest.raises(ValueError, match="a VAE checkpoint has no encoder compare-init can fine-tune") as info:
+        describe_checkpoint(vae)
+    assert "BYOL, MAESIL, PGL, S3D" in str(info.value)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from maesil.checkpoints import check_preprocessing, export_encoder, load_checkpoint_state, load_pretrained
 from maesil.cli import main
 from maesil.models.unet import resenc_unet
-from tests.test_checkpoints import ViTSegmenter, raw_state, tiny_checkpoint
+from tests.checkpoints.tiny_runs import ViTSegmenter, raw_state, tiny_checkpoint
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -27,7 +27,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 def checkpoint(tiny_ct_dir: Path, tmp_path_factory) -> Callable[[str], Path]:
-    """``checkpoint("pgl")``: a one-step CLI run's last.ckpt, shared with tests/test_checkpoints.py."""
+    """``checkpoint("pgl")``: a one-step CLI run's last.ckpt, shared with tests/checkpoints."""
     root = tmp_path_factory.getbasetemp() / "tiny_checkpoints"
     return lambda method: tiny_checkpoint(method, tiny_ct_dir, root)
 
@@ -99,7 +99,7 @@ def test_maesil_export_describes_the_vit(checkpoint, tmp_path: Path) -> None:
     state = raw_state(ckpt)
     assert set(exported) == {k.removeprefix("net.") for k in state if k.startswith("net.encoder.")}
     info = json.loads(out.with_suffix(".json").read_text())
-    assert info["architecture"] == {"type": "ViTEncoder3D", "img_size": 32, "patch_size": 8, "embed_dim": 48,
+    assert info["architecture"] == {"type": "ViTEncoder3D", "superpatch_size": 32, "token_size": 8, "embed_dim": 48,
                                     "depth": 2, "num_heads": 2, "mlp_ratio": 4.0, "in_channels": 1}  # fmt: skip
     model = ViTSegmenter()
     load_pretrained(model, out)

@@ -59,7 +59,7 @@ def test_prepare_from_config_then_fit_from_cache(tiny_ct_dir: Path, tmp_path: Pa
     code, out = _run(capsys, "--config", str(config), "--no-progress")
     assert code == 0 and "3 prepared" in out
     run_dir = tmp_path / "run"
-    from maesil.cli import MaesilCLI
+    from maesil.lightning_cli import MaesilCLI
 
     MaesilCLI(args=["fit", *tiny_maesil_args(tiny_ct_dir, run_dir, max_steps=2),
                     "--data.init_args.cache_dir", str(cache), "--data.init_args.num_workers", "1"])

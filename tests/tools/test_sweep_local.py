@@ -249,3 +249,18 @@ def test_plot_uses_the_masked_fraction_and_one_line_per_mode(tmp_path):
     with pytest.raises(SweepError, match="not a swept parameter"):
         sweep_figure(results, sweep, x="depth")
     assert plot_sweep(results[-1:], sweep, tmp_path / "none.png") is None  # no run with metrics: no plot
+
+
+@pytest.mark.parametrize("stated", ["data", "model_old_names", "model_new_names"])
+def test_the_masked_fraction_is_read_from_configs_of_every_layout(tmp_path, stated):
+    model = {"masking": "random", "mask_ratio": 0.3}
+    if stated == "model_old_names":  # configs that also stated the sizes on the model, under the old names
+        model |= {"img_size": [32, 32, 32], "patch_size": 16}
+    elif stated == "model_new_names":
+        model |= {"superpatch_size": 32, "token_size": 16}
+    else:
+        model |= {"token_size": 16}
+    config = {"model": {"init_args": model}, "data": {"init_args": {"superpatch_size": 32}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    # 32³ in 16³ tokens: 2 of 8 tokens masked (0.25); the default 8³ tokens would give 19 of 64
+    assert mask_ratio_from_config(tmp_path) == pytest.approx(0.25)

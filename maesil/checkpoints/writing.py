@@ -1,25 +1,27 @@
-"""Checkpoint files that are either complete or untouched: temp file, fsync, then rename.
+"""Checkpoint files that are either complete or untouched, and checks before resuming from one.
 
 Lightning's default ``TorchCheckpointIO`` opens the target path for writing. A write that fails halfway
 (a full disk, a quota, a killed process) then leaves a truncated ``last.ckpt`` and the run can no
-longer resume. :class:`AtomicCheckpointIO` writes to a temporary file in the same folder, flushes it to
-disk and only then renames it over the target (``os.replace`` is atomic on POSIX and Windows within
-one file system), so the previous checkpoint stays intact until the new one is complete.
+longer resume. :class:`AtomicCheckpointIO` writes through :func:`maesil.files.atomic_write` (a temporary
+file in the same folder, flushed to disk, then renamed over the target), so the previous checkpoint stays
+intact until the new one is complete. :func:`check_resumable` finds a checkpoint cut short by a crash
+before Lightning's loader fails on it with a message that names no file.
 
-``python -m maesil`` uses it for every run (see :class:`maesil.cli.MaesilCLI`); in Python, pass
-``Trainer(plugins=[AtomicCheckpointIO()])``.
+``python -m maesil`` uses the plugin for every run; in Python, pass ``Trainer(plugins=[AtomicCheckpointIO()])``.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from maesil.files import atomic_write_bytes
 
 __all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "CorruptCheckpointError", "atomic_torch_save",
            "check_resumable", "latest_last_checkpoint"]
@@ -36,8 +38,8 @@ class CorruptCheckpointError(ValueError):
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
 
-    The object is serialised in memory first (serialisation errors leave the disk untouched), written to a
-    temporary file next to ``path``, fsynced and renamed over ``path``.
+    The object is serialised in memory first (serialisation errors leave the disk untouched), then written
+    with :func:`maesil.files.atomic_write_bytes`.
 
     Raises:
         CheckpointWriteError: when writing fails (e.g. ``ENOSPC``); the message names the file, the cause
@@ -46,17 +48,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     target = Path(path)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    temporary: str | None = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the usual permissions
-        with os.fdopen(handle, "wb") as file:
-            file.write(buffer.getbuffer())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-        temporary = None
+        atomic_write_bytes(target, buffer.getbuffer())
     except OSError as error:
         kept = "the previous checkpoint there is intact" if target.exists() else "no file was written there"
         raise CheckpointWriteError(
@@ -65,18 +58,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             f"Free disk space or choose another folder (trainer.default_root_dir), then resume with "
             f"--ckpt_path last",
         ) from error
-    finally:
-        if temporary is not None:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -108,8 +89,6 @@ def check_resumable(path: str | os.PathLike) -> None:
     short by a crash or a full disk before Lightning's loader fails with a message that names no file. The
     error lists the other checkpoints of the folder, newest first, to resume from instead.
     """
-    import zipfile
-
     target = Path(path)
     if not target.is_file():
         raise FileNotFoundError(f"checkpoint {target} does not exist{_alternatives(target)}")

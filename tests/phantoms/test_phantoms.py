@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,8 +11,7 @@ import numpy as np
 import pytest
 import torchio as tio
 
-from maesil.data import phantoms
-from maesil.data.phantoms import ORGAN_LABELS, Phantom, make_phantom, write_phantoms
+from maesil.phantoms import ORGAN_LABELS, Phantom, make_phantom, write_phantoms, writer
 
 # Small grid, same field of view as the default (≈ 307 × 307 × 240 mm): the anatomy is in mm.
 SMALL = (96, 96, 32)
@@ -97,6 +97,31 @@ def test_anatomy_in_ras_orientation(small):
     bone = np.argwhere(ph.label == 7)
     spine_y = (ph.affine[1, 1] * bone[:, 1] + ph.affine[1, 3])[np.abs(ph.affine[0, 0] * bone[:, 0] + ph.affine[0, 3]) < 10]
     assert np.median(spine_y) < aorta[1]  # the spine is posterior to the aorta
+
+
+#: sha256 of the image and label bytes of reference phantoms. The painters must reproduce them bit
+#: for bit: the README's figures and every cached phantom folder were made with these arrays.
+FINGERPRINTS = {
+    (0, (48, 48, 24), (4.0, 4.0, 8.0)): (
+        "f76a4a96443df53801af4f2466a2a5f7d88c2349a6b9f3a990fd7e76b558b754",
+        "ec1f76dbd3bccc2efbd3df1061195682beac730562e11412bb630a63f03a9996",
+    ),
+    (7, (48, 48, 24), (4.0, 4.0, 8.0)): (
+        "45275f2ee72a694b61ffae4afc3ba4d90467f73341428f03d83f7a377536b81d",
+        "07ffc9928550d9e0014323ca98e6325105ac7226804626fcb2bfbf31d1b7be6f",
+    ),
+    (0, SMALL, SMALL_SPACING): (
+        "1179a2d47d3e900ae39ba158ac80102eb464bc29f8caff7b8f36c839fbc2ff62",
+        "d6a03b4cfd12d6da394f10133c843a6c2490bbde642745fdc81c0bab23c3e0bd",
+    ),
+}
+
+
+@pytest.mark.parametrize("seed, shape, spacing", list(FINGERPRINTS))
+def test_arrays_are_bit_identical_to_the_reference(small, seed, shape, spacing):
+    ph = small[seed] if (shape, spacing) == (SMALL, SMALL_SPACING) else make_phantom(seed, shape, spacing)
+    digests = tuple(hashlib.sha256(a.tobytes()).hexdigest() for a in (ph.image, ph.label))
+    assert digests == FINGERPRINTS[seed, shape, spacing]
 
 
 def test_same_anatomy_on_another_grid(small):
@@ -207,7 +232,7 @@ def test_write_phantoms_is_idempotent_and_regenerates(tmp_path):
 
 
 def test_interrupted_run_leaves_no_partial_files(tmp_path, monkeypatch):
-    real = phantoms.make_phantom
+    real = writer.make_phantom
     calls = []
 
     def flaky(seed, shape, spacing):
@@ -216,10 +241,10 @@ def test_interrupted_run_leaves_no_partial_files(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(seed, shape, spacing)
 
-    monkeypatch.setattr(phantoms, "make_phantom", flaky)
+    monkeypatch.setattr(writer, "make_phantom", flaky)
     with pytest.raises(KeyboardInterrupt):
         write_phantoms(tmp_path, count=2, seed=0, shape=SMALL, spacing=SMALL_SPACING)
-    monkeypatch.setattr(phantoms, "make_phantom", real)
+    monkeypatch.setattr(writer, "make_phantom", real)
     names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert names == ["images/phantom_000.nii.gz", "labels/phantom_000.nii.gz", "phantoms.json"]
     assert json.loads((tmp_path / "phantoms.json").read_text())["seeds"] == [0]

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-import maesil.checkpoint_io as checkpoint_io
-from maesil.checkpoint_io import (
+import maesil.checkpoints.writing as checkpoint_io
+from maesil.checkpoints.writing import (
     AtomicCheckpointIO,
     CheckpointWriteError,
     CorruptCheckpointError,

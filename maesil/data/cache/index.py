@@ -1,0 +1,247 @@
+"""The index of a prepared cache: what ``index.json`` records about each subject, and the checks a
+training run answers from it alone.
+
+Layout of a cache folder::
+
+    index.json                          # see below
+    subjects/<id>/image.npy             # float32 (X, Y, Z), C order, preprocessed, *not* padded
+    subjects/<id>/label.npy             # uint8 (int16/int32 if the values need it), same grid
+    subjects/<id>/label_points.npz      # per label value: up to 4096 voxel coordinates (N, 3)
+
+``index.json`` is ``{"format": "maesil-cache", "version": 1, "settings": PreprocessSettings.to_dict(),
+"subjects": {subject_id: entry}}`` where an entry holds the relative file paths, the preprocessed
+``shape``/``spacing``/``affine``, the ``original_shape``/``original_spacing``/``original_affine``,
+the ``source`` (image, label, series_uid and a fingerprint of the files), intensity ``stats`` of the
+preprocessed image (min, max, mean, std, foreground_fraction), ``label_values``/``label_counts`` and
+the manifest ``split``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maesil.data.preprocess import PreprocessSettings
+from maesil.data.records import DataError, Problem
+
+__all__ = [
+    "CACHE_FORMAT", "CACHE_VERSION", "INDEX_NAME", "SUBJECTS_DIR", "CacheEntry", "CacheIndex", "CacheSource",
+    "CacheStats", "cache_problems", "is_cache", "read_index_json",
+]
+
+CACHE_FORMAT = "maesil-cache"
+CACHE_VERSION = 1
+INDEX_NAME = "index.json"
+SUBJECTS_DIR = "subjects"
+
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Intensity statistics of a preprocessed image (``foreground_fraction``: share of voxels
+    that :class:`~maesil.data.preprocess.CropForeground` counts as body)."""
+
+    min: float
+    max: float
+    mean: float
+    std: float
+    foreground_fraction: float
+
+
+@dataclass(frozen=True)
+class CacheSource:
+    """Where a cached subject came from; ``fingerprint`` detects changed sources."""
+
+    image: str
+    label: str | None
+    series_uid: str | None
+    fingerprint: dict
+
+
+def _tuple(values: Any, kind: type = float) -> tuple:
+    return tuple(kind(v) for v in values)
+
+
+def _matrix(values: Any) -> tuple[tuple[float, ...], ...]:
+    return tuple(_tuple(row) for row in values)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One subject of a cache index (mirrors its JSON entry; paths relative to ``root``)."""
+
+    subject_id: str
+    root: Path
+    image: str
+    label: str | None
+    label_points: str | None
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    affine: tuple[tuple[float, ...], ...]
+    original_shape: tuple[int, ...]
+    original_spacing: tuple[float, float, float]
+    original_affine: tuple[tuple[float, ...], ...]
+    source: CacheSource
+    stats: CacheStats
+    label_values: tuple[int, ...] = ()
+    label_counts: tuple[int, ...] = ()
+    split: str | None = None
+
+    @property
+    def image_path(self) -> Path:
+        return self.root / self.image
+
+    @property
+    def label_path(self) -> Path | None:
+        return None if self.label is None else self.root / self.label
+
+    @property
+    def label_points_path(self) -> Path | None:
+        return None if self.label_points is None else self.root / self.label_points
+
+    @property
+    def affine_array(self) -> np.ndarray:
+        """The preprocessed volume's 4x4 affine as a float64 array."""
+        return np.array(self.affine, dtype=np.float64)
+
+    @classmethod
+    def from_json(cls, subject_id: str, root: Path, data: dict) -> CacheEntry:
+        source, stats = data["source"], data["stats"]
+        return cls(
+            subject_id=subject_id,
+            root=root,
+            image=str(data["image"]),
+            label=data.get("label"),
+            label_points=data.get("label_points"),
+            shape=_tuple(data["shape"], int),
+            spacing=_tuple(data["spacing"]),
+            affine=_matrix(data["affine"]),
+            original_shape=_tuple(data["original_shape"], int),
+            original_spacing=_tuple(data["original_spacing"]),
+            original_affine=_matrix(data["original_affine"]),
+            source=CacheSource(str(source["image"]), source.get("label"), source.get("series_uid"),
+                               dict(source["fingerprint"])),
+            stats=CacheStats(**{k: float(stats[k]) for k in
+                                ("min", "max", "mean", "std", "foreground_fraction")}),
+            label_values=_tuple(data.get("label_values", ()), int),
+            label_counts=_tuple(data.get("label_counts", ()), int),
+            split=data.get("split"),
+        )
+
+
+class CacheIndex:
+    """A prepared cache folder: its settings and subjects, read from ``index.json``.
+
+    Use :meth:`load`; it checks the format, the version and that every indexed file exists.
+    """
+
+    def __init__(self, root: Path, settings: PreprocessSettings, entries: dict[str, CacheEntry]) -> None:
+        self.root = root
+        self.settings = settings
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, subject_id: str) -> CacheEntry:
+        try:
+            return self.entries[subject_id]
+        except KeyError:
+            raise DataError(f"{self.root / INDEX_NAME}: no subject {subject_id!r} in this cache") from None
+
+    @classmethod
+    def load(cls, cache_dir: str | Path) -> CacheIndex:
+        """Read and check ``cache_dir/index.json``; raises ``DataError`` naming the problem path."""
+        root = Path(cache_dir).expanduser().absolute()
+        path = root / INDEX_NAME
+        data = read_index_json(path)
+        try:
+            settings = PreprocessSettings.from_dict(data["settings"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(f"{path}: invalid preprocessing settings ({error})") from error
+        entries: dict[str, CacheEntry] = {}
+        missing: list[str] = []
+        for subject_id, raw in data["subjects"].items():
+            try:
+                entry = CacheEntry.from_json(subject_id, root, raw)
+            except (KeyError, TypeError, ValueError) as error:
+                raise DataError(f"{path}: invalid entry for subject {subject_id!r} ({error!r})") from error
+            for file in (entry.image_path, entry.label_path, entry.label_points_path):
+                if file is not None and not file.is_file():
+                    missing.append(f"{file}: indexed file of subject {subject_id!r} is missing")
+            entries[subject_id] = entry
+        if missing:
+            raise DataError(missing, header=f"Cache {root} is incomplete; run `prepare` again")
+        return cls(root, settings, entries)
+
+    def require_settings(self, settings: PreprocessSettings) -> None:
+        """Raise ``DataError`` unless the cache was prepared with ``settings`` (a run never reads voxels
+        preprocessed otherwise than it asks)."""
+        if settings != self.settings:
+            raise DataError(
+                f"{self.root}: the cache was prepared with {self.settings.to_dict()}, but this run asks for"
+                f" {settings.to_dict()}; prepare another cache (or re-run prepare with --force)"
+            )
+
+
+def is_cache(path: str | Path) -> bool:
+    """Whether ``path`` is a prepared cache folder (holds an ``index.json``)."""
+    return (Path(path).expanduser() / INDEX_NAME).is_file()
+
+
+def cache_problems(entries: Iterable[CacheEntry], superpatch_size: Sequence[int] | None = None,
+                   classes: Sequence[int] | None = None, needs_labels: bool = False) -> list[Problem]:
+    """The checks of :func:`maesil.data.checks.check_records`, answered from a cache index alone.
+
+    Errors: a missing label where ``needs_labels`` (except ``split == "test"`` subjects), label values
+    outside ``classes`` (negative values when ``classes`` is ``None``), a constant preprocessed image.
+    Warnings: a volume smaller than ``superpatch_size`` (padded at read time), a required label map
+    without any voxel > 0.
+    """
+    problems: list[Problem] = []
+    for entry in entries:
+        image, label = entry.source.image, entry.source.label or str(entry.label_path)
+        if entry.stats.min == entry.stats.max:
+            problems.append(Problem(image, f"is constant after preprocessing (every voxel is {entry.stats.min:g})"))
+        if superpatch_size is not None and any(s < p for s, p in zip(entry.shape, superpatch_size)):
+            problems.append(Problem(image, f"is {'x'.join(map(str, entry.shape))} voxels after preprocessing, smaller"
+                                           f" than one superpatch {'x'.join(map(str, superpatch_size))};"
+                                           " it will be padded", "warning"))
+        if entry.label_path is None:
+            if needs_labels and entry.split != "test":
+                problems.append(Problem(image, f"subject {entry.subject_id!r} has no label in the cache"))
+            continue
+        values = list(entry.label_values)
+        if classes is not None:
+            outside = [v for v in values if v not in set(classes)]
+            if outside:
+                problems.append(Problem(label, f"label values {outside} are outside the declared classes"
+                                               f" {list(classes)}"))
+        elif values and values[0] < 0:
+            problems.append(Problem(label, f"label map has negative values {[v for v in values if v < 0]}"))
+        if needs_labels and not any(v > 0 for v in values):
+            problems.append(Problem(label, "label map has no voxel > 0 after preprocessing", "warning"))
+    return problems
+
+
+def read_index_json(path: Path) -> dict:
+    """The parsed ``index.json`` at ``path``, its format and version checked; ``DataError`` naming ``path``."""
+    if not path.is_file():
+        raise DataError(f"{path}: no cache index (prepare the cache first: python -m maesil prepare)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: unreadable cache index ({error})") from error
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+        raise DataError(f"{path}: not a maesil cache index (expected \"format\": \"{CACHE_FORMAT}\")")
+    if data.get("version") != CACHE_VERSION:
+        raise DataError(f"{path}: cache version {data.get('version')!r} is not supported "
+                        f"(expected {CACHE_VERSION}); prepare the cache again")
+    if not isinstance(data.get("subjects"), dict) or not isinstance(data.get("settings"), dict):
+        raise DataError(f"{path}: invalid cache index (\"settings\" and \"subjects\" must be objects)")
+    return data
