@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 import maesil.methods  # noqa: F401  (registers the methods for short class_path names)
 from maesil.checkpoints.writing import AtomicCheckpointIO, check_resumable, latest_last_checkpoint
@@ -67,6 +69,10 @@ class MaesilCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False})
         kwargs.setdefault("auto_configure_optimizers", False)
         self._command_model: Namespace | None = None
+        # Validation and test batches are whole volumes or grid patches already in memory: their loaders have
+        # no workers by design, and Lightning's advice to add some (on machines with many cores) does not apply.
+        warnings.filterwarnings("ignore", message=r"The '(val|test)_dataloader' does not have many workers",
+                                category=PossibleUserWarning)
         try:
             super().__init__(
                 MethodModule,

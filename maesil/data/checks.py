@@ -1,6 +1,6 @@
 """Validating a dataset up front: every problem of every file, before a run starts.
 
-Two levels, both collecting :class:`~maesil.data.sources.Problem` rows instead of stopping at the
+Two levels, both collecting :class:`~maesil.data.records.Problem` rows instead of stopping at the
 first one:
 
 * headers (cheap, no pixel decoded): readable, single-channel 3D, not truncated, spacing within
@@ -10,7 +10,7 @@ first one:
 
 Volumes smaller than one superpatch at the target spacing get a warning (they are padded).
 ``python -m maesil check-data`` prints the result as a table; :class:`~maesil.data.VolumeDataModule`
-runs the same checks in ``setup`` and raises one :class:`~maesil.data.sources.DataError` listing
+runs the same checks in ``setup`` and raises one :class:`~maesil.data.records.DataError` listing
 every error.
 """
 

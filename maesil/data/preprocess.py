@@ -2,7 +2,7 @@
 
 The pipeline built by :func:`build_preprocessing` is, in order:
 
-1. :class:`LoadVolume` - read the files (errors become :class:`~maesil.data.sources.DataError`
+1. :class:`LoadVolume` - read the files (errors become :class:`~maesil.data.records.DataError`
    naming the file), make intensity images float32, reject NaN/Inf voxels, and give label maps
    the exact affine of the image (``check_headers`` already verified they agree within tolerance;
    TorchIO's samplers require identical affines).

@@ -141,11 +141,12 @@ def metric(run_dir: Path, key: str) -> list[float]:
 def test_short_phantom_run_through_the_cli_lowers_the_loss(method, tiny_ct_dir, tmp_path, capsys):
     run_dir = tmp_path / method
     extra = ["--model.init_args.num_scales", "2"] if method == "pgl" else []
-    main(["fit", *tiny_args(method, tiny_ct_dir, run_dir, max_steps=30), *extra])
+    # 60 steps, 10-step means: over 8 seeds the ratio is 0.56-0.72 for BYOL (30 steps, 5-step means: 0.73-0.93)
+    main(["fit", *tiny_args(method, tiny_ct_dir, run_dir, max_steps=60), *extra])
     assert f"{method.upper()}: backbone" in capsys.readouterr().out
     losses = metric(run_dir, "train/loss")
-    assert len(losses) == 30
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
     assert metric(run_dir, "val/loss") and metric(run_dir, "val/embedding_spread")
     overlap = metric(run_dir, "train/overlap")
     assert all(0.3 <= value <= 1.0 for value in overlap)
