@@ -11,9 +11,8 @@ TINY_SHAPE = (48, 48, 24)
 TINY_SPACING = (4.0, 4.0, 8.0)
 
 
-def tiny_maesil_overrides(data_dir: Path) -> list[str]:
-    """Data and model arguments that shrink the MAESIL demo to a 32³ superpatch (the model follows the data's
-    ``superpatch_size``) and a 2-block ViT."""
+def tiny_data_overrides(data_dir: Path) -> list[str]:
+    """DataModule arguments for the tiny phantoms: 32³ superpatches at 4 mm, 2 per batch, no worker processes."""
     return [
         "--data.init_args.data_dir", str(data_dir),
         "--data.init_args.superpatch_size", "32",
@@ -22,6 +21,14 @@ def tiny_maesil_overrides(data_dir: Path) -> list[str]:
         "--data.init_args.batch_size", "2",
         "--data.init_args.samples_per_volume", "2",
         "--data.init_args.queue_length", "4",
+    ]
+
+
+def tiny_maesil_overrides(data_dir: Path) -> list[str]:
+    """Data and model arguments that shrink the MAESIL demo to a 32³ superpatch (the model follows the data's
+    ``superpatch_size``) and a 2-block ViT."""
+    return [
+        *tiny_data_overrides(data_dir),
         "--model.init_args.embed_dim", "48",
         "--model.init_args.depth", "2",
         "--model.init_args.num_heads", "2",

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from maesil.checkpoints import export_encoder, load_checkpoint_state
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, tiny_data_overrides
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "old_checkpoints"
 MAESIL_V0_1 = FIXTURES / "maesil_v0_1.ckpt"
@@ -81,13 +81,7 @@ def fine_tune_one_step(config: str, checkpoint: Path, data_dir: Path, run_dir: P
 
     args = [
         "--config", str(REPO_ROOT / "experiments" / "finetune" / config),
-        "--data.init_args.data_dir", str(data_dir),
-        "--data.init_args.superpatch_size", "32",
-        "--data.init_args.target_spacing", "4.0",
-        "--data.init_args.num_workers", "0",
-        "--data.init_args.batch_size", "2",
-        "--data.init_args.samples_per_volume", "2",
-        "--data.init_args.queue_length", "4",
+        *tiny_data_overrides(data_dir),
         "--model.init_args.pretrained", str(checkpoint),
         "--trainer.max_steps", "1",
         "--trainer.limit_val_batches", "0",

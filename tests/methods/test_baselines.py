@@ -22,7 +22,7 @@ from maesil.methods.baselines import (
     codebook_statistics,
 )
 from maesil.models.autoencoders import AUTOENCODER_PRESETS
-from tests.helpers import REPO_ROOT, validate_on_tiny_mri
+from tests.helpers import REPO_ROOT, tiny_data_overrides, validate_on_tiny_mri
 
 BASELINES = {"ae": AE, "vae": VAE, "vqvae": VQVAE}
 
@@ -41,13 +41,7 @@ def tiny_baseline_args(name: str, data_dir: Path, run_dir: Path, max_steps: int 
     model = [arg for key, value in TINY[name].items() for arg in (f"--model.init_args.{key}", str(value))]
     return [
         "--config", str(REPO_ROOT / f"experiments/pretrain/{name}_demo.yaml"),
-        "--data.init_args.data_dir", str(data_dir),
-        "--data.init_args.superpatch_size", "32",
-        "--data.init_args.target_spacing", "4.0",
-        "--data.init_args.num_workers", "0",
-        "--data.init_args.batch_size", "2",
-        "--data.init_args.samples_per_volume", "2",
-        "--data.init_args.queue_length", "4",
+        *tiny_data_overrides(data_dir),
         *model,
         "--trainer.max_steps", str(max_steps),
         "--trainer.val_check_interval", "2",

@@ -46,7 +46,6 @@ def tiny_s3d_args(data_dir: Path, run_dir: Path, max_steps: int, val_every: int)
         "--data.init_args.samples_per_volume", "4",
         "--data.init_args.queue_length", "8",
         "--model.init_args.unet_preset", "tiny",
-        "--model.init_args.img_size", "32",
         "--model.init_args.mask_block_size", "8",
         "--trainer.max_steps", str(max_steps),
         "--trainer.val_check_interval", str(val_every),

@@ -13,7 +13,7 @@ import torch
 from maesil.callbacks import EncoderWarmup
 from maesil.cli import main
 from maesil.methods import Segmentation
-from tests.helpers import REPO_ROOT, TINY_SPACING
+from tests.helpers import REPO_ROOT, TINY_SPACING, tiny_data_overrides
 from tests.methods.test_base import tiny_spec
 
 
@@ -64,15 +64,8 @@ def tiny_finetune_args(data_dir: Path, run_dir: Path, max_steps: int = 4, pretra
     """experiments/finetune/unet_demo.yaml shrunk to a seconds-long run on the tiny phantoms."""
     return [
         "--config", str(REPO_ROOT / "experiments/finetune/unet_demo.yaml"),
-        "--data.init_args.data_dir", str(data_dir),
-        "--data.init_args.superpatch_size", "32",
-        "--data.init_args.target_spacing", "4.0",
-        "--data.init_args.num_workers", "0",
-        "--data.init_args.batch_size", "2",
-        "--data.init_args.samples_per_volume", "2",
-        "--data.init_args.queue_length", "4",
+        *tiny_data_overrides(data_dir),
         "--model.init_args.preset", "tiny",
-        "--model.init_args.img_size", "32",
         "--model.init_args.pretrained", str(pretrained) if pretrained else "null",
         "--trainer.max_steps", str(max_steps),
         "--trainer.val_check_interval", str(max_steps),

@@ -210,7 +210,7 @@ def tiny_ae_args(data_dir: Path, run_dir: Path) -> list[str]:
     kept = [item for key, value in pairs if not key.startswith("--model.") and key != "--config"
             for item in (key, value)]
     return ["--config", str(REPO_ROOT / "experiments/pretrain/ae_demo.yaml"), *kept,
-            "--model.init_args.img_size", "32", "--model.init_args.channels", "[4, 8, 8]",
+            "--model.init_args.channels", "[4, 8, 8]",
             "--model.init_args.strides", "[2, 2, 1]", "--model.init_args.num_res_units", "0",
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
 
