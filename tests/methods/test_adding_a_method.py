@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+import maesil.checkpoints.layouts as layouts
 from maesil.checkpoints import export_encoder, load_pretrained
 from maesil.cli import main
 from maesil.models.unet import resenc_unet
@@ -23,9 +25,11 @@ def _blocks(language: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def guide_method(tmp_path_factory) -> str:
+def guide_method(tmp_path_factory) -> Iterator[str]:
     """The guide's method file written as a package of its own (step 1) and imported (what step 2's export in
-    ``maesil/methods/__init__.py`` does); returns its class path."""
+    ``maesil/methods/__init__.py`` does); yields its class path. Its layout is registered for this module's
+    tests only, so that other tests see maesil's own methods."""
+    registered = layouts.method_layouts()  # imports maesil.methods, so the built-in methods are in it
     root = tmp_path_factory.mktemp("guide")
     package = root / "guide_methods"
     package.mkdir()
@@ -36,7 +40,11 @@ def guide_method(tmp_path_factory) -> str:
         __import__("guide_methods.denoise")
     finally:
         sys.path.remove(str(root))
-    return "guide_methods.denoise.Denoise"
+    yield "guide_methods.denoise.Denoise"
+    layouts._LAYOUTS.clear()
+    layouts._LAYOUTS.update(registered)
+    sys.modules.pop("guide_methods.denoise", None)
+    sys.modules.pop("guide_methods", None)
 
 
 def _guide_yaml(tmp_path: Path, class_path: str, data_dir: Path) -> Path:
