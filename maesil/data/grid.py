@@ -15,20 +15,21 @@ from maesil.shapes import as_triple
 __all__ = ["grid_patches", "pad_to_multiple"]
 
 
-def pad_to_multiple(subject: tio.Subject, patch_size: Sequence[int], padding_mode: float | str = 0.0) -> tio.Subject:
+def pad_to_multiple(subject: tio.Subject, superpatch_size: Sequence[int],
+                    padding_mode: float | str = 0.0) -> tio.Subject:
     """Pad (centred) every axis up to the next multiple of the patch size.
 
-    Same effect as ``tio.EnsureShapeMultiple(patch_size, method="pad")`` but with a choosable
+    Same effect as ``tio.EnsureShapeMultiple(superpatch_size, method="pad")`` but with a choosable
     padding value (0 = air for windowed CT; ``"minimum"`` for MRI).
     """
     shape = np.array(subject.spatial_shape)
-    patch = np.array(patch_size)
+    patch = np.array(superpatch_size)
     target = (np.ceil(shape / patch) * patch).astype(int)
     return PadToMinShape(tuple(int(t) for t in target), padding_mode)(subject)
 
 
 def grid_patches(
-    subjects: Sequence[tio.Subject], patch_size: int | Sequence[int], padding_mode: float | str = 0.0
+    subjects: Sequence[tio.Subject], superpatch_size: int | Sequence[int], padding_mode: float | str = 0.0
 ) -> Dataset:
     """Every voxel of every subject exactly once, as non-overlapping patches.
 
@@ -37,7 +38,7 @@ def grid_patches(
     per-subject grids are concatenated. Items are ``tio.Subject`` patches with a
     ``location`` entry, as from the training queue.
     """
-    size = as_triple(patch_size, "superpatch_size")
+    size = as_triple(superpatch_size, "superpatch_size")
     grids = []
     for subject in subjects:
         padded = pad_to_multiple(subject, size, padding_mode)

@@ -131,7 +131,7 @@ class CachedPatchDataset(Dataset):
     Args:
         index: the cache.
         subject_ids: the subjects to draw from.
-        patch_size: superpatch size (X, Y, Z), one int for a cube.
+        superpatch_size: superpatch size (X, Y, Z), one int for a cube.
         samples_per_volume: patches per subject and epoch.
         with_label: items carry the label patch.
         label_probabilities: for the default label-centred policy (needs ``with_label``).
@@ -143,7 +143,7 @@ class CachedPatchDataset(Dataset):
         self,
         index: CacheIndex,
         subject_ids: Sequence[str],
-        patch_size: int | Sequence[int],
+        superpatch_size: int | Sequence[int],
         samples_per_volume: int,
         with_label: bool = False,
         label_probabilities: dict[int, float] | None = None,
@@ -160,7 +160,7 @@ class CachedPatchDataset(Dataset):
             policy = LabelCentredPolicy(label_probabilities) if with_label else UniformPolicy()
         elif label_probabilities is not None:
             raise ValueError("give label_probabilities or policy, not both (the policy holds the probabilities)")
-        self.patch_size = as_triple(patch_size, "superpatch_size")
+        self.superpatch_size = as_triple(superpatch_size, "superpatch_size")
         self.samples_per_volume = int(samples_per_volume)
         self.with_label = bool(with_label)
         self.policy = policy
@@ -200,7 +200,7 @@ class CachedPatchDataset(Dataset):
             raise IndexError(f"index {i} out of range for {len(self)} patches")
         item = self.items[i // self.samples_per_volume]
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        patch = np.array(self.patch_size)
+        patch = np.array(self.superpatch_size)
         shape = np.array(item.shape)
         padded = np.maximum(shape, patch)
         before = (padded - shape) // 2
@@ -210,21 +210,21 @@ class CachedPatchDataset(Dataset):
     def _read(self, i: int, image: torch.Tensor, label: torch.Tensor | None) -> dict[str, Any]:
         """Item ``i`` read into the (1, X, Y, Z) tensors ``image`` and ``label``."""
         item, start, before = self._location(int(i))
-        read_window(item.image, start, self.patch_size, before, item.image_fill, out=image[0].numpy())
+        read_window(item.image, start, self.superpatch_size, before, item.image_fill, out=image[0].numpy())
         sample: dict[str, Any] = {
             "image": image,
             "subject_id": item.subject_id,
-            "location": torch.as_tensor(np.concatenate([start, start + np.array(self.patch_size)]),
+            "location": torch.as_tensor(np.concatenate([start, start + np.array(self.superpatch_size)]),
                                         dtype=torch.int64),
         }
         if label is not None:
-            read_window(item.label, start, self.patch_size, before, item.label_fill,  # type: ignore[arg-type]
+            read_window(item.label, start, self.superpatch_size, before, item.label_fill,  # type: ignore[arg-type]
                         out=label[0].numpy())
             sample["label"] = label
         return sample
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        shape = (1, *self.patch_size)
+        shape = (1, *self.superpatch_size)
         return self._read(i, torch.empty(shape, dtype=torch.float32),
                           torch.empty(shape, dtype=torch.int64) if self.with_label else None)
 
@@ -232,7 +232,7 @@ class CachedPatchDataset(Dataset):
         """A whole batch (what a DataLoader asks for): the patches are read side by side into one
         tensor (in shared memory inside a worker), which :func:`~maesil.data.collate.collate_patches`
         then returns without copying."""
-        shape = (len(indices), 1, *self.patch_size)
+        shape = (len(indices), 1, *self.superpatch_size)
         images = batch_buffer(shape, torch.float32)
         labels = batch_buffer(shape, torch.int64) if self.with_label else None
         return [self._read(i, images[k], None if labels is None else labels[k]) for k, i in enumerate(indices)]
