@@ -85,6 +85,7 @@ def reconstruct_volume(
     superpatch_size: int | Sequence[int],
     padding_value: float | str = 0.0,
     batch_size: int = 2,
+    masked: bool = True,
 ) -> VolumeReconstruction:
     """Reconstructs a whole preprocessed volume superpatch by superpatch.
 
@@ -99,6 +100,9 @@ def reconstruct_volume(
         padding_value: padding of the grid: 0 for windowed CT (air), ``"minimum"`` for MRI
             (see :func:`maesil.data.preprocess.padding_value`).
         batch_size: superpatches per forward pass.
+        masked: True (default): ``model.reconstruct_for_evaluation``, masked methods hide voxels and report
+            them; False: ``model.reconstruct_unmasked``, masking off (every voxel seen and predicted, nothing
+            pasted back; ``hidden_mask`` is None).
 
     Returns:
         The input, the reconstruction and the hidden-voxel mask (or ``None``), cropped to the volume.
@@ -131,7 +135,10 @@ def reconstruct_volume(
         for batch in loader:
             locations = batch["location"]
             batch["image"] = batch["image"].to(device)
-            reconstruction, hidden = model.reconstruct_for_evaluation(batch)
+            if masked:
+                reconstruction, hidden = model.reconstruct_for_evaluation(batch)
+            else:
+                reconstruction, hidden = model.reconstruct_unmasked(batch), None
             if tuple(reconstruction.shape) != tuple(batch["image"].shape):
                 raise ValueError(f"{type(model).__name__}.reconstruct_for_evaluation returned shape "
                                  f"{tuple(reconstruction.shape)} for input {tuple(batch['image'].shape)}")

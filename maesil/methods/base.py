@@ -208,6 +208,23 @@ class MethodModule(L.LightningModule):
         """
         raise NotImplementedError(f"{type(self).__name__} does not reconstruct its input")
 
+    def reconstruct_unmasked(self, batch: dict) -> Tensor:
+        """Reconstruct a batch of superpatches with masking off (``benchmark-recon --protocol paper``).
+
+        The protocol of the MAESIL group's public code: the model sees every voxel (every token), predicts
+        every voxel, and nothing is pasted back from the input. Masked methods (MAESIL, S3D) override this;
+        the default serves methods that see the whole input anyway (autoencoders): it returns
+        :meth:`reconstruct_for_evaluation`'s reconstruction and refuses a method that reports a hidden mask.
+
+        Returns:
+            the reconstruction, same shape as ``batch["image"]``.
+        """
+        reconstruction, hidden = self.reconstruct_for_evaluation(batch)
+        if hidden is not None:
+            raise NotImplementedError(f"{type(self).__name__} masks its input but does not implement "
+                                      "reconstruct_unmasked")
+        return reconstruction
+
     @property
     def data_spec(self) -> DataSpec | None:
         """What the attached DataModule publishes about its data (task, modality, superpatch, preprocessing,

@@ -30,10 +30,10 @@ from maesil.evaluation.figures import display_range, masked_reconstruction_figur
 from maesil.evaluation.metrics import ReconstructionMetrics
 from maesil.methods.arguments import renamed_argument, superpatch_argument
 from maesil.methods.base import MethodModule, ReconstructionEvaluationHooks
-from maesil.models.mae import MAEOutput, MaskedAutoencoder3D
+from maesil.models.mae import MAEOutput, MaskedAutoencoder3D, patch_stats
 from maesil.models.parameters import count_parameters
 from maesil.models.masking import MaskingMode, TokenMask, expected_mask_ratio, make_mask
-from maesil.models.vit3d import unpatchify
+from maesil.models.vit3d import patchify, unpatchify
 from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, warmup_cosine
 
 
@@ -182,6 +182,28 @@ class MAESIL(ReconstructionEvaluationHooks, MethodModule):
         output = self(images, self.validation_mask(batch))
         reconstruction = self.clamp_reconstruction(self.net.reconstruct(images, output))
         return reconstruction, self.voxel_mask(output.mask, images.shape[1])
+
+    def visible_mask(self, batch_size: int) -> TokenMask:
+        """A mask that hides nothing: every token visible, in grid order."""
+        n = self.net.encoder.num_tokens
+        ids = torch.arange(n, device=self.device).expand(batch_size, n)
+        return TokenMask(ids_keep=ids, ids_restore=ids, mask=torch.zeros(batch_size, n, dtype=torch.bool,
+                                                                          device=self.device))
+
+    @torch.no_grad()
+    def reconstruct_unmasked(self, batch: dict) -> Tensor:
+        """Masking off (``benchmark-recon --protocol paper``): the encoder sees every token, the decoder predicts
+        every token, and the prediction is returned un-patchified, nothing pasted back from the input (clamped to
+        [0, 1] for CT only). With ``norm_pix_loss`` the patches are de-normalised with the input's per-patch mean
+        and std, as :meth:`~maesil.models.mae.MaskedAutoencoder3D.reconstruct` does."""
+        images = batch["image"]
+        output = self(images, self.visible_mask(images.shape[0]))
+        prediction = output.pred
+        if self.net.norm_pix_loss:
+            mean, std = patch_stats(patchify(images, self.token_size).to(prediction.dtype))
+            prediction = prediction * std + mean
+        reconstruction = unpatchify(prediction.to(images.dtype), self.token_size, self.grid, images.shape[1])
+        return self.clamp_reconstruction(reconstruction)
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:
         images = batch["image"]

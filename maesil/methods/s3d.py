@@ -228,6 +228,15 @@ class S3D(ReconstructionEvaluationHooks, MethodModule):
         reconstruction, hidden, _ = self.masked_reconstruction(batch)
         return reconstruction, hidden
 
+    @torch.no_grad()
+    def reconstruct_unmasked(self, batch: dict) -> Tensor:
+        """Masking off (``benchmark-recon --protocol paper``): the network's prediction of every voxel from an
+        all-visible cell mask, nothing pasted back from the input (clamped to [0, 1] for CT only)."""
+        images = batch["image"]
+        grid = mask_grid(images.shape[2:], self.block_size)
+        mask = torch.zeros(images.shape[0], 1, *grid, dtype=torch.bool, device=images.device)
+        return self.clamp_reconstruction(self(images, mask)).to(images.dtype)
+
     def _evaluation_step(self, batch: dict, stage: str) -> None:
         images = batch["image"]
         reconstruction, hidden, loss = self.masked_reconstruction(batch)

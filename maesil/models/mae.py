@@ -24,7 +24,7 @@ from maesil.models.vit3d import (
     unpatchify,
 )
 
-__all__ = ["MAEOutput", "MaskedAutoencoder3D"]
+__all__ = ["MAEOutput", "MaskedAutoencoder3D", "patch_stats"]
 
 _NORM_PIX_EPS = 1.0e-6
 
@@ -45,8 +45,9 @@ class MAEOutput:
     mask: TokenMask
 
 
-def _patch_stats(patches: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-patch mean and std (``sqrt(var + eps)``, unbiased=False) of ``(B, N, P)`` patches, each ``(B, N, 1)``."""
+def patch_stats(patches: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-patch mean and std (``sqrt(var + eps)``, unbiased=False) of ``(B, N, P)`` patches, each ``(B, N, 1)``:
+    the targets of ``norm_pix_loss``, and what turns normalised predictions back into intensities."""
     mean = patches.mean(dim=-1, keepdim=True)
     var = patches.var(dim=-1, keepdim=True, unbiased=False)
     return mean, (var + _NORM_PIX_EPS).sqrt()
@@ -182,7 +183,7 @@ class MaskedAutoencoder3D(nn.Module):
         """
         target = patchify(images, self.token_size)  # (B, N, C*p^3)
         if self.norm_pix_loss:
-            mean, std = _patch_stats(target)
+            mean, std = patch_stats(target)
             target = (target - mean) / std
         per_patch = (pred - target).square().mean(dim=-1)  # (B, N)
         weight = mask.mask.to(per_patch.dtype)  # (B, N), 1 = masked
@@ -213,7 +214,7 @@ class MaskedAutoencoder3D(nn.Module):
         target = patchify(images, self.token_size)  # (B, N, C*p^3)
         pred = output.pred.to(target.dtype)
         if self.norm_pix_loss:
-            mean, std = _patch_stats(target)
+            mean, std = patch_stats(target)
             pred = pred * std + mean
         merged = torch.where(output.mask.mask.unsqueeze(-1), pred, target)
         return unpatchify(merged, self.token_size, self.grid, self.in_channels)

@@ -6,11 +6,24 @@ whole volume, the body and the masked voxels, optionally with slice-wise LPIPS. 
 share their preprocessing settings and superpatch size (read from the checkpoint's
 ``datamodule_hyper_parameters``), so that all methods see identical inputs.
 
+Two protocols (``--protocol``, default ``both``):
+
+* ``inpaint``: masked methods reconstruct with their seeded evaluation masks (``reconstruct_for_evaluation``),
+  visible voxels copied from the input; autoencoders reconstruct the whole input. Two reference rows that need
+  no training, ``mean fill`` and ``blur fill`` (:mod:`maesil.evaluation.fills`), fill the voxels hidden by the
+  first masked method's masks (exactly those masks, taken from its ``hidden`` output), superpatch by
+  superpatch on the same grid. A run without a masked method has no masks, hence no fill rows.
+* ``paper``: masking off, the protocol of the MAESIL group's public (NEMESIS) code
+  (``reconstruct_unmasked``): every voxel seen and predicted, nothing pasted back, no masked region, no fills.
+
 Outputs in ``--out``:
 
-* ``results.md``: a protocol paragraph and one table row per checkpoint (mean ± std over volumes);
-* ``results.csv``: the same table, one row per checkpoint, a ``_mean`` and a ``_std`` column per metric;
-* ``per_volume.csv``: one row per checkpoint × volume;
+* ``results.md``: the protocol paragraphs and, per protocol, a heading and one table row per checkpoint (and
+  fill) (mean ± std over volumes);
+* ``results.csv``: the same tables, one row per protocol × checkpoint (and fill), with a ``protocol`` column
+  and a ``_mean`` and a ``_std`` column per metric; ``masked_region`` is ``own``, ``reference`` (scored on
+  the first masked method's masks, †), ``filled`` (a fill) or ``none``;
+* ``per_volume.csv``: one row per protocol × checkpoint (and fill) × volume;
 * ``slices.png``: one volume's axial and coronal slice, input and every method side by side, with
   ``|recon − input|`` maps.
 
@@ -34,7 +47,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +89,27 @@ class Method:
     superpatch_size: tuple[int, int, int]
     params: int
     per_volume: list[dict[str, Any]] = field(default_factory=list)
-    masked_region: str = "none"  # "own", "reference" or "none"
+    masked_region: str = "none"  # "own", "reference", "filled" or "none"
+    protocol: str = "inpaint"  # "inpaint" or "paper"
+
+    @property
+    def is_fill(self) -> bool:
+        """A reference in-filling (:data:`maesil.evaluation.fills.FILLS`), not a checkpoint."""
+        return self.model is None
+
+    @property
+    def class_name(self) -> str:
+        return "fill" if self.is_fill else type(self.model).__name__
+
+
+#: ``--protocol`` choices and the protocols each runs, in table order.
+PROTOCOLS: dict[str, tuple[str, ...]] = {"both": ("inpaint", "paper"), "inpaint": ("inpaint",), "paper": ("paper",)}
+
+#: One line per protocol for the tables' headings.
+PROTOCOL_TITLES = {
+    "inpaint": "masked: the models see the visible voxels of the seeded evaluation masks and fill the rest",
+    "paper": "masking off (the NEMESIS code's protocol): every voxel seen and predicted, nothing pasted back",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,9 +321,10 @@ def markdown_table(methods: Sequence[Method], lpips: bool) -> str:
 
 
 def protocol_text(methods: Sequence[Method], data: str, subject_ids: Sequence[str], split: str,
-                  data_range: float | None, lpips_weights: Sequence[str] | None, reference: str | None) -> str:
-    """The paragraph above the table: data, settings, regions, masks, LPIPS. ``data_range`` None: the
-    modality's default (1 for CT, each volume's max − min for MRI)."""
+                  data_range: float | None, lpips_weights: Sequence[str] | None, reference: str | None,
+                  protocols: Sequence[str] = ("inpaint",)) -> str:
+    """The paragraphs above the tables: data, settings, protocols, regions, masks, fills, LPIPS. ``data_range``
+    None: the modality's default (1 for CT, each volume's max − min for MRI)."""
     first = methods[0]
     settings, size = first.settings, first.superpatch_size
     spacing = "native" if settings.target_spacing is None else "×".join(f"{s:g}" for s in settings.target_spacing)
@@ -308,7 +342,8 @@ def protocol_text(methods: Sequence[Method], data: str, subject_ids: Sequence[st
         range_text = f"{data_range:g}"
     else:
         range_text = "1" if settings.modality == "ct" else "the volume's own max − min"
-    masked_methods = [m for m in methods if m.masked_region == "own"]
+    masked_methods = [m for m in methods if m.masked_region == "own" and m.protocol == "inpaint"]
+    fills = [m.name for m in methods if m.is_fill and m.protocol == "inpaint"]
     if masked_methods:
         seeds = ", ".join(f"{m.name}: {getattr(m.model, 'val_mask_seed', '?')}" for m in masked_methods)
         masked = ("**masked** = voxels the model did not see. Masked methods are scored on their own evaluation"
@@ -321,6 +356,29 @@ def protocol_text(methods: Sequence[Method], data: str, subject_ids: Sequence[st
                        f" masks of **{reference}**, for comparison only: they saw these voxels.")
     else:
         masked = "**masked** = n/a: no method masks its input."
+    texts = []
+    if "inpaint" in protocols:
+        text = ("**Protocol `inpaint`** (" + PROTOCOL_TITLES["inpaint"] + "): each masked method reconstructs with"
+                " its seeded evaluation masks and copies the visible voxels from the input; autoencoders reconstruct"
+                " the whole input.")
+        if fills:
+            text += (f" Reference rows that need no training ({', '.join(f'`{f}`' for f in fills)}) fill the voxels"
+                     f" hidden by the masks of **{reference}** (the same masks, voxel for voxel), within each"
+                     " superpatch of the same grid, the visible voxels copied: `mean fill` puts the mean of the"
+                     " superpatch's visible voxels into every hidden voxel; `blur fill` is a normalised convolution"
+                     " (visible intensities and visibility mask both summed over a 17³ box, zero padding, divided),"
+                     " falling back to the mean fill where the box holds no visible voxel. Their masked region is"
+                     " `filled` in `results.csv`.")
+        else:
+            text += (" The reference fills (`mean fill`, `blur fill`) need the masks of a masked method; no method of"
+                     " this run masks its input, so they have no row.")
+        texts += [text, ""]
+    if "paper" in protocols:
+        texts += ["**Protocol `paper`** (" + PROTOCOL_TITLES["paper"] + "; the MAESIL group's public evaluation):"
+                  " masked methods run with nothing hidden (MAESIL: all tokens to the encoder, the decoder's"
+                  " prediction of every token, un-patchified; S3D: its network with no masked cell); autoencoders"
+                  " as in `inpaint`. Nothing is pasted back from the input, there is no masked region, and the"
+                  " fills have no row.", ""]
     if lpips_weights:
         lpips = ("LPIPS: AlexNet LPIPS (v0.1) of every axial slice, averaged over the slices, weights "
                  + ", ".join(f"`{w}`" for w in lpips_weights) + ".")
@@ -339,11 +397,23 @@ def protocol_text(methods: Sequence[Method], data: str, subject_ids: Sequence[st
         f" σ 1.5, data range {range_text}; the SSIM map of the whole volume averaged over the region). The table"
         " gives mean ± sample std over volumes; an exact reconstruction has PSNR ∞ (not capped).",
         "",
+        "",
+        *texts,
         f"Regions: **whole** = every voxel of the volume; **body** = {body}; {masked}",
         "",
         lpips,
         "",
     ])
+
+
+def protocol_tables(methods: Sequence[Method], lpips: bool) -> str:
+    """One heading and :func:`markdown_table` per protocol present, in the order of ``methods``."""
+    protocols = list(dict.fromkeys(m.protocol for m in methods))
+    parts = []
+    for protocol in protocols:
+        parts += [f"## Protocol `{protocol}`: {PROTOCOL_TITLES[protocol]}", "",
+                  markdown_table([m for m in methods if m.protocol == protocol], lpips), ""]
+    return "\n".join(parts).rstrip("\n")
 
 
 def write_outputs(out: Path, methods: Sequence[Method], protocol: str, table: str, lpips: bool) -> None:
@@ -353,19 +423,19 @@ def write_outputs(out: Path, methods: Sequence[Method], protocol: str, table: st
     keys = [key for key, _, _ in METRICS if key != "lpips" or lpips]
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", "class", "checkpoint", "params", "volumes", "masked_region",
+        writer.writerow(["method", "protocol", "class", "checkpoint", "params", "volumes", "masked_region",
                          *(f"{k}_{s}" for k in keys for s in ("mean", "std"))])
         for m in methods:
             stats = [summarise([row.get(k, math.nan) for row in m.per_volume]) for k in keys]
-            writer.writerow([m.name, type(m.model).__name__, str(m.path), m.params, len(m.per_volume),
-                             m.masked_region, *(_csv_value(v) for pair in stats for v in pair)])
+            writer.writerow([m.name, m.protocol, m.class_name, "" if m.is_fill else str(m.path), m.params,
+                             len(m.per_volume), m.masked_region, *(_csv_value(v) for pair in stats for v in pair)])
     with open(out / "per_volume.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         columns = ["subject_id", "shape", "voxels", "body_voxels", "masked_voxels", *keys]
-        writer.writerow(["method", *columns])
+        writer.writerow(["method", "protocol", *columns])
         for m in methods:
             for row in m.per_volume:
-                writer.writerow([m.name, *(_csv_value(row.get(c)) for c in columns)])
+                writer.writerow([m.name, m.protocol, *(_csv_value(row.get(c)) for c in columns)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="glob patterns of files under --data that are not images")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--workers", type=int, default=2, help="processes for the data checks (default 2)")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="both",
+                        help="inpaint: masked methods reconstruct from their seeded evaluation masks, plus the"
+                        " `mean fill` and `blur fill` reference rows on the same masks; paper: masking off (every"
+                        " voxel seen and predicted, nothing pasted back), as the MAESIL group's public code;"
+                        " both (default): one table each")
     return parser
 
 
@@ -417,6 +492,7 @@ def benchmark_recon_command(argv: Sequence[str]) -> int:
 def _run(args: argparse.Namespace) -> int:
     from maesil.data.records import DataError
     from maesil.evaluation.figures import comparison_figure, display_range, save_figure
+    from maesil.evaluation.fills import FILLS, fill_volume
     from maesil.evaluation.metrics import resolve_data_range
     from maesil.evaluation.reconstruction import (
         LPIPS2D,
@@ -436,13 +512,21 @@ def _run(args: argparse.Namespace) -> int:
 
     loaded = [(path, *load_method(path, device)) for path in args.checkpoints]
     names = method_names([p for p, _, _ in loaded], [type(m).__name__ for _, m, _ in loaded], args.names)
-    methods = []
+    checkpoints = []
     for name, (path, model, data) in zip(names, loaded):
         settings, size = data_settings(data)
         params = count_parameters(model)
-        methods.append(Method(name, path, model, settings, size, params))
-    _check_same_settings(methods)
-    settings, superpatch = methods[0].settings, methods[0].superpatch_size
+        checkpoints.append(Method(name, path, model, settings, size, params))
+    _check_same_settings(checkpoints)
+    settings, superpatch = checkpoints[0].settings, checkpoints[0].superpatch_size
+    protocols = PROTOCOLS[args.protocol]
+    # One row per protocol × checkpoint, then (inpaint) one per fill; fills without masks are dropped at the end.
+    methods: list[Method] = []
+    for protocol in protocols:
+        methods += [replace(m, per_volume=[], protocol=protocol) for m in checkpoints]
+        if protocol == "inpaint":
+            methods += [Method(name, Path(), None, settings, superpatch, 0, masked_region="filled")
+                        for name in FILLS]
 
     lpips_net = None
     if args.lpips_weights:
@@ -474,36 +558,49 @@ def _run(args: argparse.Namespace) -> int:
             subject = load()
         except DataError as error:
             raise BenchmarkError(f"{subject_id}: {error}") from error
-        results = [reconstruct_volume(m.model, subject, superpatch, pad, args.batch_size) for m in methods]
-        image = results[0].image
-        body = body_mask(image, modality=settings.modality)
-        masked_index = next((i for i, r in enumerate(results) if r.hidden_mask is not None), None)
-        reference_mask = results[masked_index].hidden_mask if masked_index is not None else None
-        if masked_index is not None:
-            reference = methods[masked_index].name
-        for method, result in zip(methods, results):
-            own = result.hidden_mask is not None
-            method.masked_region = "own" if own else ("reference" if reference_mask is not None else "none")
-            row: dict[str, Any] = volume_metrics(image, result.reconstruction, result.hidden_mask, body,
-                                                 args.data_range, reference_mask=reference_mask,
-                                                 modality=settings.modality)
-            mask = result.hidden_mask if own else reference_mask
-            row.update(subject_id=subject_id, shape="x".join(map(str, image.shape)), voxels=image.numel(),
-                       body_voxels=int(body.sum()), masked_voxels=int(mask.sum()) if mask is not None else None)
-            if lpips_net is not None:
-                span = float(resolve_data_range(image[None], args.data_range, settings.modality)[0])
-                low = 0.0 if settings.modality == "ct" else float(image.min())
-                row["lpips"] = lpips_volume(lpips_net, image, result.reconstruction, span, low=low)
-            method.per_volume.append(row)
-        if subject_id == figure_id:
-            figure_data = {"image": image.numpy(), "spacing": results[0].spacing,
-                           "reconstructions": {m.name: r.reconstruction.numpy() for m, r in zip(methods, results)}}
+        body: Any = None
+        for protocol in protocols:
+            rows = [m for m in methods if m.protocol == protocol and not m.is_fill]
+            results = [reconstruct_volume(m.model, subject, superpatch, pad, args.batch_size,
+                                          masked=protocol == "inpaint") for m in rows]
+            image = results[0].image
+            if body is None:
+                body = body_mask(image, modality=settings.modality)
+            masked_index = next((i for i, r in enumerate(results) if r.hidden_mask is not None), None)
+            reference_mask = results[masked_index].hidden_mask if masked_index is not None else None
+            if masked_index is not None:
+                reference = rows[masked_index].name
+            scored = [(m, r.reconstruction, r.hidden_mask) for m, r in zip(rows, results)]
+            if protocol == "inpaint" and reference_mask is not None:
+                scored += [(m, fill_volume(FILLS[m.name], image, reference_mask, superpatch, pad), reference_mask)
+                           for m in methods if m.is_fill]
+            for method, reconstruction, hidden in scored:
+                own = hidden is not None
+                if not method.is_fill:
+                    method.masked_region = "own" if own else ("reference" if reference_mask is not None else "none")
+                row: dict[str, Any] = volume_metrics(image, reconstruction, hidden, body, args.data_range,
+                                                     reference_mask=reference_mask, modality=settings.modality)
+                mask = hidden if own else reference_mask
+                row.update(subject_id=subject_id, shape="x".join(map(str, image.shape)), voxels=image.numel(),
+                           body_voxels=int(body.sum()), masked_voxels=int(mask.sum()) if mask is not None else None)
+                if lpips_net is not None:
+                    span = float(resolve_data_range(image[None], args.data_range, settings.modality)[0])
+                    low = 0.0 if settings.modality == "ct" else float(image.min())
+                    row["lpips"] = lpips_volume(lpips_net, image, reconstruction, span, low=low)
+                method.per_volume.append(row)
+            if subject_id == figure_id:
+                figure_data.update(image=image.numpy(), spacing=results[0].spacing)
+                for method, reconstruction, _ in scored:
+                    label = method.name if len(protocols) == 1 else f"{method.name} · {protocol}"
+                    figure_data.setdefault("reconstructions", {})[label] = reconstruction.numpy()
         log.info("%d/%d %s %s: %.1f s", index, len(subjects), subject_id, "x".join(map(str, image.shape)),
                  time.perf_counter() - start)
 
     out: Path = args.out
-    protocol = protocol_text(methods, str(args.data), ids, args.split, args.data_range, args.lpips_weights, reference)
-    table = markdown_table(methods, lpips=lpips_net is not None)
+    methods = [m for m in methods if m.per_volume]  # fills without masks to fill
+    protocol = protocol_text(methods, str(args.data), ids, args.split, args.data_range, args.lpips_weights, reference,
+                             protocols)
+    table = protocol_tables(methods, lpips=lpips_net is not None)
     write_outputs(out, methods, protocol, table, lpips=lpips_net is not None)
     low, high = ((0.0, args.data_range or 1.0) if settings.modality == "ct"
                  else display_range(figure_data["image"], settings.modality))
@@ -511,6 +608,6 @@ def _run(args: argparse.Namespace) -> int:
                                title=f"{figure_id}: input and reconstructions", value_range=(low, high))
     save_figure(figure, out / "slices.png")
     print(table)
-    print(f"\n{len(methods)} checkpoint(s) × {len(ids)} volume(s): {out / 'results.md'}, {out / 'results.csv'},"
-          f" {out / 'per_volume.csv'}, {out / 'slices.png'}")
+    print(f"\n{len(checkpoints)} checkpoint(s) × {len(protocols)} protocol(s) × {len(ids)} volume(s):"
+          f" {out / 'results.md'}, {out / 'results.csv'}, {out / 'per_volume.csv'}, {out / 'slices.png'}")
     return 0

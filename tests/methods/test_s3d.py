@@ -116,8 +116,11 @@ def test_checkpoint_loads_in_benchmark_recon_and_reconstructs(trained_run, tiny_
     out = tmp_path / "benchmark"
     assert benchmark_recon_command(["--checkpoints", str(checkpoint), "--data", str(tiny_ct_dir), "--out", str(out),
                                     "--max-volumes", "1", "--batch-size", "4"]) == 0
-    [row] = list(csv.DictReader(open(out / "results.csv")))
-    assert row["method"] == "S3D" and 0 < float(row["psnr_masked_mean"]) < float(row["psnr_mean"])
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {(r["protocol"], r["method"]) for r in rows} == {("inpaint", "S3D"), ("inpaint", "mean fill"),
+                                                          ("inpaint", "blur fill"), ("paper", "S3D")}
+    [row] = [r for r in rows if r["protocol"] == "inpaint" and r["method"] == "S3D"]
+    assert 0 < float(row["psnr_masked_mean"]) < float(row["psnr_mean"])
 
     model, data = load_method(checkpoint)
     assert isinstance(model, S3D) and model.sparse and data["superpatch_size"] == 32

@@ -75,29 +75,54 @@ def test_benchmark_writes_tables_and_figure(checkpoints, tiny_ct_dir, tmp_path, 
     assert {p.name for p in out.iterdir()} == {"results.md", "results.csv", "per_volume.csv", "slices.png"}
     assert (out / "slices.png").stat().st_size > 10_000
 
-    summary = read_csv(out / "results.csv")
+    every_row = read_csv(out / "results.csv")
+    # --protocol both (the default): the inpaint rows with the two fills, then the paper rows
+    assert [(row["protocol"], row["method"]) for row in every_row] == [
+        ("inpaint", "MAESIL (dual)"), ("inpaint", "MAESIL (random)"), ("inpaint", "SeeAll"),
+        ("inpaint", "mean fill"), ("inpaint", "blur fill"),
+        ("paper", "MAESIL (dual)"), ("paper", "MAESIL (random)"), ("paper", "SeeAll")]
+    summary = [row for row in every_row if row["protocol"] == "inpaint"][:3]
+    fills = {row["method"]: row for row in every_row if row["class"] == "fill"}
+    paper = {row["method"]: row for row in every_row if row["protocol"] == "paper"}
     assert [row["method"] for row in summary] == ["MAESIL (dual)", "MAESIL (random)", "SeeAll"]
     assert [row["masked_region"] for row in summary] == ["own", "own", "reference"]
-    assert all(row["volumes"] == "2" for row in summary)
+    assert all(row["volumes"] == "2" for row in every_row)
     maesil_row, _, see_all_row = summary
+    # the fills are scored on the first masked method's masks; the paper protocol has no masked region
+    assert all(row["masked_region"] == "filled" and row["params"] == "0" and row["checkpoint"] == ""
+               for row in fills.values())
+    assert 0 < float(fills["mean fill"]["psnr_masked_mean"]) < float(fills["mean fill"]["psnr_mean"])
+    assert float(fills["blur fill"]["psnr_masked_mean"]) > 0
+    assert all(row["masked_region"] == "none" and row["psnr_masked_mean"] == "" for row in paper.values())
+    assert float(paper["SeeAll"]["psnr_mean"]) == math.inf
+    # nothing pasted back: the paper MAESIL is not exact anywhere, so it scores below its inpaint whole volume
+    assert 0 < float(paper["MAESIL (dual)"]["psnr_mean"]) < float(maesil_row["psnr_mean"])
     assert int(maesil_row["params"]) > 10_000 and see_all_row["params"] == "0"
     assert 0 < float(maesil_row["psnr_masked_mean"]) < float(maesil_row["psnr_mean"]) < 60
     assert float(see_all_row["psnr_mean"]) == math.inf and see_all_row["psnr_std"] == ""
     assert float(see_all_row["ssim_mean"]) == pytest.approx(1.0, abs=1e-5)
     assert "lpips_mean" not in maesil_row
 
-    per_volume = read_csv(out / "per_volume.csv")
-    assert len(per_volume) == 3 * 2
+    every_volume = read_csv(out / "per_volume.csv")
+    assert len(every_volume) == (5 + 3) * 2
+    per_volume = [row for row in every_volume if row["protocol"] == "inpaint"]
     by_method = {}
     for row in per_volume:
         by_method.setdefault(row["method"], []).append(row)
+    for fill in ("mean fill", "blur fill"):
+        assert [r["masked_voxels"] for r in by_method[fill]] == [r["masked_voxels"] for r in by_method["MAESIL (dual)"]]
+    assert all(row["masked_voxels"] == "" for row in every_volume if row["protocol"] == "paper")
     # the reference mask is the first masked method's, so the see-all method is scored on those voxels
     assert [r["masked_voxels"] for r in by_method["SeeAll"]] == [r["masked_voxels"] for r in by_method["MAESIL (dual)"]]
     assert [r["subject_id"] for r in by_method["SeeAll"]] == ["phantom_000", "phantom_001"]
 
     markdown = (out / "results.md").read_text()
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 3  # header + one row per checkpoint
+    assert len(table) == (1 + 3 + 2) + (1 + 3)  # per protocol: header + one row per checkpoint (+ the fills)
+    assert "## Protocol `inpaint`" in markdown and "## Protocol `paper`" in markdown
+    assert markdown.index("## Protocol `inpaint`") < markdown.index("| mean fill |") < markdown.index(
+        "| blur fill |") < markdown.index("## Protocol `paper`")
+    assert "**Protocol `inpaint`**" in markdown and "**Protocol `paper`**" in markdown
     assert "| SeeAll | 0.0 k | ∞ | ∞ | ∞ †" in markdown
     assert "n/a (no weights)" in markdown
     assert "2 volume(s)" in markdown and "superpatch 32×32×32" in markdown
@@ -128,8 +153,11 @@ def test_lpips_column_with_local_weights(checkpoints, tiny_ct_dir, tmp_path):
     out = tmp_path / "bench"
     assert benchmark_recon_command(["--checkpoints", str(checkpoints["see_all"]), "--data", str(tiny_ct_dir),
                                     "--out", str(out), "--max-volumes", "1", "--lpips-weights", str(weights)]) == 0
-    [row] = read_csv(out / "results.csv")
-    assert float(row["lpips_mean"]) == pytest.approx(0.0, abs=1e-6)
+    rows = read_csv(out / "results.csv")
+    assert [(row["protocol"], row["method"]) for row in rows] == [("inpaint", "SeeAll"), ("paper", "SeeAll")]
+    for row in rows:  # no masked method, hence no masks to fill: no fill rows
+        assert float(row["lpips_mean"]) == pytest.approx(0.0, abs=1e-6)
+    assert "no method of this run masks its input, so they have no row" in (out / "results.md").read_text()
     assert str(weights) in (out / "results.md").read_text()
 
 
@@ -193,7 +221,11 @@ def test_mri_benchmark_scores_on_each_volumes_range(checkpoints, tiny_ct_dir, tm
     out = tmp_path / "bench"
     assert benchmark_recon_command(["--checkpoints", str(maesil), str(see_all), "--data", str(tiny_ct_dir),
                                     "--out", str(out), "--max-volumes", "1", "--names", "MAESIL", "exact"]) == 0
-    maesil_row, exact_row = read_csv(out / "results.csv")
+    rows = read_csv(out / "results.csv")
+    assert [(row["protocol"], row["method"]) for row in rows] == [
+        ("inpaint", "MAESIL"), ("inpaint", "exact"), ("inpaint", "mean fill"), ("inpaint", "blur fill"),
+        ("paper", "MAESIL"), ("paper", "exact")]
+    maesil_row, exact_row = rows[:2]
     assert float(exact_row["psnr_mean"]) == math.inf
     assert float(exact_row["ssim_mean"]) == pytest.approx(1.0, abs=1e-6)
     # Visible voxels are exact, so the whole volume scores better than its masked voxels.
@@ -224,8 +256,13 @@ def test_benchmark_with_an_autoencoder(checkpoints, tiny_ct_dir, tmp_path):
     out = tmp_path / "bench"
     assert benchmark_recon_command(["--checkpoints", str(checkpoints["dual"]), str(ae), "--data", str(tiny_ct_dir),
                                     "--out", str(out), "--max-volumes", "1"]) == 0
-    summary = read_csv(out / "results.csv")
-    assert [row["method"] for row in summary] == ["MAESIL", "AE"]
+    every_row = read_csv(out / "results.csv")
+    assert [(row["protocol"], row["method"]) for row in every_row] == [
+        ("inpaint", "MAESIL"), ("inpaint", "AE"), ("inpaint", "mean fill"), ("inpaint", "blur fill"),
+        ("paper", "MAESIL"), ("paper", "AE")]
+    summary = every_row[:2]
+    # an autoencoder reconstructs the same way in both protocols
+    assert every_row[5]["psnr_mean"] == summary[1]["psnr_mean"] and every_row[5]["masked_region"] == "none"
     assert summary[1]["masked_region"] == "reference"
     assert 0 < float(summary[1]["psnr_masked_mean"]) < 60
     markdown = (out / "results.md").read_text()
@@ -275,3 +312,75 @@ def test_an_old_checkpoint_is_rebuilt_from_its_class_path():
     assert type(model).__name__ == "MAESIL" and not model.training and model.input_modality == "ct"
     assert all(torch.equal(model.state_dict()[key], value) for key, value in saved.items())
     assert data["superpatch_size"] == 32 and data["target_spacing"] == 4.0
+
+
+def test_paper_protocol_shows_maesil_every_token_and_pastes_nothing(checkpoints, tiny_ct_dir, monkeypatch):
+    """Masking off: drawing a mask raises, the encoder receives every token, the decoder's prediction is returned."""
+    import maesil.methods.maesil as maesil_module
+    from maesil.evaluation.reconstruction import reconstruct_volume
+    from maesil.models.vit3d import unpatchify
+    from maesil.tools.benchmark_recon import data_settings, load_method, load_subjects
+
+    model, data = load_method(checkpoints["dual"])
+    settings, superpatch = data_settings(data)
+    [(_, load)] = load_subjects(tiny_ct_dir, settings, superpatch)[:1]
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("the paper protocol must not draw a mask")
+
+    monkeypatch.setattr(maesil_module, "make_mask", no_mask)
+    monkeypatch.setattr(type(model), "validation_mask", no_mask)
+    seen_tokens, decoded = [], []
+    model.net.encoder.register_forward_hook(lambda module, args, output: seen_tokens.append(output.shape[1]))
+    model.net.register_forward_hook(lambda module, args, output: decoded.append(output))
+    result = reconstruct_volume(model, load(), superpatch, 0.0, batch_size=4, masked=False)
+    assert result.hidden_mask is None
+    assert seen_tokens and set(seen_tokens) == {model.net.encoder.num_tokens}
+    assert all(not output.mask.mask.any() and output.pred.shape[1] == model.net.encoder.num_tokens
+               for output in decoded)
+    # the reconstruction is the decoder's prediction of every token, not the input pasted back
+    images = torch.rand(2, 1, *superpatch)
+    reconstruction = model.reconstruct_unmasked({"image": images})
+    expected = unpatchify(decoded[-1].pred, model.token_size, model.grid, 1).clamp(0, 1)
+    assert torch.allclose(reconstruction, expected, atol=1e-6)
+    assert (reconstruction - images).abs().mean() > 0.01
+    with pytest.raises(AssertionError, match="must not draw a mask"):
+        model.reconstruct_for_evaluation({"image": images, "subject_id": ["a", "b"],
+                                          "location": torch.zeros(2, 6, dtype=torch.long)})
+
+
+def test_s3d_and_autoencoders_reconstruct_unmasked():
+    from maesil.methods.s3d import S3D
+
+    s3d = S3D(unet_preset="tiny", superpatch_size=32, mask_block_size=8).eval()
+    images = torch.rand(2, 1, 32, 32, 32)
+    calls = []
+    original = s3d.net.forward
+    s3d.net.forward = lambda x, mask: calls.append(mask) or original(x, mask)
+    reconstruction = s3d.reconstruct_unmasked({"image": images})
+    assert reconstruction.shape == images.shape
+    assert len(calls) == 1 and calls[0].dtype == torch.bool and not calls[0].any()
+    assert torch.equal(reconstruction, s3d(images, calls[0]).clamp(0, 1))
+    see_all = SeeAll()
+    assert torch.equal(see_all.reconstruct_unmasked({"image": images}), images)
+
+    class Hides(MethodModule):
+        def reconstruct_for_evaluation(self, batch):
+            return batch["image"], torch.ones_like(batch["image"], dtype=torch.bool)
+
+    with pytest.raises(NotImplementedError, match="does not implement reconstruct_unmasked"):
+        Hides().reconstruct_unmasked({"image": images})
+
+
+@pytest.mark.parametrize("protocol", ["paper", "inpaint"])
+def test_one_protocol_only(checkpoints, tiny_ct_dir, tmp_path, protocol):
+    out = tmp_path / "bench"
+    assert benchmark_recon_command(["--checkpoints", str(checkpoints["dual"]), "--data", str(tiny_ct_dir),
+                                    "--out", str(out), "--max-volumes", "1", "--protocol", protocol]) == 0
+    rows = read_csv(out / "results.csv")
+    expected = ["MAESIL", "mean fill", "blur fill"] if protocol == "inpaint" else ["MAESIL"]
+    assert [(row["protocol"], row["method"]) for row in rows] == [(protocol, name) for name in expected]
+    markdown = (out / "results.md").read_text()
+    assert f"## Protocol `{protocol}`" in markdown and f"**Protocol `{protocol}`**" in markdown
+    other = "paper" if protocol == "inpaint" else "inpaint"
+    assert f"## Protocol `{other}`" not in markdown and ("| mean fill |" in markdown) == (protocol == "inpaint")
