@@ -38,13 +38,13 @@ class PolicyPatchSampler(tio.data.PatchSampler):
     ``seed_everything`` (and TorchIO's own seeding) decides the locations, as for TorchIO's samplers.
 
     Args:
-        patch_size: superpatch size (X, Y, Z), one int for a cube.
+        superpatch_size: superpatch size (X, Y, Z), one int for a cube (TorchIO's ``patch_size``).
         policy: where patches lie.
         label_name: the subject's label map, read when the policy needs labels.
     """
 
-    def __init__(self, patch_size: int | Sequence[int], policy: SamplingPolicy, label_name: str = "label") -> None:
-        super().__init__(patch_size)
+    def __init__(self, superpatch_size: int | Sequence[int], policy: SamplingPolicy, label_name: str = "label") -> None:
+        super().__init__(superpatch_size)
         self.policy = policy
         self.label_name = label_name
 
