@@ -58,6 +58,10 @@ TOOLS: dict[str, Tool] = {
         "maesil.tools.compare_init:compare_init_command",
         "fine-tune from scratch and from checkpoints: Dice/HD95 table",
     ),
+    "evidence": Tool(
+        "maesil.tools.evidence:evidence_command",
+        "the project's claims measured end to end: pretraining, reconstruction, few-label fine-tuning",
+    ),
     "sweep-local": Tool(
         "maesil.tools.sweep_local:sweep_local_command",
         "run a W&B grid sweep file here, without a W&B server",

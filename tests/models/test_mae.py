@@ -154,3 +154,23 @@ def test_zero_ratio_mask_gives_zero_loss_not_nan():
     model = _tiny()
     out = model(torch.randn(1, 1, 16, 16, 16), make_mask("random", 1, model.grid, 0.0))
     assert out.loss.item() == 0.0 and out.pred.shape == (1, 64, 64)
+
+
+def test_visible_loss_weight_adds_the_weighted_visible_mse():
+    plain = _tiny()
+    weighted = _tiny(visible_loss_weight=0.25)
+    assert weighted.decode_visible and not plain.decode_visible
+    x = torch.randn(2, 1, 16, 16, 16)
+    mask = _mask(weighted)
+    out = weighted(x, mask)
+    per_patch = (out.pred - patchify(x, 4)).square().mean(dim=-1)
+    expected = per_patch[mask.mask].mean() + 0.25 * per_patch[~mask.mask].mean()
+    torch.testing.assert_close(out.loss, expected)
+    out.pred.retain_grad()
+    weighted(x, mask).loss.backward()  # visible rows now carry gradient
+    out = weighted(x, mask)
+    out.pred.retain_grad()
+    out.loss.backward()
+    assert (out.pred.grad[~mask.mask].abs().sum(-1) > 0).all()
+    with pytest.raises(ValueError, match="visible_loss_weight"):
+        _tiny(visible_loss_weight=-1.0)

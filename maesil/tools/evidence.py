@@ -1,0 +1,327 @@
+"""``python -m maesil evidence``: the project's claims measured end to end, pretraining included (``make evidence``).
+
+Every stage is a command users can run themselves, run here as a subprocess in this order:
+
+1. **pretrain**: each ``experiments/pretrain/<method>_demo.yaml`` on the built-in phantoms. The autoencoders
+   (AE, VAE, VQ-VAE) get MAESIL's number of steps, so the reconstruction comparison is at equal steps.
+2. **recon**: ``benchmark-recon --protocol both`` of MAESIL and the autoencoders on held-out phantoms none of them
+   saw (``phantoms --seed 100``).
+3. **compare-init**: fine-tuning from scratch, from MAESIL (UNETR) and from the CNN method (U-Net), end-to-end and
+   with a frozen encoder, with few labelled volumes, over the seeds; paired differences against scratch.
+
+``OUT/summary.md`` then states each claim with the figures that decide it, the commands that printed them, the
+date, the machine and each stage's wall time; ``OUT/stages.json`` keeps the same record. A stage whose outputs
+exist from an earlier call with the same command is not run again (``--force`` reruns everything), so a second
+call with other seeds reuses the pretraining.
+
+    python -m maesil evidence --out runs/evidence --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PRETRAIN_DIR = REPO_ROOT / "experiments/pretrain"
+RECON_BASELINES = ("ae", "vae", "vqvae")
+CNN_METHODS = ("s3d", "pgl")
+
+
+@dataclass
+class Stage:
+    """One command of the evidence run and what it left behind."""
+
+    name: str
+    command: list[str]
+    done_when: Path  # the file whose presence (with the same command) means the stage ran
+    seconds: float | None = None
+    reused: bool = False
+
+    def display(self) -> str:
+        """The command as a user types it (``python -m maesil ...``, paths relative to the repository)."""
+        words = ["python" if word == sys.executable else word for word in self.command]
+        return " ".join(_relative(word) for word in words)
+
+
+def _relative(word: str) -> str:
+    try:
+        return str(Path(word).resolve().relative_to(REPO_ROOT)) if "/" in word else word
+    except ValueError:
+        return word
+
+
+def yaml_max_steps(method: str) -> int:
+    """``trainer.max_steps`` of a method's demo YAML."""
+    config = yaml.safe_load((PRETRAIN_DIR / f"{method}_demo.yaml").read_text())
+    return int(config["trainer"]["max_steps"])
+
+
+@dataclass
+class EvidencePlan:
+    """What one evidence run does; the command line's arguments."""
+
+    out: Path
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    cnn_method: str = "s3d"
+    pretrain_steps: int | None = None  # None: MAESIL's demo YAML's
+    finetune_steps: int | None = None  # None: compare-init's default
+    train_counts: list[int] = field(default_factory=lambda: [1])
+    modes: list[str] = field(default_factory=lambda: ["finetune", "frozen"])
+    extra_compare_init: list[str] = field(default_factory=list)
+
+    def checkpoint(self, method: str) -> Path:
+        return self.out / "pretrain" / method / "checkpoints" / "last.ckpt"
+
+    def stages(self) -> list[Stage]:
+        python = [sys.executable, "-m", "maesil"]
+        steps = self.pretrain_steps or yaml_max_steps("maesil")
+        stages = []
+        for method in ("maesil", *RECON_BASELINES, self.cnn_method):
+            run_dir = self.out / "pretrain" / method
+            command = [*python, "fit", "--config", str(PRETRAIN_DIR / f"{method}_demo.yaml"),
+                       "--trainer.default_root_dir", str(run_dir)]
+            if method == "maesil" or method in RECON_BASELINES:
+                command += ["--trainer.max_steps", str(steps),
+                            "--trainer.val_check_interval", str(max(1, steps // 4))]
+            stages.append(Stage(f"pretrain {method}", command, run_dir / "summary.json"))
+        heldout = self.out / "heldout_phantoms"
+        stages.append(Stage("held-out phantoms", [*python, "phantoms", "--out", str(heldout), "--count", "2",
+                                                  "--seed", "100"], heldout / "images"))
+        recon = self.out / "recon"
+        stages.append(Stage("recon", [*python, "benchmark-recon", "--data", str(heldout), "--out", str(recon),
+                                      "--protocol", "both", "--checkpoints",
+                                      *[str(self.checkpoint(m)) for m in ("maesil", *RECON_BASELINES)]],
+                            recon / "results.csv"))
+        compare = self.out / "compare_init"
+        command = [*python, "compare-init", "--out", str(compare),
+                   "--checkpoints", str(self.checkpoint("maesil")), str(self.checkpoint(self.cnn_method)),
+                   "--train-count", *map(str, self.train_counts), "--modes", *self.modes,
+                   "--seeds", *map(str, self.seeds)]
+        if self.finetune_steps:
+            command += ["--steps", str(self.finetune_steps)]
+        stages.append(Stage("compare-init", [*command, *self.extra_compare_init], compare / "paired.csv"))
+        return stages
+
+
+def run_stages(plan: EvidencePlan, force: bool = False) -> list[Stage]:
+    """Runs the plan's stages in order (skipping those done with the same command); stops at the first failure
+    with the stage, its command and its log named."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    record_path = plan.out / "stages.json"
+    previous = {} if force or not record_path.exists() else json.loads(record_path.read_text())
+    stages = plan.stages()
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    for stage in stages:
+        earlier = previous.get(stage.name)
+        if earlier and earlier.get("command") == stage.command and stage.done_when.exists():
+            stage.seconds, stage.reused = earlier.get("seconds"), True
+            print(f"== {stage.name}: done earlier ({stage.done_when}), reused", flush=True)
+            continue
+        log = plan.out / "logs" / f"{stage.name.replace(' ', '_')}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"== {stage.name}: {stage.display()}", flush=True)
+        started = time.perf_counter()
+        with open(log, "w") as handle:
+            code = subprocess.run(stage.command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                  env=env).returncode
+        stage.seconds = time.perf_counter() - started
+        if code != 0 or not stage.done_when.exists():
+            raise RuntimeError(f"stage '{stage.name}' failed (exit {code}): {stage.display()}\n"
+                               f"its output: {log}")
+        print(f"   {stage.seconds:.0f} s", flush=True)
+        previous[stage.name] = {"command": stage.command, "seconds": stage.seconds}
+        record_path.write_text(json.dumps(previous, indent=2) + "\n")
+    return stages
+
+
+# ----------------------------------------------------------------------------------------------------- summary
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def number(value: str | None) -> float:
+    try:
+        return float(value) if value not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(holds: bool) -> str:
+    return "**holds**" if holds else "**does not hold**"
+
+
+def recon_section(results_csv: Path, command: str) -> list[str]:
+    """Both protocols' tables and the reconstruction claims they decide."""
+    rows = read_csv(results_csv)
+    lines = ["## Reconstruction (held-out phantoms)", "", f"`{command}`", ""]
+    claims = []
+    for protocol, metrics in (("paper", ("psnr", "ssim")), ("inpaint", ("psnr_masked", "ssim_masked"))):
+        chosen = [row for row in rows if row["protocol"] == protocol]
+        if not chosen:
+            continue
+        lines += [f"### `{protocol}` protocol", "",
+                  markdown_table(["method", "parameters", *metrics],
+                                 [[row["method"], f"{int(number(row['params'])) / 1e6:.2f} M" if number(row["params"]) > 0
+                                   else "0", *[f"{number(row[f'{m}_mean']):.3f} ± {number(row[f'{m}_std']):.3f}"
+                                               for m in metrics]] for row in chosen]), ""]
+        ours = next((row for row in chosen if row["method"] == "MAESIL"), None)
+        if ours is None:
+            continue
+        others = [row for row in chosen if row is not ours and (protocol == "inpaint") == (row["class"] == "fill")]
+        for other in others:
+            for metric in metrics:
+                mine, theirs = number(ours[f"{metric}_mean"]), number(other[f"{metric}_mean"])
+                claims.append(f"- `{protocol}`: MAESIL beats {other['method']} in {metric}: {verdict(mine > theirs)} "
+                              f"({mine:.3f} vs {theirs:.3f})")
+    return lines + ["Claims:", "", *claims, ""]
+
+
+def curve_section(summary_json: Path, margin_db: float = 1.0) -> list[str]:
+    """MAESIL's held-out masked PSNR during pretraining against the fills on the same masks."""
+    record = json.loads(summary_json.read_text())
+    history = record.get("history", {})
+    model = history.get("val/psnr_masked", [])
+    blur = dict((int(s), v) for s, v in history.get("val/psnr_masked_blur_fill", []))
+    mean = dict((int(s), v) for s, v in history.get("val/psnr_masked_mean_fill", []))
+    seconds = dict((int(s), v) for s, v in history.get("time/training_seconds", []))
+    probe = dict((int(s), v) for s, v in history.get("probe/dice", []))
+    header = ["step", "training s", "masked PSNR", "blur fill", "mean fill", *(["probe Dice"] if probe else [])]
+    rows = []
+    for step, value in model:
+        step = int(step)
+        rows.append([str(step), f"{seconds[step]:.0f}" if step in seconds else "",
+                     f"{value:.2f}", f"{blur.get(step, math.nan):.2f}", f"{mean.get(step, math.nan):.2f}",
+                     *([f"{probe[step]:.3f}" if step in probe else ""] if probe else [])])
+    lines = ["## MAESIL pretraining (validation split of the training phantoms)", "",
+             markdown_table(header, rows), ""]
+    if model and blur:
+        last_step, last = int(model[-1][0]), model[-1][1]
+        reference = blur.get(last_step, math.nan)
+        lines += [f"- MAESIL ends at least {margin_db:g} dB above the blur fill of the same masks: "
+                  f"{verdict(last >= reference + margin_db)} ({last:.2f} vs {reference:.2f} dB, "
+                  f"{last - reference:+.2f})", ""]
+    return lines
+
+
+def paired_section(paired_csv: Path, command: str, min_gain: float = 0.02) -> list[str]:
+    """compare-init's paired differences (pretrained − scratch, per seed) and the few-label claims."""
+    rows = read_csv(paired_csv)
+    lines = ["## Fine-tuning with few labels (held-out phantoms)", "", f"`{command}`", ""]
+    if not rows:
+        return lines + ["compare-init wrote no paired rows.", ""]
+    header = list(rows[0])
+    lines += [markdown_table(header, [[row[key] for key in header] for row in rows]), ""]
+    claims = []
+    for row in rows:
+        mean = number(row.get("mean_difference"))
+        positive, seeds = row.get("positive_seeds", ""), row.get("seeds", "")
+        if row.get("reference", "").startswith("scratch") and row.get("mode") == "finetune":
+            holds = mean >= min_gain and positive == seeds and seeds not in ("", "0")
+            claims.append(f"- {row['initialisation']} beats {row['reference']} by ≥ {100 * min_gain:.0f} Dice points "
+                          f"on average with {row['train_count']} labelled volume(s), positive in every seed: "
+                          f"{verdict(holds)} ({100 * mean:+.1f} points, {positive}/{seeds} seeds positive)")
+        elif row.get("mode") == "frozen":
+            claims.append(f"- frozen {row['initialisation']} against frozen {row['reference']} "
+                          f"({row['train_count']} labelled): {100 * mean:+.1f} Dice points, {positive}/{seeds} seeds "
+                          "positive")
+    return lines + ["Claims:", "", *claims, ""]
+
+
+def machine_line() -> str:
+    import torch
+
+    return (f"{datetime.date.today().isoformat()}, {platform.node() or 'this machine'}: {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPU cores visible, torch {torch.__version__}, "
+            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
+
+
+def write_summary(plan: EvidencePlan, stages: Sequence[Stage]) -> Path:
+    """``OUT/summary.md`` from the stages' outputs."""
+    by_name = {stage.name: stage for stage in stages}
+    total = sum(stage.seconds or 0.0 for stage in stages)
+    lines = ["# maesil evidence", "",
+             f"`python -m maesil evidence --out {_relative(str(plan.out))} --seeds {' '.join(map(str, plan.seeds))}`"
+             f" · {machine_line()} · {total / 60:.1f} min in all (stages reused from an earlier call count their "
+             "first run)", ""]
+    maesil_summary = plan.out / "pretrain" / "maesil" / "summary.json"
+    if maesil_summary.exists():
+        lines += curve_section(maesil_summary)
+    recon = plan.out / "recon" / "results.csv"
+    if recon.exists():
+        lines += recon_section(recon, by_name["recon"].display())
+    paired = plan.out / "compare_init" / "paired.csv"
+    if paired.exists():
+        lines += paired_section(paired, by_name["compare-init"].display())
+    figures = [("MAESIL reconstructions during pretraining", plan.out / "pretrain/maesil/logs"),
+               ("held-out reconstructions, every method", plan.out / "recon/slices.png"),
+               ("fine-tuning curves", plan.out / "compare_init/curves.png"),
+               ("fine-tuning Dice per organ", plan.out / "compare_init/compare_init.png")]
+    lines += ["## Figures", ""] + [f"- {label}: `{_relative(str(path))}`" for label, path in figures if path.exists()]
+    lines += ["", "## Stages", "",
+              markdown_table(["stage", "command", "wall time"],
+                             [[stage.name, f"`{stage.display()}`",
+                               (f"{stage.seconds / 60:.1f} min" if stage.seconds is not None else "") +
+                               (" (reused)" if stage.reused else "")] for stage in stages]), ""]
+    path = plan.out / "summary.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def evidence_command(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m maesil evidence", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/evidence"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (default 0 1 2)")
+    parser.add_argument("--cnn-method", choices=CNN_METHODS, default="s3d",
+                        help="the CNN pretraining method fine-tuned as a U-Net (default s3d)")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="steps of MAESIL and the autoencoders (default: maesil_demo.yaml's)")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="compare-init --steps (default: its own)")
+    parser.add_argument("--train-count", type=int, nargs="+", default=[1], help="labelled volumes (default 1)")
+    parser.add_argument("--modes", nargs="+", choices=["finetune", "frozen"], default=["finetune", "frozen"])
+    parser.add_argument("--force", action="store_true", help="rerun every stage, even those done earlier")
+    parser.add_argument("--summary-only", action="store_true", help="only rewrite summary.md from the outputs there")
+    args = parser.parse_args(list(argv))
+    if any(s < 1 for s in args.train_count) or (args.pretrain_steps or 1) < 1 or (args.finetune_steps or 1) < 1:
+        parser.error("--train-count, --pretrain-steps and --finetune-steps must be >= 1")
+    plan = EvidencePlan(out=args.out.resolve(), seeds=args.seeds, cnn_method=args.cnn_method,
+                        pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
+                        train_counts=args.train_count, modes=args.modes)
+    if args.summary_only:
+        stages = plan.stages()
+        record = json.loads((plan.out / "stages.json").read_text()) if (plan.out / "stages.json").exists() else {}
+        for stage in stages:
+            stage.seconds = record.get(stage.name, {}).get("seconds")
+    else:
+        try:
+            stages = run_stages(plan, force=args.force)
+        except RuntimeError as error:
+            print(f"evidence: {error}", file=sys.stderr)
+            return 1
+    summary = write_summary(plan, stages)
+    print(summary.read_text())
+    print(f"summary: {summary}")
+    return 0

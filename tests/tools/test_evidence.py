@@ -1,0 +1,126 @@
+"""The evidence run: its stages, their reuse, and the summary's claims read from the stages' outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from maesil.tools.evidence import EvidencePlan, Stage, evidence_command, run_stages, write_summary
+
+RECON_FIELDS = ["method", "protocol", "class", "checkpoint", "params", "volumes", "masked_region", "psnr_mean",
+                "psnr_std", "ssim_mean", "ssim_std", "psnr_masked_mean", "psnr_masked_std", "ssim_masked_mean",
+                "ssim_masked_std"]
+
+
+def write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def recon_row(method: str, protocol: str, psnr: float, ssim: float, masked: tuple[float, float] | None = None,
+              kind: str | None = None) -> dict:
+    row = {"method": method, "protocol": protocol, "class": kind or method, "params": 1000000, "psnr_mean": psnr,
+           "psnr_std": 0.1, "ssim_mean": ssim, "ssim_std": 0.01}
+    if masked:
+        row.update(psnr_masked_mean=masked[0], psnr_masked_std=0.1, ssim_masked_mean=masked[1], ssim_masked_std=0.01)
+    return row
+
+
+@pytest.fixture
+def outputs(tmp_path) -> EvidencePlan:
+    plan = EvidencePlan(out=tmp_path / "evidence", seeds=[0, 1])
+    write_rows(plan.out / "recon" / "results.csv", RECON_FIELDS, [
+        recon_row("MAESIL", "inpaint", 20.0, 0.6, masked=(17.0, 0.40)),
+        recon_row("mean fill", "inpaint", 15.0, 0.5, masked=(12.0, 0.20), kind="fill"),
+        recon_row("blur fill", "inpaint", 19.0, 0.7, masked=(16.0, 0.45), kind="fill"),
+        recon_row("AE", "inpaint", 21.0, 0.7),
+        recon_row("MAESIL", "paper", 25.0, 0.80),
+        recon_row("AE", "paper", 21.0, 0.85),
+        recon_row("VAE", "paper", 15.0, 0.30),
+    ])
+    summary = {"history": {"val/psnr_masked": [[100, 12.0], [200, 17.5]],
+                           "val/psnr_masked_blur_fill": [[100, 16.0], [200, 16.0]],
+                           "val/psnr_masked_mean_fill": [[100, 12.5], [200, 12.5]],
+                           "time/training_seconds": [[100, 50.0], [200, 101.0]]}}
+    (plan.out / "pretrain" / "maesil").mkdir(parents=True)
+    (plan.out / "pretrain" / "maesil" / "summary.json").write_text(json.dumps(summary))
+    paired_fields = ["family", "mode", "train_count", "initialisation", "reference", "seeds", "positive_seeds",
+                     "mean_difference", "std_difference"]
+    write_rows(plan.out / "compare_init" / "paired.csv", paired_fields, [
+        {"family": "unetr", "mode": "finetune", "train_count": 1, "initialisation": "maesil",
+         "reference": "scratch (unetr)", "seeds": 2, "positive_seeds": 2, "mean_difference": 0.031,
+         "std_difference": 0.01},
+        {"family": "unet", "mode": "finetune", "train_count": 1, "initialisation": "s3d",
+         "reference": "scratch (unet)", "seeds": 2, "positive_seeds": 1, "mean_difference": 0.025,
+         "std_difference": 0.03},
+        {"family": "unetr", "mode": "frozen", "train_count": 1, "initialisation": "maesil",
+         "reference": "scratch (unetr)", "seeds": 2, "positive_seeds": 2, "mean_difference": 0.2,
+         "std_difference": 0.02},
+    ])
+    return plan
+
+
+def test_summary_states_each_claim_with_the_figures_that_decide_it(outputs):
+    stages = outputs.stages()
+    text = write_summary(outputs, stages).read_text()
+    assert "MAESIL ends at least 1 dB above the blur fill of the same masks: **holds** (17.50 vs 16.00 dB, +1.50)" in text
+    assert "`paper`: MAESIL beats AE in psnr: **holds** (25.000 vs 21.000)" in text
+    assert "`paper`: MAESIL beats AE in ssim: **does not hold** (0.800 vs 0.850)" in text
+    assert "`paper`: MAESIL beats VAE in ssim: **holds**" in text
+    assert "`inpaint`: MAESIL beats blur fill in psnr_masked: **holds** (17.000 vs 16.000)" in text
+    assert "`inpaint`: MAESIL beats blur fill in ssim_masked: **does not hold** (0.400 vs 0.450)" in text
+    assert "`inpaint`: MAESIL beats AE" not in text  # the autoencoders are read under `paper`, fills under `inpaint`
+    assert ("maesil beats scratch (unetr) by ≥ 2 Dice points on average with 1 labelled volume(s), positive in every "
+            "seed: **holds** (+3.1 points, 2/2 seeds positive)") in text
+    assert "s3d beats scratch (unet) by ≥ 2 Dice points" in text and "**does not hold** (+2.5 points, 1/2" in text
+    assert "frozen maesil against frozen scratch (unetr) (1 labelled): +20.0 Dice points" in text
+    assert "python -m maesil benchmark-recon --data" in text and "python -m maesil compare-init" in text
+    assert "| 200 | 101 | 17.50 | 16.00 | 12.50 |" in text
+
+
+def test_stages_run_in_order_and_a_done_stage_is_reused(tmp_path, monkeypatch, capsys):
+    plan = EvidencePlan(out=tmp_path / "evidence")
+    marker = tmp_path / "count.txt"
+    script = ("import sys, pathlib; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True); "
+              "p.write_text('x'); c = pathlib.Path(sys.argv[2]); c.write_text(c.read_text() + 'x' "
+              "if c.exists() else 'x')")
+    fake = [Stage("one", [sys.executable, "-c", script, str(tmp_path / "a" / "done"), str(marker)], tmp_path / "a" / "done"),
+            Stage("two", [sys.executable, "-c", script, str(tmp_path / "b" / "done"), str(marker)], tmp_path / "b" / "done")]
+    monkeypatch.setattr(EvidencePlan, "stages", lambda self: [Stage(s.name, list(s.command), s.done_when) for s in fake])
+    first = run_stages(plan)
+    assert marker.read_text() == "xx" and all(not s.reused and s.seconds > 0 for s in first)
+    second = run_stages(plan)
+    assert marker.read_text() == "xx" and all(s.reused for s in second)
+    assert json.loads((plan.out / "stages.json").read_text())["one"]["command"] == fake[0].command
+    run_stages(plan, force=True)
+    assert marker.read_text() == "xxxx"
+
+
+def test_a_failing_stage_stops_the_run_naming_the_stage_and_its_log(tmp_path, monkeypatch, capsys):
+    failing = Stage("pretrain maesil", [sys.executable, "-c", "raise SystemExit('bad config')"], tmp_path / "never")
+    monkeypatch.setattr(EvidencePlan, "stages", lambda self: [failing])
+    assert evidence_command(["--out", str(tmp_path / "evidence")]) == 1
+    error = capsys.readouterr().err
+    assert "stage 'pretrain maesil' failed (exit 1)" in error
+    log = tmp_path / "evidence" / "logs" / "pretrain_maesil.log"
+    assert str(log) in error and "bad config" in log.read_text()
+
+
+def test_the_plan_pretrains_the_autoencoders_for_maesils_steps_and_compares_both_families(tmp_path):
+    plan = EvidencePlan(out=tmp_path, seeds=[3, 4], pretrain_steps=80, train_counts=[1, 2])
+    stages = {stage.name: stage.command for stage in plan.stages()}
+    for method in ("maesil", "ae", "vae", "vqvae"):
+        command = stages[f"pretrain {method}"]
+        assert command[command.index("--trainer.max_steps") + 1] == "80"
+    assert "--trainer.max_steps" not in stages["pretrain s3d"]  # its own YAML's budget
+    compare = stages["compare-init"]
+    assert compare[compare.index("--seeds") + 1:compare.index("--seeds") + 3] == ["3", "4"]
+    assert compare[compare.index("--train-count") + 1:compare.index("--train-count") + 3] == ["1", "2"]
+    assert str(plan.checkpoint("s3d")) in compare and str(plan.checkpoint("maesil")) in compare
