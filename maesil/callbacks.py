@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +11,10 @@ from lightning.pytorch.callbacks import BaseFinetuning, Callback, ModelCheckpoin
 from lightning.pytorch.loggers import CSVLogger
 
 from maesil.methods.base import MethodModule, datamodule_spec
+
+
+#: The history key of the seconds spent training (validation excluded) at each validation.
+TRAINING_SECONDS = "time/training_seconds"
 
 
 class RunSummary(Callback):
@@ -22,7 +27,8 @@ class RunSummary(Callback):
     It also writes ``<trainer.default_root_dir>/summary.json``: ``status`` (``finished``, ``interrupted`` or,
     from :meth:`on_exception`, ``failed`` with the ``error``), ``global_step``, ``metrics`` (the final value of
     every scalar in ``trainer.callback_metrics``: every validation metric's last value, the last training
-    loss), ``history`` (``[step, value]`` pairs of every validation metric, ``val/...``) and, for masked
+    loss), ``history`` (``[step, value]`` pairs of every validation metric, ``val/...``, and of the seconds spent
+    training at each validation, ``time/training_seconds``) and, for masked
     methods, ``effective_mask_ratio``. Tools read this file instead of a logger's files, so it works the same
     with the CSV logger, W&B or no logger (``python -m maesil sweep-local`` collects each run's results from
     it). Non-finite values are written as JSON ``NaN``/``Infinity``, which Python's ``json`` reads back.
@@ -50,7 +56,22 @@ class RunSummary(Callback):
         except (TypeError, ValueError, RuntimeError):
             return None
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_started = time.perf_counter()
+        self._evaluation_seconds = 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validation_started = time.perf_counter()
+
+    def training_seconds(self) -> float | None:
+        """Seconds spent in ``fit`` so far outside validation (None before ``fit`` starts)."""
+        started = getattr(self, "_fit_started", None)
+        return None if started is None else time.perf_counter() - started - self._evaluation_seconds
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        validation_started = getattr(self, "_validation_started", None)
+        if validation_started is not None and getattr(self, "_fit_started", None) is not None:
+            self._evaluation_seconds += time.perf_counter() - validation_started
         if trainer.sanity_checking:
             return
         for key, value in trainer.callback_metrics.items():
@@ -58,6 +79,9 @@ class RunSummary(Callback):
                 number = self._scalar(value)
                 if number is not None:
                     self.history.setdefault(key, []).append((trainer.global_step, number))
+        seconds = self.training_seconds()
+        if seconds is not None:
+            self.history.setdefault(TRAINING_SECONDS, []).append((trainer.global_step, seconds))
 
     def summary_lines(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
         """The lines :meth:`on_fit_end` prints."""
@@ -78,6 +102,24 @@ class RunSummary(Callback):
             if values:
                 (first_step, first), (last_step, last) = values[0], values[-1]
                 lines.append(f"{key}: {first:.4f} (step {first_step}) -> {last:.4f} (step {last_step})")
+                lines.extend(self.reference_lines(key, last))
+        seconds = self.history.get(TRAINING_SECONDS)
+        if seconds:
+            step, value = seconds[-1]
+            lines.append(f"training time:   {value:.0f} s to step {step} ({value / max(step, 1):.3f} s/step, "
+                         "validation excluded)")
+        return lines
+
+    def reference_lines(self, key: str, model_value: float) -> list[str]:
+        """The reference fills of ``key`` (``<key>_blur_fill``, ``<key>_mean_fill``, logged by masked methods on
+        the same masks) beside the model's last value, so a user sees at once whether the model beats them."""
+        lines = []
+        for fill in ("blur_fill", "mean_fill"):
+            values = self.history.get(f"{key}_{fill}")
+            if values:
+                reference = values[-1][1]
+                lines.append(f"  {fill.replace('_', ' ')} on the same masks: {reference:.4f} "
+                             f"(model {model_value - reference:+.4f})")
         return lines
 
     def summary_record(self, trainer: L.Trainer, pl_module: L.LightningModule, status: str) -> dict:
@@ -141,6 +183,9 @@ class EncoderWarmup(BaseFinetuning):
     model, and parameters unfrozen later would silently stop being averaged across processes); its
     learning rate is held at 0 instead, which gives the same updates at the cost of its backward pass.
 
+    A module whose encoder is frozen for the whole run (``freeze_encoder``, see
+    :class:`maesil.methods.Segmentation`) is left as it is: the callback never unfreezes that encoder.
+
     Args:
         decoder_only_steps: steps with a frozen encoder.
         encoder_warmup_steps: steps of linear encoder warm-up after that (0: full rate at once).
@@ -170,6 +215,8 @@ class EncoderWarmup(BaseFinetuning):
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         if not hasattr(pl_module, "encoder"):
             raise TypeError(f"EncoderWarmup needs a module with an `encoder`, got {type(pl_module).__name__}")
+        if getattr(pl_module, "freeze_encoder", False):
+            return  # the module keeps its encoder frozen for the whole run: never unfrozen here
         if self.decoder_only_steps > 0 and not self._distributed:
             self.freeze(pl_module.encoder, train_bn=False)
             self._frozen = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -37,6 +38,13 @@ def test_fit_runs_through_cli_and_writes_outputs(tiny_ct_dir, tmp_path, capsys):
     assert saved["model"]["init_args"]["masking"] == "dual"
     summary = capsys.readouterr().out
     assert "== run summary ==" in summary and "val/psnr_masked" in summary and "last.ckpt" in summary
+    # The reference fills on the same masks, beside the model, and the training time.
+    blur = [float(r["val/psnr_masked_blur_fill"]) for r in rows if r.get("val/psnr_masked_blur_fill")]
+    assert len(blur) == 2 and blur[0] == blur[1]
+    assert f"blur fill on the same masks: {blur[-1]:.4f} (model {psnr[-1] - blur[-1]:+.4f})" in summary
+    assert "mean fill on the same masks:" in summary and "training time:" in summary
+    record = json.loads((run_dir / "summary.json").read_text())
+    assert [step for step, _ in record["history"]["time/training_seconds"]] == [2, 4]
 
 
 def test_resume_from_last_continues_global_step(tiny_ct_dir, tmp_path):

@@ -39,6 +39,8 @@ from matplotlib.figure import Figure
 from maesil.checkpoints.layouts import TransferLayout, register_layout
 from maesil.data.spec import DataSpec
 from maesil.evaluation.figures import save_figure
+from maesil.evaluation.fills import FILLS
+from maesil.evaluation.metrics import ReconstructionMetrics
 from maesil.nonfinite import guard_training_step, restore_learning_rates, skip_optimizer_update
 from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, decay_parameter_groups, warmup_cosine
 from maesil.random_state import capture_rng_state, restore_rng_state
@@ -64,6 +66,7 @@ class ReconstructionEvaluationHooks:
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
         self._figure_candidate = None
+        self._start_reference_fills("val")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
@@ -72,7 +75,9 @@ class ReconstructionEvaluationHooks:
         self._evaluation_epoch_end("val")
 
     def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
+        self.val_metrics.reset()
+        self._figure_candidate = None
+        self._start_reference_fills("test")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluation_step(batch, "test")
@@ -105,10 +110,48 @@ class ReconstructionEvaluationHooks:
         reconstruction against an unclipped target)."""
         return reconstruction.clamp(0.0, 1.0) if self.data_modality == "ct" else reconstruction
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self._reference_fill_scores: dict[str, dict[str, float]] = {}  # each fit, validate or test scores its data
+
+    def _start_reference_fills(self, stage: str) -> None:
+        """Prepares the reference fills of a stage: within one ``fit`` (or ``validate``/``test``) they are scored
+        at the stage's first epoch only, since its data and masks are fixed, and the kept figures are logged at
+        every epoch."""
+        scores: dict[str, dict[str, float]] = self.__dict__.setdefault("_reference_fill_scores", {})
+        self._reference_fill_metrics = (
+            None if stage in scores
+            else {name: ReconstructionMetrics(self.val_metrics.data_range).to(self.device) for name in FILLS}
+        )
+
+    @torch.no_grad()
+    def score_reference_fills(self, images: Tensor, hidden: Tensor) -> None:
+        """Scores the mean fill and the blur fill (:mod:`maesil.evaluation.fills`) of ``images`` on the very voxels
+        the model had to predict (``hidden``, True = hidden), so each validation shows whether the model beats
+        in-fillings that need no training. Masked methods call this from their evaluation step."""
+        metrics = getattr(self, "_reference_fill_metrics", None)
+        if metrics is None:
+            return
+        for name, fill in FILLS.items():
+            metrics[name].update(fill(images, hidden), images, hidden, modality=self.data_modality)
+
+    def _log_reference_fills(self, stage: str) -> None:
+        """Logs ``{stage}/psnr_masked_blur_fill``, ``..._mean_fill`` etc. (every metric of the fills' scores)."""
+        scores: dict[str, dict[str, float]] = self.__dict__.setdefault("_reference_fill_scores", {})
+        metrics = getattr(self, "_reference_fill_metrics", None)
+        if metrics is not None and any(m.psnr_masked.update_called for m in metrics.values()):
+            scores[stage] = {f"{metric}_{name.replace(' ', '_')}": float(value)
+                             for name, m in metrics.items() for metric, value in m.compute().items()}
+        self._reference_fill_metrics = None
+        for key, value in scores.get(stage, {}).items():
+            self.log(f"{stage}/{key}", value, sync_dist=False)
+
     def _evaluation_epoch_end(self, stage: str) -> None:
-        """Logs the stage's metrics and draws the kept figure candidate (``_log_reconstruction``)."""
+        """Logs the stage's metrics and the reference fills' and draws the kept figure candidate
+        (``_log_reconstruction``)."""
         for name, value in self.val_metrics.compute().items():
             self.log(f"{stage}/{name}", value, prog_bar=name == self.progress_metric)
+        self._log_reference_fills(stage)
         if self._figure_candidate is not None:
             self._log_reconstruction(**self._figure_candidate[1])
             self._figure_candidate = None
@@ -391,3 +434,10 @@ class MethodModule(L.LightningModule):
             if hasattr(logger, "log_image"):
                 logger.log_image(key=name, images=[str(path)], step=self.global_step)
         return path
+
+    def probe_features(self, images: Tensor) -> Tensor:
+        """Frozen encoder features of ``images`` (B, C, X, Y, Z) as a feature map ``(B, C', x, y, z)`` over the
+        superpatch, which :class:`maesil.probing.LinearProbe` fits a light probe on while pretraining runs.
+        Pretraining methods override it; the caller sets eval mode and disables gradients."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose encoder features for a probe "
+                                  "(probe_features)")

@@ -179,6 +179,16 @@ class _AutoencoderModule(ReconstructionEvaluationHooks, MethodModule):
         )
         self.log_figure("reconstructions", figure)
 
+    @torch.no_grad()
+    def probe_features(self, images: Tensor) -> Tensor:
+        """Frozen encoder features for a probe (:class:`maesil.probing.LinearProbe`): the outputs of the levels of
+        MONAI's ``encode`` (AE, VAE: the last is the bottleneck before the VAE's linear layers), the middle one and
+        the deepest upsampled to it (:func:`~maesil.evaluation.probe.mid_and_deepest`), ``(B, C_mid + C_deep, x, y,
+        z)``."""
+        from maesil.evaluation.probe import mid_and_deepest, stage_outputs
+
+        return mid_and_deepest(stage_outputs(self.net.encode, images))
+
 
 class AE(_AutoencoderModule):
     """Convolutional autoencoder baseline (MONAI ``AutoEncoder``), trained to reconstruct whole superpatches.
@@ -572,3 +582,12 @@ class VQVAE(_AutoencoderModule):
         if message is not None:
             warnings.warn(f"step {self.global_step}: {message}", CodebookCollapseWarning, stacklevel=2)
         return message
+
+    @torch.no_grad()
+    def probe_features(self, images: Tensor) -> Tensor:
+        """Frozen encoder features for a probe (:class:`maesil.probing.LinearProbe`): the outputs of the encoder's
+        blocks (the last is the latent before quantisation), the middle level and the deepest upsampled to it
+        (:func:`~maesil.evaluation.probe.mid_and_deepest`), ``(B, C_mid + C_deep, x, y, z)``."""
+        from maesil.evaluation.probe import mid_and_deepest, stage_outputs
+
+        return mid_and_deepest(stage_outputs(self.net.encoder.blocks, images))

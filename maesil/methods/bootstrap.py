@@ -207,6 +207,15 @@ class BootstrapModule(MethodModule):
         )
         self.log_figure("views", figure)
 
+    @torch.no_grad()
+    def probe_features(self, images: Tensor) -> Tensor:
+        """Frozen encoder features for a probe (:class:`maesil.probing.LinearProbe`): the online backbone's encoder
+        (what BYOL and PGL both train and fine-tuning loads), its middle stage and its deepest upsampled to it
+        (:func:`~maesil.evaluation.probe.mid_and_deepest`), ``(B, C_mid + C_deep, x, y, z)``."""
+        from maesil.evaluation.probe import mid_and_deepest
+
+        return mid_and_deepest(self.backbone.encode(images))
+
 
 def unet_backbone(preset: str, in_channels: int, features: Sequence[int] | None,
                   blocks_per_stage: Sequence[int] | None, strides: Sequence[int] | None) -> nn.Module:

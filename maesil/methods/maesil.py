@@ -53,6 +53,9 @@ class MAESIL(ReconstructionEvaluationHooks, MethodModule):
         decoder_depth: Decoder transformer blocks.
         decoder_num_heads: Decoder attention heads.
         norm_pix_loss: Regress per-patch normalised voxels (MAE's option) instead of raw intensities.
+        visible_loss_weight: Weight of the visible patches' MSE added to the masked patches' loss; 0 (default) is
+            MAE's loss. A positive weight teaches the decoder to reproduce visible patches too, which the
+            masking-off ``paper`` protocol of ``benchmark-recon`` scores (docs/methods.md).
         masking: ``dual``, ``tube`` or ``random``.
         mask_ratio: Masked fraction of the first mask (the in-plane tube mask for ``dual``/``tube``).
         axial_mask_ratio: ``dual`` only: masked fraction of each slice's remaining visible tokens;
@@ -89,6 +92,7 @@ class MAESIL(ReconstructionEvaluationHooks, MethodModule):
         decoder_depth: int = 4,
         decoder_num_heads: int = 8,
         norm_pix_loss: bool = False,
+        visible_loss_weight: float = 0.0,
         masking: MaskingMode = "dual",
         mask_ratio: float = 0.5,
         axial_mask_ratio: float | None = None,
@@ -118,6 +122,7 @@ class MAESIL(ReconstructionEvaluationHooks, MethodModule):
             decoder_depth=decoder_depth,
             decoder_num_heads=decoder_num_heads,
             norm_pix_loss=norm_pix_loss,
+            visible_loss_weight=visible_loss_weight,
         )
         self.masking = masking
         self.mask_ratio = mask_ratio
@@ -211,6 +216,7 @@ class MAESIL(ReconstructionEvaluationHooks, MethodModule):
         reconstruction = self.clamp_reconstruction(self.net.reconstruct(images, output))
         voxel_mask = self.voxel_mask(output.mask, images.shape[1])
         self.val_metrics.update(reconstruction, images, voxel_mask, modality=self.data_modality)
+        self.score_reference_fills(images, voxel_mask)
         self.log(f"{stage}/loss", output.loss, batch_size=images.shape[0], sync_dist=True)
         self.keep_figure_candidate(batch, mask=voxel_mask, reconstruction=reconstruction)
 
@@ -221,3 +227,13 @@ class MAESIL(ReconstructionEvaluationHooks, MethodModule):
             value_range=display_range(image.numpy(), self.data_modality),
         )
         self.log_figure("reconstructions", figure)
+
+    @torch.no_grad()
+    def probe_features(self, images: Tensor) -> Tensor:
+        """Frozen encoder features for a probe (:class:`maesil.probing.LinearProbe`): the ViT encoder's output
+        tokens with every token visible (no mask, as :meth:`reconstruct_unmasked`), on the token grid,
+        ``(B, embed_dim, X / token_size, Y / token_size, Z / token_size)``."""
+        from maesil.evaluation.probe import token_feature_map
+
+        grid = [edge // self.token_size for edge in images.shape[2:]]
+        return token_feature_map(self.net.encoder(images), grid)

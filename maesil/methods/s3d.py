@@ -241,6 +241,7 @@ class S3D(ReconstructionEvaluationHooks, MethodModule):
         images = batch["image"]
         reconstruction, hidden, loss = self.masked_reconstruction(batch)
         self.val_metrics.update(reconstruction, images, hidden, modality=self.data_modality)
+        self.score_reference_fills(images, hidden)
         self.log(f"{stage}/loss", loss, batch_size=images.shape[0], sync_dist=True)
         self.keep_figure_candidate(batch, mask=hidden, reconstruction=reconstruction)
 
@@ -253,3 +254,12 @@ class S3D(ReconstructionEvaluationHooks, MethodModule):
             value_range=display_range(image.numpy(), self.data_modality),
         )
         self.log_figure("reconstructions", figure)
+
+    @torch.no_grad()
+    def probe_features(self, images: Tensor) -> Tensor:
+        """Frozen encoder features for a probe (:class:`maesil.probing.LinearProbe`): the encoder run densely, every
+        cell visible (``net.encoder``, the weights fine-tuning loads), its middle stage and its deepest upsampled
+        to it (:func:`~maesil.evaluation.probe.mid_and_deepest`), ``(B, C_mid + C_deep, x, y, z)``."""
+        from maesil.evaluation.probe import mid_and_deepest
+
+        return mid_and_deepest(self.net.encode(images))

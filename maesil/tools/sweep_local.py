@@ -20,8 +20,10 @@ and runs the commands one after another as subprocesses:
 Each run's final metrics come from its ``summary.json``, written by :class:`maesil.callbacks.RunSummary`
 (in every experiment YAML), not from a logger's files. Outputs in ``OUT`` (default
 ``runs/sweeps/<sweep file name>``): ``results.csv`` (one row per run: parameters, effective masked
-fraction, status, wall time, final metrics) and ``sweep.png`` (PSNR and SSIM, masked-region values when
-logged, against the masked fraction, one line per combination of the other swept parameters).
+fraction, status, wall time, final metrics, with ``probe/dice`` next to the PSNR and SSIM when the runs carry
+:class:`maesil.probing.LinearProbe`) and ``sweep.png`` (PSNR and SSIM, masked-region values when logged, and
+probe Dice when logged, against the masked fraction, one line per combination of the other swept
+parameters).
 
     python -m maesil sweep-local experiments/sweeps/mask_ratio.yaml -- --trainer.max_steps 200
 
@@ -49,8 +51,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+#: The linear probe's mean organ Dice on frozen encoder features (:class:`maesil.probing.LinearProbe`).
+PROBE_DICE = "probe/dice"
 #: Metric columns shown first (table, CSV) and plotted, masked-region values preferred.
-PREFERRED_METRICS = ("val/psnr_masked", "val/ssim_masked", "val/psnr", "val/ssim", "val/loss", "train/loss")
+PREFERRED_METRICS = ("val/psnr_masked", "val/ssim_masked", "val/psnr", "val/ssim", PROBE_DICE, "val/loss",
+                     "train/loss")
+#: Metrics of the end-of-sweep table and of each run's closing line, when logged.
+TABLE_METRICS = PREFERRED_METRICS[:5]
 PSNR_KEYS = ("val/psnr_masked", "val/psnr")
 SSIM_KEYS = ("val/ssim_masked", "val/ssim")
 EFFECTIVE = "effective_mask_ratio"
@@ -343,8 +350,8 @@ def x_parameter(sweep: Sweep, x: str) -> str | None:
 
 
 def sweep_figure(results: Sequence[RunResult], sweep: Sweep, x: str = "auto") -> Figure | None:
-    """PSNR and SSIM (masked-region values when logged) against the x value, one line per combination of the
-    other swept values; None when no run has metrics.
+    """PSNR and SSIM (masked-region values when logged), and probe Dice when logged, against the x value, one line
+    per combination of the other swept values; None when no run has metrics.
 
     ``x="auto"`` plots against the effective masked fraction when every run recorded it (for ``dual``
     masking the swept ``mask_ratio`` is only the tube ratio, so the fraction is the comparable axis), else
@@ -362,7 +369,8 @@ def sweep_figure(results: Sequence[RunResult], sweep: Sweep, x: str = "auto") ->
     groups_keys = [key for key in sweep.swept if key != param]
     psnr_key = next((k for k in PSNR_KEYS if any(k in r.metrics for r in done)), None)
     ssim_key = next((k for k in SSIM_KEYS if any(k in r.metrics for r in done)), None)
-    panels = [key for key in (psnr_key, ssim_key) if key]
+    probe_key = PROBE_DICE if any(PROBE_DICE in r.metrics for r in done) else None
+    panels = [key for key in (psnr_key, ssim_key, probe_key) if key]
     if not panels:
         return None
     figure = Figure(figsize=(5.2 * len(panels), 4.2), layout="constrained")
@@ -400,8 +408,9 @@ def plot_sweep(results: Sequence[RunResult], sweep: Sweep, path: Path, x: str = 
 
 
 def format_table(results: Sequence[RunResult], sweep: Sweep) -> str:
-    """The end-of-sweep table: run, swept values, masked fraction, status, wall time, main metrics."""
-    metrics = [key for key in PREFERRED_METRICS[:4] if any(key in r.metrics for r in results)]
+    """The end-of-sweep table: run, swept values, masked fraction, status, wall time, main metrics (probe Dice
+    beside the reconstruction metrics when the runs logged it)."""
+    metrics = [key for key in TABLE_METRICS if any(key in r.metrics for r in results)]
     header = ["run", *[key.rsplit(".", 1)[-1] for key in sweep.swept], "masked", "status", "wall (s)",
               *[key.removeprefix("val/") for key in metrics]]
     rows = [header]
@@ -416,13 +425,15 @@ def format_table(results: Sequence[RunResult], sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
-def best_run(results: Sequence[RunResult], sweep: Sweep) -> RunResult | None:
-    """The run with the best final value of the sweep's ``metric`` (None without metric or values)."""
-    name = sweep.metric.get("name")
+def best_run(results: Sequence[RunResult], sweep: Sweep, name: str | None = None) -> RunResult | None:
+    """The run with the best final value of ``name`` (default: the sweep's ``metric``, maximised unless its goal
+    is ``minimize``; any other name is maximised); None without metric or values."""
+    goal = "maximize" if name is not None and name != sweep.metric.get("name") else sweep.metric.get("goal")
+    name = name or sweep.metric.get("name")
     scored = [r for r in results if name in r.metrics and math.isfinite(r.metrics[name])]
     if not name or not scored:
         return None
-    pick = min if sweep.metric.get("goal") == "minimize" else max
+    pick = min if goal == "minimize" else max
     return pick(scored, key=lambda r: r.metrics[name])
 
 
@@ -481,7 +492,7 @@ def run_sweep(sweep: Sweep, out: Path, extra: Sequence[str] = (), max_runs: int 
             print(f"{line} (exit code {result.returncode}); last lines of {result.run_dir / 'output.log'}:\n"
                   f"{tail(result.run_dir / 'output.log')}", flush=True)
         else:
-            shown = {key: result.metrics[key] for key in PREFERRED_METRICS[:4] if key in result.metrics}
+            shown = {key: result.metrics[key] for key in TABLE_METRICS if key in result.metrics}
             print(line + ("; " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) if shown else
                           f"; {result.note}"), flush=True)
     return results
@@ -496,6 +507,9 @@ def report(results: Sequence[RunResult], sweep: Sweep, out: Path, x: str, wall_s
     if best is not None:
         print(f"\nbest {sweep.metric['name']} ({sweep.metric.get('goal', 'maximize')}): {best.name} "
               f"{best.metrics[sweep.metric['name']]:.4f}")
+    best_probe = best_run(results, sweep, PROBE_DICE) if sweep.metric.get("name") != PROBE_DICE else None
+    if best_probe is not None:
+        print(f"best {PROBE_DICE} (maximize): {best_probe.name} {best_probe.metrics[PROBE_DICE]:.4f}")
     failed = [r.name for r in results if r.status != "finished"]
     missing = [r.name for r in results if r.status == "finished" and not r.metrics]
     if failed:

@@ -111,3 +111,51 @@ def test_a_checkpoint_of_the_0_1_layout_loads_from_its_img_size_and_patch_size()
     assert all(torch.equal(value, state[key]) for key, value in module.state_dict().items())
     reconstruction, hidden = module.reconstruct_for_evaluation(batch_of(torch.rand(1, 1, 32, 32, 32), ["a"]))
     assert reconstruction.shape == hidden.shape == (1, 1, 32, 32, 32)
+
+
+def test_validation_scores_the_reference_fills_once_on_the_models_masks(tiny_ct_dir, tmp_path):
+    import lightning as L
+
+    from maesil.data import VolumeDataModule
+    from maesil.evaluation.fills import blur_fill, mean_fill
+    from maesil.evaluation.metrics import ReconstructionMetrics
+
+    module = tiny_module()
+    seen = []
+    original = module.score_reference_fills
+
+    def spy(images, hidden):
+        if module._reference_fill_metrics is not None:
+            seen.append((images.clone(), hidden.clone()))
+        original(images, hidden)
+
+    module.score_reference_fills = spy
+    datamodule = VolumeDataModule(data_dir=str(tiny_ct_dir), superpatch_size=32, target_spacing=4.0,
+                                  val_fraction=0.34, batch_size=2, num_workers=0, check_voxels=False,
+                                  samples_per_volume=2, queue_length=4)
+    logged = []
+
+    class Record(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if "fill" in k})
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, max_steps=2, val_check_interval=1,
+                        check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[Record()])
+    trainer.fit(module, datamodule=datamodule)
+    assert len(logged) == 2 and logged[0] == logged[1]  # logged at every validation, scored at the first only
+    batches = len(seen)
+    assert batches == len(trainer.val_dataloaders)
+    expected = {}
+    for name, fill in {"blur_fill": blur_fill, "mean_fill": mean_fill}.items():
+        metrics = ReconstructionMetrics()
+        for images, hidden in seen:
+            metrics.update(fill(images, hidden), images, hidden, modality="ct")
+        expected[name] = {key: float(value) for key, value in metrics.compute().items()}
+    for name in expected:
+        assert logged[0][f"val/psnr_masked_{name}"] == pytest.approx(expected[name]["psnr_masked"], rel=1e-5)
+        assert logged[0][f"val/ssim_masked_{name}"] == pytest.approx(expected[name]["ssim_masked"], rel=1e-5)
+    # The hidden voxels are the model's validation masks: 75 % of each superpatch under dual 0.5/0.5.
+    images, hidden = seen[0]
+    assert float(hidden.float().mean()) == pytest.approx(0.75)
+    assert logged[0]["val/psnr_masked_blur_fill"] > logged[0]["val/psnr_masked_mean_fill"]

@@ -18,12 +18,15 @@ from maesil.tools.sweep_local import (
     SweepError,
     build_command,
     expand_grid,
+    format_table,
     load_sweep,
     mask_ratio_from_config,
     plan_runs,
     plot_sweep,
+    report,
     sweep_figure,
     sweep_local_command,
+    write_results_csv,
 )
 from tests.helpers import REPO_ROOT, tiny_maesil_overrides
 
@@ -40,6 +43,18 @@ def tiny_overrides(data_dir: Path) -> list[str]:
         "--trainer.limit_val_batches", "1",
         "--trainer.log_every_n_steps", "1",
         "--trainer.enable_model_summary", "false",
+    ]
+
+
+def tiny_probe_overrides(data_dir: Path) -> list[str]:
+    """Appended after a command that adds the LinearProbe last: it probes the tiny phantoms, 1 superpatch each."""
+    return [
+        "--trainer.callbacks.data", str(data_dir),
+        "--trainer.callbacks.train_volumes", "2",
+        "--trainer.callbacks.test_volumes", "1",
+        "--trainer.callbacks.superpatches_per_volume", "1",
+        "--trainer.callbacks.fit_iterations", "5",
+        "--trainer.callbacks.at_start", "false",
     ]
 
 
@@ -69,6 +84,10 @@ def test_mask_ratio_sweep_file_is_the_grid_we_document():
                                 "model.init_args.masking": ["random", "tube", "dual"]}
     grid = expand_grid(sweep)
     assert len(grid) == 18 and len({tuple(p.values()) for p in grid}) == 18
+    probe = sweep.command.index("--trainer.callbacks+=maesil.probing.LinearProbe")
+    assert sweep.command[probe + 1:probe + 3] == ["--trainer.callbacks.every_n_steps=300",
+                                                  "--trainer.callbacks.at_start=false"]
+    assert sweep.command[-1] == "${args}"
     # Every combination is a valid mask on the demo's 8³ token grid (64³ superpatch, 8³ patches).
     demo = yaml.safe_load(DEMO_YAML.read_text())["model"]["init_args"]
     for params in grid:
@@ -86,7 +105,7 @@ def test_every_command_of_the_mask_ratio_sweep_trains(tiny_ct_dir, tmp_path, mon
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     sweep = load_sweep(MASK_RATIO_SWEEP)
-    runs = plan_runs(sweep, tmp_path, extra=tiny_overrides(tiny_ct_dir))
+    runs = plan_runs(sweep, tmp_path, extra=[*tiny_overrides(tiny_ct_dir), *tiny_probe_overrides(tiny_ct_dir)])
     assert len(runs) == 18
     for run in runs:
         assert run.command[:3] == [sys.executable, "-m", "maesil"]
@@ -99,6 +118,7 @@ def test_every_command_of_the_mask_ratio_sweep_trains(tiny_ct_dir, tmp_path, mon
         expected = expected_mask_ratio(masking, (4, 4, 4), ratio, 0.5 if masking == "dual" else None)
         assert summary["effective_mask_ratio"] == pytest.approx(expected), run.name
         assert math.isfinite(summary["metrics"]["val/psnr_masked"]) and 0 < summary["metrics"]["val/ssim"] < 1
+        assert 0 <= summary["metrics"]["probe/dice"] <= 1, run.name  # the probe after the last step
         saved = yaml.safe_load((run.run_dir / "config.yaml").read_text())["model"]["init_args"]
         assert (saved["masking"], saved["mask_ratio"]) == (masking, ratio)
         assert mask_ratio_from_config(run.run_dir) == pytest.approx(expected)
@@ -110,10 +130,12 @@ def test_sweep_local_runs_a_grid_as_subprocesses(tiny_ct_dir, tmp_path, capsys):
         {"model.init_args.mask_ratio": {"values": [0.5, 0.75]},
          "model.init_args.masking": {"values": ["random", "tube"]},
          "model.init_args.decoder_depth": {"value": 1}},
-        command=["${env}", "${interpreter}", "-m", "maesil", "fit", "--config", str(DEMO_YAML), "${args}"],
+        command=["${env}", "${interpreter}", "-m", "maesil", "fit", "--config", str(DEMO_YAML),
+                 "--trainer.callbacks+=maesil.probing.LinearProbe", "${args}"],
     )
     out = tmp_path / "out"
-    code = sweep_local_command([str(sweep_file), "--out", str(out), "--quiet", "--", *tiny_overrides(tiny_ct_dir)])
+    code = sweep_local_command([str(sweep_file), "--out", str(out), "--quiet", "--", *tiny_overrides(tiny_ct_dir),
+                                *tiny_probe_overrides(tiny_ct_dir)])
     printed = capsys.readouterr().out
     assert code == 0, printed
 
@@ -125,7 +147,7 @@ def test_sweep_local_runs_a_grid_as_subprocesses(tiny_ct_dir, tmp_path, capsys):
     for row in rows:
         assert row["status"] == "finished" and row["returncode"] == "0" and row["global_step"] == "2"
         assert row["model.init_args.decoder_depth"] == "1"
-        for key in ("val/psnr_masked", "val/ssim_masked", "val/psnr", "val/ssim"):
+        for key in ("val/psnr_masked", "val/ssim_masked", "val/psnr", "val/ssim", "probe/dice"):
             assert math.isfinite(float(row[key])), (row["run"], key)
         assert 0 < float(row["val/ssim"]) < 1 and float(row["wall_s"]) > 0
         summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
@@ -134,6 +156,11 @@ def test_sweep_local_runs_a_grid_as_subprocesses(tiny_ct_dir, tmp_path, capsys):
     assert [float(row["effective_mask_ratio"]) for row in rows] == [0.5, 0.5, 0.75, 0.75]
     assert (out / "sweep.png").stat().st_size > 10_000
     assert "4 run(s) in" in printed and "best val/psnr_masked (maximize): run_00" in printed
+    assert "best probe/dice (maximize): run_00" in printed
+    header = list(rows[0])
+    assert header[header.index("val/ssim") + 1] == "probe/dice"  # next to the reconstruction metrics
+    table_header = next(line for line in printed.splitlines() if line.startswith("run  "))
+    assert table_header.split()[-5:] == ["psnr_masked", "ssim_masked", "psnr", "ssim", "probe/dice"]
     assert printed.count("finished in") == 4
 
 
@@ -264,3 +291,33 @@ def test_the_masked_fraction_is_read_from_configs_of_every_layout(tmp_path, stat
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     # 32³ in 16³ tokens: 2 of 8 tokens masked (0.25); the default 8³ tokens would give 19 of 64
     assert mask_ratio_from_config(tmp_path) == pytest.approx(0.25)
+
+
+def test_probe_dice_is_a_column_of_the_results_the_table_and_the_plot(tmp_path, capsys):
+    sweep = load_sweep(MASK_RATIO_SWEEP)
+    params = expand_grid(sweep)
+    results = [
+        RunResult(name="low", params=params[0], run_dir=tmp_path, command=[], status="finished", returncode=0,
+                  effective_mask_ratio=0.25, metrics={"val/psnr_masked": 14.0, "val/ssim": 0.3, "probe/dice": 0.41,
+                                                     "probe/dice_liver": 0.8, "train/loss": 0.1}),
+        RunResult(name="high", params=params[3], run_dir=tmp_path, command=[], status="finished", returncode=0,
+                  effective_mask_ratio=0.5, metrics={"val/psnr_masked": 13.0, "val/ssim": 0.2, "probe/dice": 0.47,
+                                                     "probe/dice_liver": 0.7, "train/loss": 0.2}),
+    ]
+    rows = list(csv.DictReader(open(write_results_csv(results, sweep, tmp_path / "results.csv"))))
+    header = list(rows[0])
+    assert header[header.index("val/psnr_masked"):header.index("val/psnr_masked") + 3] == [
+        "val/psnr_masked", "val/ssim", "probe/dice"]
+    assert [float(row["probe/dice"]) for row in rows] == [0.41, 0.47]
+    assert "probe/dice_liver" in header
+    table = format_table(results, sweep).splitlines()
+    assert table[0].split()[-3:] == ["psnr_masked", "ssim", "probe/dice"]
+    assert table[2].split()[-1] == "0.4100" and table[3].split()[-1] == "0.4700"
+    axes = sweep_figure(results, sweep).axes
+    assert [axis.get_ylabel() for axis in axes] == ["val/psnr_masked (dB)", "val/ssim", "probe/dice"]
+    assert list(axes[2].get_lines()[0].get_ydata()) == [0.41, 0.47]  # one line: both runs mask at random
+
+    report(results, sweep, tmp_path / "out", "auto", 1.0)
+    printed = capsys.readouterr().out
+    assert "best val/psnr_masked (maximize): low 14.0000" in printed
+    assert "best probe/dice (maximize): high 0.4700" in printed
