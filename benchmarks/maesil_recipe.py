@@ -40,6 +40,7 @@ VARIANTS: dict[str, list[str]] = {
     "batch_8": ["--data.init_args.batch_size", "8"],
     "batch_2": ["--data.init_args.batch_size", "2"],
     "random_mask": ["--model.init_args.masking", "random", "--model.init_args.mask_ratio", "0.75"],
+    "decoder_local_mixing": ["--model.init_args.decoder_local_mixing", "true"],
     "visible_loss_0.1": ["--model.init_args.visible_loss_weight", "0.1"],
 }
 

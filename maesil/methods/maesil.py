@@ -53,6 +53,9 @@ class MAESIL(ReconstructionEvaluationHooks, MethodModule):
         decoder_depth: Decoder transformer blocks.
         decoder_num_heads: Decoder attention heads.
         norm_pix_loss: Regress per-patch normalised voxels (MAE's option) instead of raw intensities.
+        decoder_local_mixing: A depthwise 3×3×3 convolution of the decoder's tokens on their grid before each
+            decoder block (:class:`~maesil.models.mae.MaskedAutoencoder3D`): the decoder reads neighbouring tokens
+            from the first step instead of learning locality from data. Pretraining-only; the encoder is unchanged.
         visible_loss_weight: Weight of the visible patches' MSE added to the masked patches' loss; 0 (default) is
             MAE's loss. A positive weight teaches the decoder to reproduce visible patches too, which the
             masking-off ``paper`` protocol of ``benchmark-recon`` scores (docs/methods.md).
@@ -92,6 +95,7 @@ class MAESIL(ReconstructionEvaluationHooks, MethodModule):
         decoder_depth: int = 4,
         decoder_num_heads: int = 8,
         norm_pix_loss: bool = False,
+        decoder_local_mixing: bool = False,
         visible_loss_weight: float = 0.0,
         masking: MaskingMode = "dual",
         mask_ratio: float = 0.5,
@@ -122,6 +126,7 @@ class MAESIL(ReconstructionEvaluationHooks, MethodModule):
             decoder_depth=decoder_depth,
             decoder_num_heads=decoder_num_heads,
             norm_pix_loss=norm_pix_loss,
+            decoder_local_mixing=decoder_local_mixing,
             visible_loss_weight=visible_loss_weight,
         )
         self.masking = masking

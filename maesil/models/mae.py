@@ -72,6 +72,10 @@ class MaskedAutoencoder3D(nn.Module):
         decode_visible: also predict the visible patches (full last decoder block). Off by default: the loss and
             :meth:`reconstruct` only read masked patches, and skipping the visible queries of the last block saves
             about a tenth of a training step without changing the loss or any gradient.
+        decoder_local_mixing: before each decoder block, add a depthwise 3×3×3 convolution of the tokens on their
+            grid (a position-encoding generator, CPVT, Chu et al. 2021). It gives the decoder the locality a ViT
+            otherwise has to learn from data: a masked token reads its neighbours from the first step. The
+            decoder is pretraining-only, so the encoder, and what transfers, is the same ViT either way.
         visible_loss_weight: weight of the visible patches' MSE added to the masked patches' MSE (0: MAE's loss,
             masked patches only). A positive weight trains the decoder to reproduce what it was shown too, which
             the masking-off evaluation (every patch visible, every patch predicted) reads; it implies
@@ -92,6 +96,7 @@ class MaskedAutoencoder3D(nn.Module):
         decoder_num_heads: int = 4,
         norm_pix_loss: bool = False,
         decode_visible: bool = False,
+        decoder_local_mixing: bool = False,
         visible_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
@@ -120,6 +125,11 @@ class MaskedAutoencoder3D(nn.Module):
         )  # (N, Dd)
         self.decoder_blocks = transformer_blocks(
             decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio=mlp_ratio, prefix="decoder_"
+        )
+        self.decoder_local_mixing = (
+            nn.ModuleList(nn.Conv3d(decoder_embed_dim, decoder_embed_dim, 3, padding=1, groups=decoder_embed_dim)
+                          for _ in range(decoder_depth))
+            if decoder_local_mixing else None
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_dim)
@@ -168,16 +178,25 @@ class MaskedAutoencoder3D(nn.Module):
         x = gather_tokens(x, mask.ids_restore)  # (B, N, Dd) unshuffled to grid order
         x = x + self.decoder_pos_embed
         if self.decode_visible or n_keep == 0 or n_keep == n:
-            for blk in self.decoder_blocks:
-                x = blk(x)
+            for index, blk in enumerate(self.decoder_blocks):
+                x = blk(self._mix_locally(x, index))
             return self.decoder_pred(self.decoder_norm(x))  # (B, N, C*p^3)
-        for blk in self.decoder_blocks[:-1]:
-            x = blk(x)
+        for index, blk in enumerate(self.decoder_blocks[:-1]):
+            x = blk(self._mix_locally(x, index))
         ids_masked = mask.ids_masked  # (B, N - n_keep)
+        x = self._mix_locally(x, len(self.decoder_blocks) - 1)
         x = self.decoder_blocks[-1](x, query_ids=ids_masked)  # (B, N - n_keep, Dd)
         pred_masked = self.decoder_pred(self.decoder_norm(x))  # (B, N - n_keep, C*p^3)
         pred = pred_masked.new_zeros(b, n, pred_masked.shape[-1])
         return pred.scatter(1, ids_masked.unsqueeze(-1).expand_as(pred_masked), pred_masked)  # (B, N, C*p^3)
+
+    def _mix_locally(self, x: Tensor, index: int) -> Tensor:
+        """``x + depthwise_conv(x)`` on the token grid before decoder block ``index`` (``decoder_local_mixing``)."""
+        if self.decoder_local_mixing is None:
+            return x
+        b, n, d = x.shape
+        grid = x.transpose(1, 2).reshape(b, d, *self.grid)
+        return x + self.decoder_local_mixing[index](grid).flatten(2).transpose(1, 2)
 
     def forward_loss(self, images: Tensor, pred: Tensor, mask: TokenMask) -> Tensor:
         """Mean over masked tokens of the per-patch MSE; visible tokens get exactly zero gradient unless

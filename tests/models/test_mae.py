@@ -174,3 +174,32 @@ def test_visible_loss_weight_adds_the_weighted_visible_mse():
     assert (out.pred.grad[~mask.mask].abs().sum(-1) > 0).all()
     with pytest.raises(ValueError, match="visible_loss_weight"):
         _tiny(visible_loss_weight=-1.0)
+
+
+def test_decoder_local_mixing_reads_neighbouring_tokens_and_keeps_the_masked_query_shortcut_exact():
+    model = _tiny(decoder_local_mixing=True)
+    assert len(model.decoder_local_mixing) == TINY["decoder_depth"]
+    x = torch.randn(2, 1, 16, 16, 16)
+    mask = _mask(model)
+    fast = model(x, mask)
+    model.decode_visible = True
+    full = model(x, mask)
+    torch.testing.assert_close(fast.pred[mask.mask], full.pred[mask.mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.loss, full.loss, atol=1e-6, rtol=1e-5)
+    # With attention switched off (zero residual branches) only the convolution mixes tokens: a masked token's
+    # prediction then depends on its grid neighbours and not on a token two cells away.
+    for block in model.decoder_blocks:
+        for parameter in block.parameters():
+            parameter.data.zero_()
+    latent = model.forward_encoder(x, mask).detach().requires_grad_(True)
+    pred = model.forward_decoder(latent, mask)
+    grid = model.grid
+    target = int(mask.ids_masked[0, 0])
+    pred[0, target].sum().backward()
+    kept = mask.ids_keep[0].tolist()
+    tz, ty, tx = target // (grid[1] * grid[2]), target // grid[2] % grid[1], target % grid[2]
+    for slot, token in enumerate(kept):
+        z, y, x_ = token // (grid[1] * grid[2]), token // grid[2] % grid[1], token % grid[2]
+        distance = max(abs(z - tz), abs(y - ty), abs(x_ - tx))
+        touched = bool(latent.grad[0, slot].abs().sum() > 0)
+        assert touched == (distance <= TINY["decoder_depth"]), (token, distance)
