@@ -18,7 +18,10 @@ grid with overlap and Hann blending, aggregated on the CPU, scored per class wit
 HD95 in mm (MONAI). ``predict`` writes label maps as NIfTI in each input's original geometry.
 
 The decoder-only warm-up and the linear warm-up of the encoder are the
-:class:`~maesil.callbacks.EncoderWarmup` callback (in the fine-tuning YAMLs).
+:class:`~maesil.callbacks.EncoderWarmup` callback (in the fine-tuning YAMLs). ``freeze_encoder: true`` keeps the
+encoder fixed for the whole run instead (a linear-probe-like reading of what the pretrained features alone are
+worth): its parameters take no gradient and are not in the optimizer, and it stays in eval mode, so nothing in
+it changes; only the decoder and the head learn.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class Segmentation(MethodModule):
         pretrained: checkpoint or exported encoder to start from; ``None`` trains from scratch.
         pretrained_mapping: explicit ``{checkpoint prefix: model prefix}``; ``None`` detects the layout.
         layer_decay: layer-wise lr decay of the ViT encoder (UNETR only; ``None``: no decay).
+        freeze_encoder: keep the encoder (pretrained or random) fixed: no gradient, not in the optimizer, always
+            in eval mode; the decoder and head train.
         class_names: names of classes 1 .. num_classes − 1 for logs and tables.
         overlap: sliding-window overlap of whole-volume inference (fraction of the patch).
         blend: ``hann`` or ``average`` weighting of overlapping windows.
@@ -107,6 +112,7 @@ class Segmentation(MethodModule):
         pretrained: str | None = None,
         pretrained_mapping: dict[str, str] | None = None,
         layer_decay: float | None = None,
+        freeze_encoder: bool = False,
         class_names: list[str] | None = None,
         overlap: float = 0.5,
         blend: Literal["hann", "average"] = "hann",
@@ -146,6 +152,10 @@ class Segmentation(MethodModule):
         self.net = build_segmentation_network(architecture, preset, num_classes, in_channels, self.superpatch_size,
                                               network_args)
         self.layer_decay = layer_decay if architecture == "unetr" else None
+        self.freeze_encoder = bool(freeze_encoder)
+        if self.freeze_encoder:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
         self.class_names = list(class_names) if class_names else [f"class_{c}" for c in range(1, num_classes)]
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.pretrained_report = None
@@ -189,22 +199,32 @@ class Segmentation(MethodModule):
             for message in check_preprocessing(report.metadata, **{k: v for k, v in actual.items() if v is not None}):
                 warnings.warn(f"{path}: {message}", UserWarning, stacklevel=2)
 
+    def train(self, mode: bool = True) -> Segmentation:
+        """Lightning's train/eval switch; a frozen encoder stays in eval mode (no dropout, no statistics)."""
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        return self
+
     def describe(self) -> str:
         source = self.hparams.pretrained or "random initialisation (from scratch)"
+        frozen = ", frozen" if self.freeze_encoder else ""
         return (f"Segmentation ({self.architecture}, {self.hparams.preset}): "
                 f"{count_parameters(self.net) / 1e6:.2f} M parameters, encoder "
-                f"{count_parameters(self.encoder) / 1e6:.2f} M from {source}; {self.num_classes} classes")
+                f"{count_parameters(self.encoder) / 1e6:.2f} M from {source}{frozen}; {self.num_classes} classes")
 
     # --------------------------------------------------------------- optimiser
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Decay / no-decay groups, split into encoder and decoder; with ``layer_decay`` one group per
         ViT layer, scaled by ``layer_decay^(L − 1 − layer)`` (``lr_scale``, applied by the base class's
         ``configure_optimizers`` with ``batch_lr_factor``). ``is_encoder`` marks the groups
-        :class:`~maesil.callbacks.EncoderWarmup` holds back."""
+        :class:`~maesil.callbacks.EncoderWarmup` holds back. A frozen encoder has no group."""
         groups: dict[tuple, dict[str, Any]] = {}
         num_layers = getattr(self.net, "num_lr_layers", None)
         for name, param in self.net.named_parameters():
             is_encoder = name.startswith("encoder.")
+            if is_encoder and self.freeze_encoder:
+                continue
             no_decay = param.ndim < 2 or any(token in name for token in self.no_weight_decay)
             if self.layer_decay is not None and num_layers is not None:
                 layer = self.net.layer_index(name)

@@ -3,8 +3,32 @@
 On the built-in phantoms' organ labels (or any labelled data given as a manifest), the command fine-tunes
 the segmentation network from random initialisation and from each given checkpoint, with the same data,
 steps, schedule and seeds, then scores every run on a fixed held-out set over whole volumes (Dice per organ
-and HD95 in mm). It prints mean ± std over the seeds, and writes ``results.csv`` (one row per run and
-class), ``summary.csv`` and ``compare_init.png``.
+and HD95 in mm).
+
+The few-label protocol:
+
+* ``--train-count 1 2 4``: each count of labelled training volumes is a separate set of arms. The subsets are
+  nested (count ``k`` trains on the first ``k`` training volumes) and every count is scored on the same
+  held-out volumes.
+* ``--modes finetune frozen``: ``finetune`` trains the whole network (the YAML's schedule: decoder-only
+  warm-up, then the encoder); ``frozen`` keeps the encoder fixed and trains the decoder and head only. The
+  scratch arm's frozen run is a frozen *random* encoder, the reference every frozen pretrained encoder is
+  read against.
+* Learning curves: every run scores the held-out volumes every ``--curve-every`` steps. The budget (steps,
+  schedule) is fixed before the run and nothing is selected from these scores, so validating on the
+  held-out volumes does not leak into the result; the curves only show whether a run has plateaued. The
+  final score, the curve's last point, is the scoring of the whole held-out volumes after the last step: the
+  validation at that step when ``--curve-every`` divides ``--steps`` (a test pass would score the same
+  volumes with the same weights again), else a test pass.
+* Paired results: per seed, each pretrained run's Dice minus that of the scratch run of the same network,
+  mode, label count and seed; mean ± std over seeds and how many seeds were positive.
+
+Written to ``--out``: ``results.csv`` (one row per run: every test metric, the seconds spent training and
+scoring, and how many scorings of the held-out set the run made), ``summary.csv`` (mean ± std per arm),
+``paired.csv`` (one row per pretrained arm: seeds, positive seeds, mean and std of the differences),
+``paired_seeds.csv`` (one row per pretrained run: its Dice, its scratch reference's and the difference),
+``curves.csv`` (one row per run and scored step), ``compare_init.png`` (Dice per organ) and ``curves.png``
+(mean curve over seeds per arm, one panel per label count). Every table is printed at the end.
 
 Each checkpoint picks its network from its method's transfer layout: a ViT encoder (MAESIL) is fine-tuned
 as UNETR with ``--unetr-config``, a U-Net (PGL, BYOL, S3D) with ``--unet-config``. The encoder's sizes are
@@ -13,7 +37,7 @@ initialised. Nothing is tuned per run: the scratch baseline gets exactly the sch
 get.
 
     python -m maesil compare-init --checkpoints runs/pgl_demo/checkpoints/last.ckpt \\
-        runs/maesil_demo/checkpoints/last.ckpt --train-count 4 --seeds 0 1 2 --steps 300
+        runs/maesil_demo/checkpoints/last.ckpt --train-count 1 --modes finetune frozen --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -23,17 +47,26 @@ import csv
 import math
 import statistics
 import sys
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
 
 from maesil.phantoms import ORGAN_LABELS
+
+if TYPE_CHECKING:
+    from maesil.data.records import SubjectRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_UNET_CONFIG = REPO_ROOT / "experiments/finetune/unet_demo.yaml"
 DEFAULT_UNETR_CONFIG = REPO_ROOT / "experiments/finetune/unetr_demo.yaml"
+MODES = ("finetune", "frozen")
 
 
 @dataclass
@@ -45,6 +78,14 @@ class Initialisation:
     checkpoint: Path | None
     network_args: dict = field(default_factory=dict)
     preset: str | None = None
+
+
+class Arm(NamedTuple):
+    """What a row of the tables describes: an initialisation, fine-tuned or with a frozen encoder, on a label count."""
+
+    initialisation: str
+    mode: str
+    train_count: int
 
 
 #: UNETR arguments read from a ViT checkpoint: name -> the older name a checkpoint may store it under.
@@ -101,6 +142,7 @@ def describe_checkpoint(path: Path) -> Initialisation:
                      f"(it handles checkpoints of {', '.join(sorted(transferable_layouts()))})")
 
 
+# ------------------------------------------------------------------------------------------------ data
 def write_phantom_manifest(folder: Path, train_count: int, test_count: int, seed: int) -> Path:
     """Writes ``train_count + test_count`` phantoms and a manifest with a fixed train/test split."""
     from maesil.phantoms import write_phantoms
@@ -117,28 +159,129 @@ def write_phantom_manifest(folder: Path, train_count: int, test_count: int, seed
     return manifest
 
 
-def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: int, steps: int,
-                       out_dir: Path, overrides: Sequence[str] = (), cache_dir: Path | None = None) -> dict[str, float]:
-    """One fine-tuning run through the same CLI users run; returns the test metrics.
+@dataclass
+class LabelledSplit:
+    """A manifest's subjects as the protocol uses them: training pool, held-out set, and what it leaves out."""
 
-    With ``cache_dir`` every run reads the volumes from one prepared cache (written by the first run), so the
-    runs do not each decode and resample the same volumes again.
+    manifest: Path
+    train: list[SubjectRecord]  # in the order maesil lists subjects (by subject id)
+    test: list[SubjectRecord]
+    unused: list[SubjectRecord]  # subjects marked ``val``: neither trained on nor scored
+
+
+def read_labelled_split(manifest: Path) -> LabelledSplit:
+    """The training pool (subjects not marked ``val`` or ``test``) and the held-out ``test`` subjects of a manifest.
+
+    Raises:
+        ValueError: the manifest has problems (every one listed), no test subject or no training subject.
+    """
+    from maesil.data.manifest import read_manifest
+    from maesil.data.records import DataError
+
+    records, problems = read_manifest(manifest)
+    errors = [problem for problem in problems if problem.severity == "error"]
+    if errors:
+        raise DataError(errors, header=f"{manifest}: {len(errors)} problem(s) in the manifest")
+    split = LabelledSplit(manifest, [r for r in records if r.split not in ("val", "test")],
+                          [r for r in records if r.split == "test"], [r for r in records if r.split == "val"])
+    if not split.test:
+        raise ValueError(f"{manifest}: no subject is marked split=test; compare-init scores a held-out test set")
+    if not split.train:
+        raise ValueError(f"{manifest}: no training subject (every subject is marked val or test)")
+    return split
+
+
+def write_count_manifest(split: LabelledSplit, train_count: int, path: Path) -> Path:
+    """A manifest that trains on the first ``train_count`` training subjects and validates on the test subjects.
+
+    The held-out subjects are marked ``val``, so that the run scores them during training (the learning curve);
+    with no ``test`` subject left, a test pass scores the same volumes (``VolumeDataModule.test_dataloader``).
+    Paths are absolute, so the manifest can live anywhere.
+    """
+    if train_count > len(split.train):
+        raise ValueError(f"--train-count {train_count} exceeds the {len(split.train)} training subject(s) of "
+                         f"{split.manifest}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["subject_id", "image", "label", "split", "series_uid"])
+        for records, name in ((split.train[:train_count], "train"), (split.test, "val")):
+            for record in records:
+                writer.writerow([record.subject_id, Path(record.image).resolve(),
+                                 Path(record.label).resolve() if record.label else "", name, record.series_uid or ""])
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def slug(name: str) -> str:
+    """A folder name for an initialisation's name: ``MAESIL (maesil_demo)`` -> ``maesil__maesil_demo``."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+class LearningCurve(Callback):
+    """Records the held-out Dice (``val/dice``) at the step of every validation, the last validation's scores
+    (``val/...``) and the seconds spent validating."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[int, float]] = []
+        self.last_scores: dict[str, float] = {}
+        self.validation_seconds = 0.0
+        self._started = 0.0
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.validation_seconds += time.perf_counter() - self._started
+        dice = trainer.callback_metrics.get("val/dice")
+        if not trainer.sanity_checking and dice is not None:
+            self.points.append((int(trainer.global_step), float(dice)))
+            self.last_scores = {key: float(value) for key, value in trainer.callback_metrics.items()
+                                if key.startswith("val/")}
+
+
+@dataclass
+class RunResult:
+    """One fine-tuning run: its final scores (``test/...``), its learning curve (ending with the final score)
+    and where its time went."""
+
+    metrics: dict[str, float]
+    curve: list[tuple[int, float]]
+    train_seconds: float  # fit without its validations (setup included)
+    scoring_seconds: float  # every scoring of the held-out volumes: the curve's and the final one
+    scorings: int
+
+
+def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: int, steps: int,
+                       out_dir: Path, overrides: Sequence[str] = (), cache_dir: Path | None = None,
+                       mode: str = "finetune", curve_every: int | None = None, run_name: str | None = None
+                       ) -> RunResult:
+    """One fine-tuning run through the same CLI users run, scored on the held-out volumes.
+
+    The run validates on the held-out volumes every ``curve_every`` steps (default: after the last step only).
+    The final scores are those of the validation after the last step, renamed ``test/...``; when no validation
+    fell on the last step, a test pass scores the same volumes. ``mode="frozen"`` keeps the encoder fixed
+    (``freeze_encoder``). With ``cache_dir`` every run reads
+    the volumes from one prepared cache (written by the first run), so the runs do not each decode and
+    resample the same volumes again.
     """
     import json
 
     from maesil.lightning_cli import MaesilCLI
 
-    slug = "".join(c if c.isalnum() else "_" for c in arm.name.lower()).strip("_")
-    run_dir = out_dir / "runs" / f"{slug}_seed{seed}"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    run_dir = out_dir / "runs" / (run_name or f"{slug(arm.name)}_seed{seed}")
     args = [
         "--config", str(config),
         "--seed_everything", str(seed),
         "--data.init_args.data_dir", str(manifest),
         "--data.init_args.val_fraction", "0",
         "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", str(steps),
+        "--trainer.val_check_interval", str(curve_every or steps),
         "--trainer.default_root_dir", str(run_dir),
         "--model.init_args.pretrained", str(arm.checkpoint) if arm.checkpoint else "null",
+        "--model.init_args.freeze_encoder", "true" if mode == "frozen" else "false",
     ]  # fmt: skip
     if cache_dir is not None:
         args += ["--data.init_args.cache_dir", str(cache_dir)]
@@ -149,14 +292,29 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
     for override in overrides:
         key, _, value = override.partition("=")
         args += [f"--{key.lstrip('-')}", value]
+    started = time.perf_counter()
     with warnings.catch_warnings():  # the arguments come from here, not from sys.argv: nothing to warn about
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         cli = MaesilCLI(args=args, run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    [metrics] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-    return {key: float(value) for key, value in metrics.items()}
+    curve = LearningCurve()
+    cli.trainer.callbacks.append(curve)
+    with warnings.catch_warnings():  # a frozen encoder is in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    fitted = time.perf_counter()
+    points = list(curve.points)
+    if points and points[-1][0] == cli.trainer.global_step:
+        metrics = {f"test/{key[len('val/'):]}": value for key, value in curve.last_scores.items()}
+    else:
+        [scores] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        metrics = {key: float(value) for key, value in scores.items()}
+        points.append((int(cli.trainer.global_step), metrics.get("test/dice", math.nan)))
+    tested = time.perf_counter() - fitted
+    return RunResult(metrics, points, train_seconds=fitted - started - curve.validation_seconds,
+                     scoring_seconds=curve.validation_seconds + tested, scorings=len(points))
 
 
+# ------------------------------------------------------------------------------------------------ tables
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
@@ -164,17 +322,105 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
-def summary_table(results: dict[str, list[dict[str, float]]], class_names: Sequence[str]) -> list[list[str]]:
-    """Rows: one per initialisation; columns: overall Dice, HD95 and Dice per organ, as mean ± std."""
-    header = ["initialisation", "runs", "Dice", "HD95 (mm)", *[f"Dice {name}" for name in class_names]]
-    rows = [header]
-    for name, runs in results.items():
-        def cell(key: str, digits: int = 3) -> str:
-            mean, std = mean_std([run.get(key, math.nan) for run in runs])
-            return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+def _mean_std_cell(values: Sequence[float], digits: int = 3) -> str:
+    mean, std = mean_std(values)
+    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
-        rows.append([name, str(len(runs)), cell("test/dice"), cell("test/hd95", 1),
-                     *[cell(f"test/dice_{c}") for c in class_names]])
+
+def summary_table(results: dict[Arm, list[dict[str, float]]], class_names: Sequence[str]) -> list[list[str]]:
+    """Rows: one per arm; columns: overall Dice, HD95 and Dice per organ, as mean ± std over seeds."""
+    header = ["initialisation", "mode", "labelled", "runs", "Dice", "HD95 (mm)",
+              *[f"Dice {name}" for name in class_names]]
+    rows = [header]
+    for arm, runs in results.items():
+        def cell(key: str, digits: int = 3) -> str:
+            return _mean_std_cell([run.get(key, math.nan) for run in runs], digits)
+
+        rows.append([arm.initialisation, arm.mode, str(arm.train_count), str(len(runs)), cell("test/dice"),
+                     cell("test/hd95", 1), *[cell(f"test/dice_{c}") for c in class_names]])
+    return rows
+
+
+#: Columns of ``paired.csv``: one row per pretrained arm against its scratch reference.
+PAIRED_FIELDS = ("family", "mode", "train_count", "initialisation", "reference", "seeds", "positive_seeds",
+                 "mean_difference", "std_difference")
+#: Columns of ``paired_seeds.csv``: one row per pretrained run and the scratch run it is paired with.
+PAIRED_SEED_FIELDS = ("family", "mode", "train_count", "initialisation", "reference", "seed", "dice",
+                      "reference_dice", "difference")
+
+
+def paired_differences(rows: Sequence[dict], key: str = "test/dice") -> list[dict]:
+    """Per seed, each pretrained run's ``key`` minus that of the scratch run (the reference) of the same family,
+    mode, label count and seed. ``rows`` are results rows (``initialisation``, ``family``, ``checkpoint`` —
+    empty for scratch —, ``mode``, ``train_count``, ``seed`` and ``key``); the result has
+    :data:`PAIRED_SEED_FIELDS`.
+
+    Raises:
+        ValueError: a pretrained run has no scratch run to be paired with.
+    """
+    def where(row: dict) -> tuple:
+        return row["family"], row["mode"], int(row["train_count"]), int(row["seed"])
+
+    references = {where(row): row for row in rows if not row["checkpoint"]}
+    paired = []
+    for row in rows:
+        if not row["checkpoint"]:
+            continue
+        reference = references.get(where(row))
+        if reference is None:
+            raise ValueError(f"{row['initialisation']} ({row['mode']}, {row['train_count']} labelled, seed "
+                             f"{row['seed']}) has no scratch {row['family']} run to be paired with")
+        value, reference_value = float(row[key]), float(reference[key])
+        paired.append({"family": row["family"], "mode": row["mode"], "train_count": int(row["train_count"]),
+                       "initialisation": row["initialisation"], "reference": reference["initialisation"],
+                       "seed": int(row["seed"]), "dice": value, "reference_dice": reference_value,
+                       "difference": value - reference_value})
+    return paired
+
+
+def paired_summary(paired: Sequence[dict]) -> list[dict]:
+    """One row per pretrained arm (:data:`PAIRED_FIELDS`): the mean and std over seeds of its differences to
+    the scratch reference (NaN differences left out), how many seeds it has and how many were positive."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for row in paired:
+        group = (row["family"], row["mode"], row["train_count"], row["initialisation"], row["reference"])
+        groups[group].append(row["difference"])
+    summary = []
+    for (family, mode, count, name, reference), differences in groups.items():
+        mean, std = mean_std(differences)
+        summary.append({"family": family, "mode": mode, "train_count": count, "initialisation": name,
+                        "reference": reference, "seeds": len(differences),
+                        "positive_seeds": sum(d > 0 for d in differences if not math.isnan(d)),
+                        "mean_difference": mean, "std_difference": std})
+    return summary
+
+
+def paired_table(summary: Sequence[dict]) -> list[list[str]]:
+    """The rows of :func:`paired_summary` for print: difference as mean ± std over seeds, positive seeds."""
+    rows = [["initialisation", "minus", "mode", "labelled", "seeds", "Δ Dice", "positive"]]
+    for row in summary:
+        mean, std = row["mean_difference"], row["std_difference"]
+        reference = f"{row['reference']}, frozen random encoder" if row["mode"] == "frozen" else row["reference"]
+        rows.append([row["initialisation"], reference, row["mode"], str(row["train_count"]), str(row["seeds"]),
+                     "n/a" if math.isnan(mean) else f"{mean:+.3f} ± {std:.3f}",
+                     f"{row['positive_seeds']}/{row['seeds']}"])
+    return rows
+
+
+def curve_table(curves: dict[Arm, list[list[tuple[int, float]]]]) -> list[list[str]]:
+    """Rows: one per arm; columns: the held-out Dice at each scored step, mean over seeds."""
+    steps = sorted({step for runs in curves.values() for run in runs for step, _ in run})
+    rows = [["initialisation", "mode", "labelled", *[f"step {step}" for step in steps]]]
+    for arm, runs in curves.items():
+        by_step = defaultdict(list)
+        for run in runs:
+            for step, dice in run:
+                by_step[step].append(dice)
+        cells = []
+        for step in steps:
+            mean, _ = mean_std(by_step.get(step, []))
+            cells.append("" if math.isnan(mean) else f"{mean:.3f}")
+        rows.append([arm.initialisation, arm.mode, str(arm.train_count), *cells])
     return rows
 
 
@@ -185,43 +431,107 @@ def format_rows(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, list[dict[str, float]]], class_names: Sequence[str], path: Path) -> Path:
-    """Grouped bars of mean Dice per organ (and overall) with the std over seeds as error bars."""
+def write_csv(path: Path, rows: Sequence[dict], fieldnames: Sequence[str]) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fieldnames))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def _arm_label(arm: Arm) -> str:
+    return f"{arm.initialisation}, {arm.mode}"
+
+
+def plot(results: dict[Arm, list[dict[str, float]]], class_names: Sequence[str], path: Path) -> Path:
+    """Grouped bars of mean Dice per organ (and overall) with the std over seeds as error bars; one panel per
+    label count."""
     import numpy as np
 
     from maesil.evaluation.figures import plt, save_figure
 
+    counts = sorted({arm.train_count for arm in results})
     labels = ["overall", *class_names]
     keys = ["test/dice", *[f"test/dice_{c}" for c in class_names]]
-    figure, axis = plt.subplots(figsize=(min(14.0, max(8.0, 0.3 * len(labels) * max(1, len(results)))), 4.5))
-    width = 0.8 / max(1, len(results))
-    for index, (name, runs) in enumerate(results.items()):
-        stats = [mean_std([run.get(key, math.nan) for run in runs]) for key in keys]
-        means = [0.0 if math.isnan(m) else m for m, _ in stats]
-        stds = [0.0 if math.isnan(s) else s for _, s in stats]
-        axis.bar(np.arange(len(labels)) + index * width, means, width, yerr=stds, capsize=2, label=name)
-    axis.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
-    axis.set_xticklabels(labels, rotation=30, ha="right")
-    axis.set_ylabel("Dice (held-out volumes)")
-    axis.set_ylim(0, 1)
-    axis.legend(fontsize=8)
-    axis.set_title("Fine-tuning from scratch vs. pretrained (mean ± std over seeds)")
+    arms_per_panel = max(sum(arm.train_count == count for arm in results) for count in counts)
+    width_inches = min(16.0, max(8.0, 0.3 * len(labels) * arms_per_panel))
+    figure, axes = plt.subplots(len(counts), 1, figsize=(width_inches, 4.5 * len(counts)), squeeze=False)
+    width = 0.8 / arms_per_panel
+    for axis, count in zip(axes[:, 0], counts):
+        panel = [(arm, runs) for arm, runs in results.items() if arm.train_count == count]
+        for index, (arm, runs) in enumerate(panel):
+            stats = [mean_std([run.get(key, math.nan) for run in runs]) for key in keys]
+            means = [0.0 if math.isnan(m) else m for m, _ in stats]
+            stds = [0.0 if math.isnan(s) else s for _, s in stats]
+            axis.bar(np.arange(len(labels)) + index * width, means, width, yerr=stds, capsize=2,
+                     label=_arm_label(arm), hatch="//" if arm.mode == "frozen" else None)
+        axis.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
+        axis.set_xticklabels(labels, rotation=30, ha="right")
+        axis.set_ylabel("Dice (held-out volumes)")
+        axis.set_ylim(0, 1)
+        axis.legend(fontsize=7)
+        axis.set_title(f"{count} labelled volume{'s' if count != 1 else ''}: scratch vs. pretrained "
+                       "(mean ± std over seeds)")
     figure.tight_layout()
     return save_figure(figure, path)
 
 
+def plot_curves(curves: dict[Arm, list[list[tuple[int, float]]]], path: Path) -> Path:
+    """Held-out Dice against step, mean over seeds (band: ± std) per arm; one panel per label count; frozen
+    encoders dashed."""
+    from maesil.evaluation.figures import plt, save_figure
+
+    counts = sorted({arm.train_count for arm in curves})
+    names = list(dict.fromkeys(arm.initialisation for arm in curves))
+    colours = {name: f"C{index % 10}" for index, name in enumerate(names)}
+    figure, axes = plt.subplots(1, len(counts), figsize=(5.5 * len(counts), 4.2), squeeze=False, sharey=True)
+    for axis, count in zip(axes[0], counts):
+        for arm, runs in curves.items():
+            if arm.train_count != count:
+                continue
+            by_step = defaultdict(list)
+            for run in runs:
+                for step, dice in run:
+                    by_step[step].append(dice)
+            steps = sorted(by_step)
+            stats = [mean_std(by_step[step]) for step in steps]
+            means = [m for m, _ in stats]
+            axis.plot(steps, means, marker="o", markersize=3, color=colours[arm.initialisation],
+                      linestyle="--" if arm.mode == "frozen" else "-", label=_arm_label(arm))
+            axis.fill_between(steps, [m - s for m, s in stats], [m + s for m, s in stats],
+                              color=colours[arm.initialisation], alpha=0.12)
+        axis.set_title(f"{count} labelled volume{'s' if count != 1 else ''}")
+        axis.set_xlabel("fine-tuning step")
+        axis.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("Dice (held-out volumes)")
+    axes[0, -1].legend(fontsize=7)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+# ------------------------------------------------------------------------------------------------ command
 def compare_init_command(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m maesil compare-init",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="*", type=Path, default=[],
                         help="pretrained checkpoints (.ckpt or exported .safetensors) to compare with scratch")
-    parser.add_argument("--train-count", type=int, default=4, help="labelled training volumes (default 4)")
-    parser.add_argument("--test-count", type=int, default=2, help="held-out volumes (default 2)")
+    parser.add_argument("--train-count", type=int, nargs="+", default=[4],
+                        help="labelled training volumes; several counts are separate arms on nested subsets "
+                        "(default 4)")
+    parser.add_argument("--test-count", type=int, default=2, help="held-out phantoms (default 2)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["finetune"],
+                        help="finetune: the whole network learns; frozen: the encoder stays fixed, decoder and "
+                        "head learn (default finetune)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (default 0 1 2)")
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per run (default 300)")
+    parser.add_argument("--curve-every", type=int, default=None,
+                        help="score the held-out volumes every N steps for the learning curves (default: "
+                        "steps // 5)")
     parser.add_argument("--data", type=Path, default=None,
-                        help="a CSV/JSON manifest with train and test splits instead of the phantoms")
+                        help="a CSV/JSON manifest with train and test splits instead of the phantoms; count k "
+                        "trains on its first k training subjects (by subject id)")
     parser.add_argument("--phantom-seed", type=int, default=200, help="seed of the first phantom (default 200)")
     parser.add_argument("--unet-config", type=Path, default=DEFAULT_UNET_CONFIG)
     parser.add_argument("--unetr-config", type=Path, default=DEFAULT_UNETR_CONFIG)
@@ -235,16 +545,30 @@ def compare_init_command(argv: Sequence[str]) -> int:
                         "OUT/cache")
     parser.add_argument("--out", type=Path, default=Path("runs/compare_init"))
     args = parser.parse_args(list(argv))
-    if args.train_count < 1 or args.test_count < 1 or args.steps < 1:
+    counts = sorted(set(args.train_count))
+    if min(counts) < 1 or args.test_count < 1 or args.steps < 1:
         parser.error("--train-count, --test-count and --steps must be >= 1")
+    curve_every = args.curve_every if args.curve_every is not None else max(1, args.steps // 5)
+    if not 1 <= curve_every <= args.steps:
+        parser.error(f"--curve-every must be in 1..--steps ({args.steps}), got {curve_every}")
     if any("=" not in item for item in args.set):
         parser.error(f"--set takes KEY=VALUE items, got {args.set}")
+    modes = list(dict.fromkeys(args.modes))
 
     try:
         arms = [describe_checkpoint(path) for path in args.checkpoints]
+        source = args.data or write_phantom_manifest(args.out / "phantoms", max(counts), args.test_count,
+                                                     args.phantom_seed)
+        split = read_labelled_split(source)
+        manifests = {count: write_count_manifest(split, count, args.out / "manifests" / f"train{count}.csv")
+                     for count in counts}
     except (OSError, ValueError) as error:
         print(f"compare-init: {error}", file=sys.stderr)
         return 1
+    if split.unused:
+        print(f"compare-init: {len(split.unused)} subject(s) of {source} marked val are not used (curves and "
+              f"scores are on the {len(split.test)} test subjects): {', '.join(r.subject_id for r in split.unused)}",
+              file=sys.stderr)
     families = args.families or sorted({arm.family for arm in arms}) or ["unet"]
     scratch = []
     for family in families:
@@ -253,31 +577,64 @@ def compare_init_command(argv: Sequence[str]) -> int:
                                       network_args=dict(like.network_args) if like else {},
                                       preset=like.preset if like else None))
     arms = scratch + arms
-    manifest = args.data or write_phantom_manifest(args.out / "phantoms", args.train_count, args.test_count,
-                                                   args.phantom_seed)
     class_names = [name for label, name in sorted(ORGAN_LABELS.items()) if label > 0]
     configs = {"unet": args.unet_config, "unetr": args.unetr_config}
-    results: dict[str, list[dict[str, float]]] = defaultdict(list)
-    rows = []
-    for arm in arms:
-        for seed in args.seeds:
-            print(f"== {arm.name}, seed {seed}: {args.steps} steps", flush=True)
-            metrics = fine_tune_and_test(arm, configs[arm.family], manifest, seed, args.steps, args.out, args.set,
-                                         cache_dir=None if args.no_cache else args.out / "cache")
-            results[arm.name].append(metrics)
-            rows.append({"initialisation": arm.name, "seed": seed, **metrics})
+    results: dict[Arm, list[dict[str, float]]] = defaultdict(list)
+    curves: dict[Arm, list[list[tuple[int, float]]]] = defaultdict(list)
+    rows, curve_rows = [], []
+    total = len(counts) * len(modes) * len(arms) * len(args.seeds)
+    started = time.perf_counter()
+    # Ascending counts: each count's manifest adds subjects to the shared cache, none is prepared twice.
+    for count in counts:
+        for mode in modes:
+            for init in arms:
+                for seed in args.seeds:
+                    arm = Arm(init.name, mode, count)
+                    print(f"== [{len(rows) + 1}/{total}] {init.name}, {mode}, {count} labelled, seed {seed}: "
+                          f"{args.steps} steps", flush=True)
+                    run = fine_tune_and_test(init, configs[init.family], manifests[count], seed, args.steps,
+                                             args.out, args.set,
+                                             cache_dir=None if args.no_cache else args.out / "cache", mode=mode,
+                                             curve_every=curve_every,
+                                             run_name=f"{slug(init.name)}_{mode}_n{count}_seed{seed}")
+                    print(f"   Dice {run.metrics.get('test/dice', math.nan):.3f}; {run.train_seconds:.0f} s training "
+                          f"({run.train_seconds / args.steps:.2f} s/step, setup included), {run.scorings} scorings "
+                          f"of the held-out set in {run.scoring_seconds:.0f} s", flush=True)
+                    results[arm].append(run.metrics)
+                    curves[arm].append(run.curve)
+                    rows.append({"initialisation": init.name, "family": init.family,
+                                 "checkpoint": str(init.checkpoint or ""), "mode": mode, "train_count": count,
+                                 "seed": seed, **run.metrics, "train_seconds": round(run.train_seconds, 2),
+                                 "scoring_seconds": round(run.scoring_seconds, 2), "scorings": run.scorings})
+                    curve_rows += [{"initialisation": init.name, "mode": mode, "train_count": count, "seed": seed,
+                                    "step": step, "dice": dice} for step, dice in run.curve]
+    elapsed = time.perf_counter() - started
+
     args.out.mkdir(parents=True, exist_ok=True)
-    keys = sorted({key for row in rows for key in row} - {"initialisation", "seed"})
-    with open(args.out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["initialisation", "seed", *keys])
-        writer.writeheader()
-        writer.writerows(rows)
+    identity = ["initialisation", "family", "checkpoint", "mode", "train_count", "seed"]
+    metric_keys = sorted({key for row in rows for key in row if key.startswith("test/")})
+    write_csv(args.out / "results.csv", rows,
+              [*identity, *metric_keys, "train_seconds", "scoring_seconds", "scorings"])
     table = summary_table(results, class_names)
     with open(args.out / "summary.csv", "w", newline="") as handle:
         csv.writer(handle).writerows(table)
+    paired = paired_differences(rows)
+    write_csv(args.out / "paired_seeds.csv", paired, PAIRED_SEED_FIELDS)
+    pairs = paired_summary(paired)
+    write_csv(args.out / "paired.csv", pairs, PAIRED_FIELDS)
+    write_csv(args.out / "curves.csv", curve_rows, ["initialisation", "mode", "train_count", "seed", "step", "dice"])
     picture = plot(results, class_names, args.out / "compare_init.png")
-    print(f"\n{len(args.seeds)} seeds × {args.steps} steps, {args.train_count} labelled training volumes, "
-          f"{args.test_count} held-out volumes\n")
+    curve_picture = plot_curves(curves, args.out / "curves.png")
+
+    print(f"\n{len(args.seeds)} seeds × {args.steps} steps (held-out Dice every {curve_every}), labelled training "
+          f"volumes {', '.join(map(str, counts))}, {len(split.test)} held-out volumes, modes {', '.join(modes)}; "
+          f"{total} runs in {elapsed / 60:.1f} min\n")
     print(format_rows(table))
-    print(f"\nresults: {(args.out / 'results.csv').resolve()}\nplot:    {picture.resolve()}")
+    print("\nHeld-out Dice during training (mean over seeds):\n")
+    print(format_rows(curve_table(curves)))
+    if paired:
+        print("\nPaired: per seed, pretrained minus its scratch baseline (same network, mode, labels, seed):\n")
+        print(format_rows(paired_table(pairs)))
+    print(f"\nresults: {(args.out / 'results.csv').resolve()}\npaired:  {(args.out / 'paired.csv').resolve()}\n"
+          f"curves:  {(args.out / 'curves.csv').resolve()}\nplots:   {picture.resolve()}, {curve_picture.resolve()}")
     return 0

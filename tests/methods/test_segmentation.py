@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import lightning as L
 import nibabel as nib
 import numpy as np
 import pytest
@@ -164,3 +165,57 @@ def test_prediction_needs_the_volume_datamodule_for_original_images():
     module.trainer = SimpleNamespace(datamodule=SimpleNamespace(spec=tiny_spec(task="segment")))
     with pytest.raises(TypeError, match="VolumeDataModule"):
         module.source_image("case_000")
+
+
+@pytest.mark.parametrize("architecture", ["unet", "unetr"])
+def test_frozen_encoder_has_no_gradient_no_optimizer_group_and_stays_in_eval_mode(architecture):
+    module = Segmentation(num_classes=3, architecture=architecture, preset="tiny", superpatch_size=32,
+                          freeze_encoder=True, layer_decay=0.75 if architecture == "unetr" else None)
+    encoder_params = {id(p) for p in module.encoder.parameters()}
+    assert encoder_params and not any(p.requires_grad for p in module.encoder.parameters())
+    grouped = [p for group in module.parameter_groups() for p in group["params"]]
+    assert grouped and not any(id(p) in encoder_params for p in grouped)
+    assert len(grouped) == len(list(module.net.parameters())) - len(encoder_params)  # decoder and head all in
+    assert not any(group["is_encoder"] for group in module.parameter_groups())
+    module.train()
+    assert module.training
+    assert all(m.training for name, m in module.net.named_modules() if not name.startswith("encoder"))
+    assert not any(m.training for m in module.encoder.modules())
+    assert "frozen" in module.describe()
+    trainable = Segmentation(num_classes=3, architecture=architecture, preset="tiny", superpatch_size=32).train()
+    assert all(m.training for m in trainable.encoder.modules())
+
+
+class EncoderStateRecorder(L.Callback):
+    """Records, at every training step, whether the encoder is in train mode and whether it takes gradients."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[bool, bool, bool]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append((pl_module.training, any(m.training for m in pl_module.encoder.modules()),
+                           any(p.requires_grad for p in pl_module.encoder.parameters())))
+
+
+def test_freeze_encoder_keeps_the_encoder_bit_identical_through_fit_and_warmup(tiny_ct_dir):
+    from maesil.data import VolumeDataModule
+
+    L.seed_everything(0)
+    module = Segmentation(num_classes=8, preset="tiny", superpatch_size=32, freeze_encoder=True)
+    encoder_before = {key: value.clone() for key, value in module.encoder.state_dict().items()}
+    decoder_before = {key: value.clone() for key, value in module.net.state_dict().items()
+                      if not key.startswith("encoder.")}
+    data = VolumeDataModule(data_dir=str(tiny_ct_dir), task="segment", num_classes=8, superpatch_size=32,
+                            target_spacing=4.0, num_workers=0, batch_size=2, samples_per_volume=2, queue_length=4)
+    recorder = EncoderStateRecorder()
+    # The warm-up would unfreeze its encoder after 1 step; a frozen encoder stays frozen.
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[EncoderWarmup(decoder_only_steps=1, encoder_warmup_steps=1), recorder])
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 4 and len(recorder.steps) == 4
+    assert recorder.steps == [(True, False, False)] * 4  # module training, encoder in eval mode, no gradient
+    for key, value in module.encoder.state_dict().items():
+        assert torch.equal(value, encoder_before[key]), key
+    assert any(not torch.equal(value, decoder_before[key]) for key, value in module.net.state_dict().items()
+               if not key.startswith("encoder."))

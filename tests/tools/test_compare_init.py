@@ -7,19 +7,71 @@ import csv
 import pytest
 
 from maesil.cli import main
-from maesil.tools.compare_init import describe_checkpoint, mean_std, summary_table
+from maesil.tools.compare_init import (
+    DEFAULT_UNET_CONFIG,
+    PAIRED_FIELDS,
+    PAIRED_SEED_FIELDS,
+    Arm,
+    Initialisation,
+    describe_checkpoint,
+    fine_tune_and_test,
+    mean_std,
+    paired_differences,
+    paired_summary,
+    paired_table,
+    summary_table,
+)
 
 
 def test_mean_std_and_table_skip_nan():
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(1.4142135))
     assert mean_std([0.5, float("nan")]) == (0.5, 0.0)
-    rows = summary_table({"scratch": [{"test/dice": 0.5, "test/hd95": 4.0, "test/dice_liver": 0.9},
-                                      {"test/dice": 0.7, "test/hd95": 6.0, "test/dice_liver": 0.8}]}, ["liver"])
-    assert rows[0][:4] == ["initialisation", "runs", "Dice", "HD95 (mm)"]
-    assert rows[1] == ["scratch", "2", "0.600 ± 0.141", "5.0 ± 1.4", "0.850 ± 0.071"]
+    rows = summary_table({Arm("scratch", "frozen", 1): [{"test/dice": 0.5, "test/hd95": 4.0, "test/dice_liver": 0.9},
+                                                        {"test/dice": 0.7, "test/hd95": 6.0, "test/dice_liver": 0.8}]},
+                         ["liver"])
+    assert rows[0][:6] == ["initialisation", "mode", "labelled", "runs", "Dice", "HD95 (mm)"]
+    assert rows[1] == ["scratch", "frozen", "1", "2", "0.600 ± 0.141", "5.0 ± 1.4", "0.850 ± 0.071"]
 
 
-def test_compare_init_runs_scratch_and_pretrained_arms(tiny_ct_dir, tmp_path, capsys):
+def result_row(name: str, mode: str, seed: int, dice: float, count: int = 1) -> dict:
+    return {"initialisation": name, "family": "unet", "checkpoint": "" if name.startswith("scratch") else "x.ckpt",
+            "mode": mode, "train_count": count, "seed": seed, "test/dice": dice}
+
+
+def test_paired_differences_subtract_the_scratch_run_of_the_same_mode_count_and_seed():
+    rows = [result_row("scratch (unet)", "finetune", 0, 0.30), result_row("scratch (unet)", "finetune", 1, 0.40),
+            result_row("scratch (unet)", "finetune", 2, 0.50), result_row("PGL", "finetune", 0, 0.35),
+            result_row("PGL", "finetune", 1, 0.38), result_row("PGL", "finetune", 2, 0.60),
+            result_row("scratch (unet)", "frozen", 0, 0.10), result_row("PGL", "frozen", 0, 0.40),
+            result_row("scratch (unet)", "finetune", 0, 0.20, count=2), result_row("PGL", "finetune", 0, 0.20, count=2)]
+    paired = paired_differences(rows)
+    assert [(p["mode"], p["train_count"], p["seed"]) for p in paired] == [
+        ("finetune", 1, 0), ("finetune", 1, 1), ("finetune", 1, 2), ("frozen", 1, 0), ("finetune", 2, 0)]
+    assert [p["difference"] for p in paired] == pytest.approx([0.05, -0.02, 0.10, 0.30, 0.0])
+    assert paired[0]["reference_dice"] == 0.30 and paired[0]["reference"] == "scratch (unet)"
+    assert set(paired[0]) == set(PAIRED_SEED_FIELDS)
+
+    summary = paired_summary(paired)
+    assert [set(row) for row in summary] == [set(PAIRED_FIELDS)] * 3
+    # differences 0.05, -0.02, 0.10: mean 0.0433, sample std 0.0603; two of three seeds positive
+    first = summary[0]
+    assert (first["family"], first["mode"], first["train_count"], first["initialisation"], first["reference"],
+            first["seeds"], first["positive_seeds"]) == ("unet", "finetune", 1, "PGL", "scratch (unet)", 3, 2)
+    assert (first["mean_difference"], first["std_difference"]) == pytest.approx((0.04333, 0.06028), abs=1e-4)
+    assert (summary[1]["mode"], summary[1]["seeds"], summary[1]["positive_seeds"]) == ("frozen", 1, 1)
+    assert summary[1]["mean_difference"] == pytest.approx(0.30)
+    assert (summary[2]["train_count"], summary[2]["positive_seeds"]) == (2, 0)  # a zero difference is not positive
+
+    table = paired_table(summary)
+    assert table[0] == ["initialisation", "minus", "mode", "labelled", "seeds", "Δ Dice", "positive"]
+    assert table[1] == ["PGL", "scratch (unet)", "finetune", "1", "3", "+0.043 ± 0.060", "2/3"]
+    assert table[2] == ["PGL", "scratch (unet), frozen random encoder", "frozen", "1", "1", "+0.300 ± 0.000", "1/1"]
+    assert table[3][-2:] == ["+0.000 ± 0.000", "0/1"]
+    with pytest.raises(ValueError, match="PGL \\(frozen, 2 labelled, seed 0\\) has no scratch unet run"):
+        paired_differences([result_row("PGL", "frozen", 0, 0.4, count=2)])
+
+
+def test_compare_init_few_label_protocol_runs_every_count_mode_and_seed(tiny_ct_dir, tmp_path, capsys):
     from tests.methods.test_pgl import tiny_args
 
     pgl_dir = tmp_path / "pgl"
@@ -37,20 +89,68 @@ def test_compare_init_runs_scratch_and_pretrained_arms(tiny_ct_dir, tmp_path, ca
         for index, image in enumerate(images):
             writer.writerow([image, tiny_ct_dir / "labels" / image.name, "test" if index == 2 else "train"])
     out = tmp_path / "compare"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["compare-init", "--checkpoints", str(checkpoint), "--data", str(manifest), "--seeds", "0", "1",
-              "--steps", "2", "--out", str(out), "--set",
-              "data.init_args.superpatch_size=32", "data.init_args.target_spacing=4.0",
+    common = ["--checkpoints", str(checkpoint), "--data", str(manifest), "--seeds", "0", "--steps", "2",
+              "--out", str(out), "--set", "data.init_args.superpatch_size=32", "data.init_args.target_spacing=4.0",
               "data.init_args.num_workers=0", "data.init_args.samples_per_volume=2",
-              "data.init_args.queue_length=4", "model.init_args.img_size=32"])
+              "data.init_args.queue_length=4", "model.init_args.img_size=32"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare-init", "--train-count", "1", "2", "--modes", "finetune", "frozen", "--curve-every", "1",
+              *common])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "scratch (unet)" in printed and "PGL" in printed
+    assert "scratch (unet)" in printed and "PGL" in printed and "frozen random encoder" in printed
+    assert "8 runs" in printed and "Held-out Dice during training" in printed
+
     rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 8  # 2 initialisations × 2 modes × 2 counts × 1 seed
     assert sorted({row["initialisation"] for row in rows}) == sorted(["scratch (unet)", arm.name])
-    assert len(rows) == 4 and all(0.0 <= float(row["test/dice"]) <= 1.0 for row in rows)
-    assert (out / "compare_init.png").stat().st_size > 0 and (out / "summary.csv").is_file()
-    assert (out / "cache" / "index.json").is_file()  # one prepared cache shared by the runs
+    assert {(row["mode"], row["train_count"], row["seed"]) for row in rows} == {
+        (mode, count, "0") for mode in ("finetune", "frozen") for count in ("1", "2")}
+    assert all(0.0 <= float(row["test/dice"]) <= 1.0 and float(row["train_seconds"]) > 0 for row in rows)
+    assert all(row["scorings"] == "2" and float(row["scoring_seconds"]) > 0 for row in rows)
+
+    paired = list(csv.DictReader(open(out / "paired_seeds.csv")))
+    assert len(paired) == 4 and {row["initialisation"] for row in paired} == {arm.name}
+    by_run = {(r["initialisation"], r["mode"], r["train_count"], r["seed"]): float(r["test/dice"]) for r in rows}
+    for row in paired:
+        where = (row["mode"], row["train_count"], row["seed"])
+        assert float(row["dice"]) == by_run[(arm.name, *where)]
+        assert float(row["reference_dice"]) == by_run[("scratch (unet)", *where)]
+        assert float(row["difference"]) == pytest.approx(float(row["dice"]) - float(row["reference_dice"]))
+    summary = list(csv.DictReader(open(out / "paired.csv")))  # one row per mode and count, 1 seed each
+    assert sorted((row["mode"], row["train_count"], row["seeds"]) for row in summary) == [
+        ("finetune", "1", "1"), ("finetune", "2", "1"), ("frozen", "1", "1"), ("frozen", "2", "1")]
+    assert all(row["reference"] == "scratch (unet)" and row["family"] == "unet" for row in summary)
+
+    curves = list(csv.DictReader(open(out / "curves.csv")))
+    # Validated at steps 1 and 2; the validation after the last step is the final score.
+    assert sorted((r["initialisation"], r["mode"], r["train_count"], r["step"]) for r in curves) == sorted(
+        (name, mode, count, step) for name in ("scratch (unet)", arm.name) for mode in ("finetune", "frozen")
+        for count in ("1", "2") for step in ("1", "2"))
+    final = {(r["initialisation"], r["mode"], r["train_count"], r["seed"]): float(r["dice"])
+             for r in curves if r["step"] == "2"}
+    assert final == by_run
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in curves)
+    for name in ("compare_init.png", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "summary.csv").is_file() and (out / "cache" / "index.json").is_file()
+    # Nested subsets, one held-out set: count 1 trains on the first training subject of count 2.
+    subsets = {count: list(csv.DictReader(open(out / "manifests" / f"train{count}.csv"))) for count in (1, 2)}
+    assert [r["split"] for r in subsets[1]] == ["train", "val"] and [r["split"] for r in subsets[2]] == ["train",
+                                                                                                   "train", "val"]
+    assert subsets[1][0] == subsets[2][0] and subsets[1][-1] == subsets[2][-1]
+
+    # When no validation falls on the last step, a test pass gives the final score and ends the curve.
+    scratch = Initialisation("scratch (unet)", "unet", None, preset="tiny")
+    run = fine_tune_and_test(scratch, DEFAULT_UNET_CONFIG, out / "manifests" / "train1.csv", 0, 3, tmp_path / "one",
+                             common[common.index("--set") + 1:], mode="frozen", curve_every=2)
+    assert [step for step, _ in run.curve] == [2, 3] and run.scorings == 2
+    assert run.curve[-1][1] == run.metrics["test/dice"] and "test/dice_liver" in run.metrics
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare-init", "--train-count", "3", *common])
+    assert exit_info.value.code == 1
+    assert f"--train-count 3 exceeds the 2 training subject(s) of {manifest}" in capsys.readouterr().err
 
 
 def test_compare_init_refuses_a_checkpoint_without_encoder(tmp_path, capsys):
