@@ -64,16 +64,19 @@ recon-benchmark: $(STAMP)
 # (trained first if missing) with the same steps and seeds; Dice/HD95 on held-out phantoms, table and plot.
 FINETUNE_STEPS ?= 100
 FINETUNE_SEEDS ?= 0 1 2
+FINETUNE_COUNTS ?= 4
+FINETUNE_MODES ?= finetune
 PRETRAINED ?= maesil pgl byol s3d
 runs/%_demo/checkpoints/last.ckpt: | $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) -m maesil fit --config experiments/pretrain/$*_demo.yaml
 compare-init: $(STAMP) $(foreach m,$(PRETRAINED),runs/$(m)_demo/checkpoints/last.ckpt)
 	WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) -m maesil compare-init --steps $(FINETUNE_STEPS) --seeds $(FINETUNE_SEEDS) \
+	  --train-count $(FINETUNE_COUNTS) --modes $(FINETUNE_MODES) \
 	  --checkpoints $(foreach m,$(PRETRAINED),runs/$(m)_demo/checkpoints/last.ckpt) --out runs/compare_init
 
 # The project's claims measured end to end (pretraining, both reconstruction protocols, few-label fine-tuning with
-# paired differences), about 90 min on 2 CPU cores; writes runs/evidence/summary.md. A second call reuses the
-# stages already done with the same command, e.g. make evidence EVIDENCE_SEEDS="0 1 2 3 4".
+# paired differences); writes runs/evidence/summary.md. A second call reuses the stages already done with the same
+# command, e.g. make evidence EVIDENCE_SEEDS="0 1 2 3 4". Its cost on 2 CPU cores: docs/evidence.md.
 EVIDENCE_SEEDS ?= 0 1 2
 EVIDENCE_DIR ?= runs/evidence
 EVIDENCE_ARGS ?=

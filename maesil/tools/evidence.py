@@ -78,7 +78,7 @@ class EvidencePlan:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     cnn_method: str = "s3d"
     pretrain_steps: int | None = None  # None: MAESIL's demo YAML's
-    finetune_steps: int | None = None  # None: compare-init's default
+    finetune_steps: int = 120  # past the demo YAMLs' decoder-only and encoder warm-up phases (60 steps)
     train_counts: list[int] = field(default_factory=lambda: [1])
     modes: list[str] = field(default_factory=lambda: ["finetune", "frozen"])
     extra_compare_init: list[str] = field(default_factory=list)
@@ -111,8 +111,7 @@ class EvidencePlan:
                    "--checkpoints", str(self.checkpoint("maesil")), str(self.checkpoint(self.cnn_method)),
                    "--train-count", *map(str, self.train_counts), "--modes", *self.modes,
                    "--seeds", *map(str, self.seeds)]
-        if self.finetune_steps:
-            command += ["--steps", str(self.finetune_steps)]
+        command += ["--steps", str(self.finetune_steps), "--curve-every", str(max(1, self.finetune_steps // 3))]
         stages.append(Stage("compare-init", [*command, *self.extra_compare_init], compare / "paired.csv"))
         return stages
 
@@ -299,13 +298,14 @@ def evidence_command(argv: Sequence[str]) -> int:
                         help="the CNN pretraining method fine-tuned as a U-Net (default s3d)")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="steps of MAESIL and the autoencoders (default: maesil_demo.yaml's)")
-    parser.add_argument("--finetune-steps", type=int, default=None, help="compare-init --steps (default: its own)")
+    parser.add_argument("--finetune-steps", type=int, default=120,
+                        help="compare-init --steps (default 120; curve points every third of it)")
     parser.add_argument("--train-count", type=int, nargs="+", default=[1], help="labelled volumes (default 1)")
     parser.add_argument("--modes", nargs="+", choices=["finetune", "frozen"], default=["finetune", "frozen"])
     parser.add_argument("--force", action="store_true", help="rerun every stage, even those done earlier")
     parser.add_argument("--summary-only", action="store_true", help="only rewrite summary.md from the outputs there")
     args = parser.parse_args(list(argv))
-    if any(s < 1 for s in args.train_count) or (args.pretrain_steps or 1) < 1 or (args.finetune_steps or 1) < 1:
+    if any(s < 1 for s in args.train_count) or (args.pretrain_steps or 1) < 1 or args.finetune_steps < 1:
         parser.error("--train-count, --pretrain-steps and --finetune-steps must be >= 1")
     plan = EvidencePlan(out=args.out.resolve(), seeds=args.seeds, cnn_method=args.cnn_method,
                         pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
