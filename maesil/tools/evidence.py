@@ -81,7 +81,6 @@ class EvidencePlan:
     finetune_steps: int = 120  # past the demo YAMLs' decoder-only and encoder warm-up phases (60 steps)
     train_counts: list[int] = field(default_factory=lambda: [1])
     modes: list[str] = field(default_factory=lambda: ["finetune", "frozen"])
-    extra_compare_init: list[str] = field(default_factory=list)
 
     def checkpoint(self, method: str) -> Path:
         return self.out / "pretrain" / method / "checkpoints" / "last.ckpt"
@@ -112,7 +111,7 @@ class EvidencePlan:
                    "--train-count", *map(str, self.train_counts), "--modes", *self.modes,
                    "--seeds", *map(str, self.seeds)]
         command += ["--steps", str(self.finetune_steps), "--curve-every", str(max(1, self.finetune_steps // 3))]
-        stages.append(Stage("compare-init", [*command, *self.extra_compare_init], compare / "paired.csv"))
+        stages.append(Stage("compare-init", command, compare / "paired.csv"))
         return stages
 
 
