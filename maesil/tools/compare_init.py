@@ -28,7 +28,8 @@ scoring, and how many scorings of the held-out set the run made), ``summary.csv`
 ``paired.csv`` (one row per pretrained arm: seeds, positive seeds, mean and std of the differences),
 ``paired_seeds.csv`` (one row per pretrained run: its Dice, its scratch reference's and the difference),
 ``curves.csv`` (one row per run and scored step), ``compare_init.png`` (Dice per organ) and ``curves.png``
-(mean curve over seeds per arm, one panel per label count). Every table is printed at the end.
+(mean curve over seeds per arm, one panel per label count). The CSVs are rewritten after every run, seed by
+seed, so a stopped command leaves complete pairs behind; every table is printed at the end.
 
 Each checkpoint picks its network from its method's transfer layout: a ViT encoder (MAESIL) is fine-tuned
 as UNETR with ``--unetr-config``, a U-Net (PGL, BYOL, S3D) with ``--unet-config``. The encoder's sizes are
@@ -254,14 +255,15 @@ class RunResult:
 
 def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: int, steps: int,
                        out_dir: Path, overrides: Sequence[str] = (), cache_dir: Path | None = None,
-                       mode: str = "finetune", curve_every: int | None = None, run_name: str | None = None
-                       ) -> RunResult:
+                       mode: str = "finetune", curve_every: int | None = None, run_name: str | None = None,
+                       extra_configs: Sequence[Path] = ()) -> RunResult:
     """One fine-tuning run through the same CLI users run, scored on the held-out volumes.
 
     The run validates on the held-out volumes every ``curve_every`` steps (default: after the last step only).
     The final scores are those of the validation after the last step, renamed ``test/...``; when no validation
     fell on the last step, a test pass scores the same volumes. ``mode="frozen"`` keeps the encoder fixed
-    (``freeze_encoder``). With ``cache_dir`` every run reads
+    (``freeze_encoder``). ``extra_configs`` are composed after the family's YAML (e.g.
+    ``experiments/trainer/gpu_bf16.yaml``), ``overrides`` after them. With ``cache_dir`` every run reads
     the volumes from one prepared cache (written by the first run), so the runs do not each decode and
     resample the same volumes again.
     """
@@ -274,6 +276,7 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
     run_dir = out_dir / "runs" / (run_name or f"{slug(arm.name)}_seed{seed}")
     args = [
         "--config", str(config),
+        *[word for extra in extra_configs for word in ("--config", str(extra))],
         "--seed_everything", str(seed),
         "--data.init_args.data_dir", str(manifest),
         "--data.init_args.val_fraction", "0",
@@ -439,6 +442,25 @@ def write_csv(path: Path, rows: Sequence[dict], fieldnames: Sequence[str]) -> Pa
     return path
 
 
+def write_tables(out: Path, rows: Sequence[dict], curve_rows: Sequence[dict],
+                 results: dict[Arm, list[dict[str, float]]], class_names: Sequence[str]
+                 ) -> tuple[list[list[str]], list[dict]]:
+    """Writes ``results.csv``, ``summary.csv``, ``paired_seeds.csv``, ``paired.csv`` and ``curves.csv`` from the
+    runs so far; returns the summary table and the paired rows."""
+    identity = ["initialisation", "family", "checkpoint", "mode", "train_count", "seed"]
+    metric_keys = sorted({key for row in rows for key in row if key.startswith("test/")})
+    write_csv(out / "results.csv", rows, [*identity, *metric_keys, "train_seconds", "scoring_seconds", "scorings"])
+    table = summary_table(results, class_names)
+    with open(out / "summary.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(table)
+    paired = paired_differences(rows)
+    write_csv(out / "paired_seeds.csv", paired, PAIRED_SEED_FIELDS)
+    pairs = paired_summary(paired)
+    write_csv(out / "paired.csv", pairs, PAIRED_FIELDS)
+    write_csv(out / "curves.csv", curve_rows, ["initialisation", "mode", "train_count", "seed", "step", "dice"])
+    return table, pairs
+
+
 # ------------------------------------------------------------------------------------------------ figures
 def _arm_label(arm: Arm) -> str:
     return f"{arm.initialisation}, {arm.mode}"
@@ -538,6 +560,9 @@ def compare_init_command(argv: Sequence[str]) -> int:
     parser.add_argument("--families", nargs="*", choices=["unet", "unetr"], default=None,
                         help="scratch baselines to run without a checkpoint of that family (default: those of "
                         "the checkpoints, else unet)")
+    parser.add_argument("--trainer-config", nargs="*", type=Path, default=[], metavar="YAML",
+                        help="YAML files composed after the family's config in every run, e.g. "
+                        "experiments/trainer/gpu_bf16.yaml")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run, e.g. data.init_args.num_workers=0")
     parser.add_argument("--no-cache", action="store_true",
@@ -553,6 +578,9 @@ def compare_init_command(argv: Sequence[str]) -> int:
         parser.error(f"--curve-every must be in 1..--steps ({args.steps}), got {curve_every}")
     if any("=" not in item for item in args.set):
         parser.error(f"--set takes KEY=VALUE items, got {args.set}")
+    missing = [str(path) for path in args.trainer_config if not path.is_file()]
+    if missing:
+        parser.error(f"--trainer-config: no such file: {', '.join(missing)}")
     modes = list(dict.fromkeys(args.modes))
 
     try:
@@ -584,11 +612,14 @@ def compare_init_command(argv: Sequence[str]) -> int:
     rows, curve_rows = [], []
     total = len(counts) * len(modes) * len(arms) * len(args.seeds)
     started = time.perf_counter()
-    # Ascending counts: each count's manifest adds subjects to the shared cache, none is prepared twice.
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Ascending counts: each count's manifest adds subjects to the shared cache, none is prepared twice. Within
+    # a count, seed by seed: after each seed every arm has a run to be paired with, and the tables, rewritten
+    # after every run, already hold complete pairs if the command is stopped.
     for count in counts:
-        for mode in modes:
-            for init in arms:
-                for seed in args.seeds:
+        for seed in args.seeds:
+            for mode in modes:
+                for init in arms:
                     arm = Arm(init.name, mode, count)
                     print(f"== [{len(rows) + 1}/{total}] {init.name}, {mode}, {count} labelled, seed {seed}: "
                           f"{args.steps} steps", flush=True)
@@ -596,7 +627,8 @@ def compare_init_command(argv: Sequence[str]) -> int:
                                              args.out, args.set,
                                              cache_dir=None if args.no_cache else args.out / "cache", mode=mode,
                                              curve_every=curve_every,
-                                             run_name=f"{slug(init.name)}_{mode}_n{count}_seed{seed}")
+                                             run_name=f"{slug(init.name)}_{mode}_n{count}_seed{seed}",
+                                             extra_configs=args.trainer_config)
                     print(f"   Dice {run.metrics.get('test/dice', math.nan):.3f}; {run.train_seconds:.0f} s training "
                           f"({run.train_seconds / args.steps:.2f} s/step, setup included), {run.scorings} scorings "
                           f"of the held-out set in {run.scoring_seconds:.0f} s", flush=True)
@@ -608,21 +640,9 @@ def compare_init_command(argv: Sequence[str]) -> int:
                                  "scoring_seconds": round(run.scoring_seconds, 2), "scorings": run.scorings})
                     curve_rows += [{"initialisation": init.name, "mode": mode, "train_count": count, "seed": seed,
                                     "step": step, "dice": dice} for step, dice in run.curve]
+                    table, pairs = write_tables(args.out, rows, curve_rows, results, class_names)
     elapsed = time.perf_counter() - started
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    identity = ["initialisation", "family", "checkpoint", "mode", "train_count", "seed"]
-    metric_keys = sorted({key for row in rows for key in row if key.startswith("test/")})
-    write_csv(args.out / "results.csv", rows,
-              [*identity, *metric_keys, "train_seconds", "scoring_seconds", "scorings"])
-    table = summary_table(results, class_names)
-    with open(args.out / "summary.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows(table)
-    paired = paired_differences(rows)
-    write_csv(args.out / "paired_seeds.csv", paired, PAIRED_SEED_FIELDS)
-    pairs = paired_summary(paired)
-    write_csv(args.out / "paired.csv", pairs, PAIRED_FIELDS)
-    write_csv(args.out / "curves.csv", curve_rows, ["initialisation", "mode", "train_count", "seed", "step", "dice"])
     picture = plot(results, class_names, args.out / "compare_init.png")
     curve_picture = plot_curves(curves, args.out / "curves.png")
 
@@ -632,7 +652,7 @@ def compare_init_command(argv: Sequence[str]) -> int:
     print(format_rows(table))
     print("\nHeld-out Dice during training (mean over seeds):\n")
     print(format_rows(curve_table(curves)))
-    if paired:
+    if pairs:
         print("\nPaired: per seed, pretrained minus its scratch baseline (same network, mode, labels, seed):\n")
         print(format_rows(paired_table(pairs)))
     print(f"\nresults: {(args.out / 'results.csv').resolve()}\npaired:  {(args.out / 'paired.csv').resolve()}\n"

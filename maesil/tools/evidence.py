@@ -48,6 +48,7 @@ class Stage:
     name: str
     command: list[str]
     done_when: Path  # the file whose presence (with the same command) means the stage ran
+    concurrent: bool = False  # may run beside the neighbouring concurrent stages (``--jobs``)
     seconds: float | None = None
     reused: bool = False
 
@@ -81,6 +82,34 @@ class EvidencePlan:
     finetune_steps: int = 120  # past the demo YAMLs' decoder-only and encoder warm-up phases (60 steps)
     train_counts: list[int] = field(default_factory=lambda: [1])
     modes: list[str] = field(default_factory=lambda: ["finetune", "frozen"])
+    cnn_steps: int | None = None  # None: the CNN method's demo YAML's
+    trainer_configs: list[Path] = field(default_factory=list)  # composed after each YAML, e.g. gpu_bf16.yaml
+    overrides: list[str] = field(default_factory=list)  # KEY=VALUE for every training run
+    pretrain_cache: Path | None = None  # a prepared cache every pretraining run reads (written by the first)
+
+    def display(self, jobs: int = 1) -> str:
+        """The ``python -m maesil evidence`` command line of this plan."""
+        words = ["python -m maesil evidence", "--out", _relative(str(self.out)), "--seeds", *map(str, self.seeds)]
+        if self.cnn_method != "s3d":
+            words += ["--cnn-method", self.cnn_method]
+        for flag, value in (("--pretrain-steps", self.pretrain_steps), ("--cnn-steps", self.cnn_steps)):
+            if value is not None:
+                words += [flag, str(value)]
+        if self.finetune_steps != 120:
+            words += ["--finetune-steps", str(self.finetune_steps)]
+        if self.train_counts != [1]:
+            words += ["--train-count", *map(str, self.train_counts)]
+        if self.modes != ["finetune", "frozen"]:
+            words += ["--modes", *self.modes]
+        if self.trainer_configs:
+            words += ["--trainer-config", *[_relative(str(path)) for path in self.trainer_configs]]
+        if self.overrides:
+            words += ["--set", *self.overrides]
+        if self.pretrain_cache is not None:
+            words += ["--pretrain-cache", _relative(str(self.pretrain_cache))]
+        if jobs > 1:
+            words += ["--jobs", str(jobs)]
+        return " ".join(words)
 
     def checkpoint(self, method: str) -> Path:
         return self.out / "pretrain" / method / "checkpoints" / "last.ckpt"
@@ -89,17 +118,26 @@ class EvidencePlan:
         python = [sys.executable, "-m", "maesil"]
         steps = self.pretrain_steps or yaml_max_steps("maesil")
         stages = []
-        for method in ("maesil", *RECON_BASELINES, self.cnn_method):
+        for index, method in enumerate(("maesil", *RECON_BASELINES, self.cnn_method)):
             run_dir = self.out / "pretrain" / method
             command = [*python, "fit", "--config", str(PRETRAIN_DIR / f"{method}_demo.yaml"),
+                       *[word for extra in self.trainer_configs for word in ("--config", str(extra))],
                        "--trainer.default_root_dir", str(run_dir)]
-            if method == "maesil" or method in RECON_BASELINES:
-                command += ["--trainer.max_steps", str(steps),
-                            "--trainer.val_check_interval", str(max(1, steps // 4))]
-            stages.append(Stage(f"pretrain {method}", command, run_dir / "summary.json"))
+            method_steps = steps if method == "maesil" or method in RECON_BASELINES else self.cnn_steps
+            if method_steps is not None:
+                command += ["--trainer.max_steps", str(method_steps),
+                            "--trainer.val_check_interval", str(max(1, method_steps // 4))]
+            if self.pretrain_cache is not None:
+                command += ["--data.init_args.cache_dir", str(self.pretrain_cache)]
+            for override in self.overrides:
+                key, _, value = override.partition("=")
+                command += [f"--{key.lstrip('-')}", value]
+            # The first run writes the training phantoms (and a cache named in the overrides); the others may
+            # then run beside each other.
+            stages.append(Stage(f"pretrain {method}", command, run_dir / "summary.json", concurrent=index > 0))
         heldout = self.out / "heldout_phantoms"
         stages.append(Stage("held-out phantoms", [*python, "phantoms", "--out", str(heldout), "--count", "2",
-                                                  "--seed", "100"], heldout / "images"))
+                                                  "--seed", "100"], heldout / "images", concurrent=True))
         recon = self.out / "recon"
         stages.append(Stage("recon", [*python, "benchmark-recon", "--data", str(heldout), "--out", str(recon),
                                       "--protocol", "both", "--checkpoints",
@@ -111,39 +149,65 @@ class EvidencePlan:
                    "--train-count", *map(str, self.train_counts), "--modes", *self.modes,
                    "--seeds", *map(str, self.seeds)]
         command += ["--steps", str(self.finetune_steps), "--curve-every", str(max(1, self.finetune_steps // 3))]
+        if self.trainer_configs:
+            command += ["--trainer-config", *map(str, self.trainer_configs)]
+        if self.overrides:
+            command += ["--set", *self.overrides]
         stages.append(Stage("compare-init", command, compare / "paired.csv"))
         return stages
 
 
-def run_stages(plan: EvidencePlan, force: bool = False) -> list[Stage]:
-    """Runs the plan's stages in order (skipping those done with the same command); stops at the first failure
-    with the stage, its command and its log named."""
+def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[Stage]:
+    """Runs the plan's stages in order (skipping those done with the same command), up to ``jobs`` neighbouring
+    concurrent stages at a time; stops after the first failure with the stage, its command and its log named."""
     plan.out.mkdir(parents=True, exist_ok=True)
     record_path = plan.out / "stages.json"
     previous = {} if force or not record_path.exists() else json.loads(record_path.read_text())
     stages = plan.stages()
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    pending = []
     for stage in stages:
         earlier = previous.get(stage.name)
         if earlier and earlier.get("command") == stage.command and stage.done_when.exists():
             stage.seconds, stage.reused = earlier.get("seconds"), True
             print(f"== {stage.name}: done earlier ({stage.done_when}), reused", flush=True)
-            continue
-        log = plan.out / "logs" / f"{stage.name.replace(' ', '_')}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"== {stage.name}: {stage.display()}", flush=True)
-        started = time.perf_counter()
-        with open(log, "w") as handle:
-            code = subprocess.run(stage.command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                                  env=env).returncode
-        stage.seconds = time.perf_counter() - started
-        if code != 0 or not stage.done_when.exists():
-            raise RuntimeError(f"stage '{stage.name}' failed (exit {code}): {stage.display()}\n"
-                               f"its output: {log}")
-        print(f"   {stage.seconds:.0f} s", flush=True)
-        previous[stage.name] = {"command": stage.command, "seconds": stage.seconds}
-        record_path.write_text(json.dumps(previous, indent=2) + "\n")
+        else:
+            pending.append(stage)
+    for batch in _batches(pending, max(1, jobs)):
+        running = []
+        for stage in batch:
+            log = plan.out / "logs" / f"{stage.name.replace(' ', '_')}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"== {stage.name}: {stage.display()}", flush=True)
+            handle = open(log, "w")
+            process = subprocess.Popen(stage.command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                       env=env)
+            running.append((stage, process, handle, log, time.perf_counter()))
+        failures = []
+        for stage, process, handle, log, started in running:
+            code = process.wait()
+            handle.close()
+            stage.seconds = time.perf_counter() - started
+            if code != 0 or not stage.done_when.exists():
+                failures.append(f"stage '{stage.name}' failed (exit {code}): {stage.display()}\nits output: {log}")
+                continue
+            print(f"   {stage.name}: {stage.seconds:.0f} s", flush=True)
+            previous[stage.name] = {"command": stage.command, "seconds": stage.seconds}
+            record_path.write_text(json.dumps(previous, indent=2) + "\n")
+        if failures:
+            raise RuntimeError("\n".join(failures))
     return stages
+
+
+def _batches(stages: Sequence[Stage], jobs: int) -> list[list[Stage]]:
+    """Consecutive concurrent stages in groups of at most ``jobs``; every other stage alone."""
+    batches: list[list[Stage]] = []
+    for stage in stages:
+        if stage.concurrent and batches and batches[-1][-1].concurrent and len(batches[-1]) < jobs:
+            batches[-1].append(stage)
+        else:
+            batches.append([stage])
+    return batches
 
 
 # ----------------------------------------------------------------------------------------------------- summary
@@ -256,12 +320,12 @@ def machine_line() -> str:
             f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
 
 
-def write_summary(plan: EvidencePlan, stages: Sequence[Stage]) -> Path:
+def write_summary(plan: EvidencePlan, stages: Sequence[Stage], jobs: int = 1) -> Path:
     """``OUT/summary.md`` from the stages' outputs."""
     by_name = {stage.name: stage for stage in stages}
     total = sum(stage.seconds or 0.0 for stage in stages)
     lines = ["# maesil evidence", "",
-             f"`python -m maesil evidence --out {_relative(str(plan.out))} --seeds {' '.join(map(str, plan.seeds))}`"
+             f"`{plan.display(jobs)}`"
              f" · {machine_line()} · {total / 60:.1f} min in all (stages reused from an earlier call count their "
              "first run)", ""]
     maesil_summary = plan.out / "pretrain" / "maesil" / "summary.json"
@@ -301,14 +365,35 @@ def evidence_command(argv: Sequence[str]) -> int:
                         help="compare-init --steps (default 120; curve points every third of it)")
     parser.add_argument("--train-count", type=int, nargs="+", default=[1], help="labelled volumes (default 1)")
     parser.add_argument("--modes", nargs="+", choices=["finetune", "frozen"], default=["finetune", "frozen"])
+    parser.add_argument("--cnn-steps", type=int, default=None,
+                        help="steps of the CNN method's pretraining (default: its demo YAML's)")
+    parser.add_argument("--trainer-config", nargs="*", type=Path, default=[], metavar="YAML",
+                        help="YAML files composed after every training run's own, e.g. "
+                        "experiments/trainer/gpu_bf16.yaml")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every training run, e.g. data.init_args.num_workers=8")
+    parser.add_argument("--pretrain-cache", type=Path, default=None, metavar="DIR",
+                        help="prepare the training phantoms once into this cache and read every pretraining run's "
+                        "superpatches from it (default: each run reads the volumes through TorchIO's queue)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="pretraining runs at a time after the first (default 1; more where one run leaves "
+                        "the machine idle, e.g. a GPU)")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even those done earlier")
     parser.add_argument("--summary-only", action="store_true", help="only rewrite summary.md from the outputs there")
     args = parser.parse_args(list(argv))
-    if any(s < 1 for s in args.train_count) or (args.pretrain_steps or 1) < 1 or args.finetune_steps < 1:
-        parser.error("--train-count, --pretrain-steps and --finetune-steps must be >= 1")
+    if (any(s < 1 for s in args.train_count) or (args.pretrain_steps or 1) < 1 or (args.cnn_steps or 1) < 1
+            or args.finetune_steps < 1 or args.jobs < 1):
+        parser.error("--train-count, --pretrain-steps, --cnn-steps, --finetune-steps and --jobs must be >= 1")
+    if any("=" not in item for item in args.set):
+        parser.error(f"--set takes KEY=VALUE items, got {args.set}")
+    missing = [str(path) for path in args.trainer_config if not path.is_file()]
+    if missing:
+        parser.error(f"--trainer-config: no such file: {', '.join(missing)}")
     plan = EvidencePlan(out=args.out.resolve(), seeds=args.seeds, cnn_method=args.cnn_method,
                         pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
-                        train_counts=args.train_count, modes=args.modes)
+                        train_counts=args.train_count, modes=args.modes, cnn_steps=args.cnn_steps,
+                        trainer_configs=[path.resolve() for path in args.trainer_config], overrides=args.set,
+                        pretrain_cache=args.pretrain_cache.resolve() if args.pretrain_cache else None)
     if args.summary_only:
         stages = plan.stages()
         record = json.loads((plan.out / "stages.json").read_text()) if (plan.out / "stages.json").exists() else {}
@@ -316,11 +401,11 @@ def evidence_command(argv: Sequence[str]) -> int:
             stage.seconds = record.get(stage.name, {}).get("seconds")
     else:
         try:
-            stages = run_stages(plan, force=args.force)
+            stages = run_stages(plan, force=args.force, jobs=args.jobs)
         except RuntimeError as error:
             print(f"evidence: {error}", file=sys.stderr)
             return 1
-    summary = write_summary(plan, stages)
+    summary = write_summary(plan, stages, args.jobs)
     print(summary.read_text())
     print(f"summary: {summary}")
     return 0

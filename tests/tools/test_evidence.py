@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from maesil.tools.evidence import EvidencePlan, Stage, evidence_command, run_stages, write_summary
+from maesil.tools.evidence import (
+    PRETRAIN_DIR,
+    EvidencePlan,
+    Stage,
+    _batches,
+    evidence_command,
+    run_stages,
+    write_summary,
+)
 
 RECON_FIELDS = ["method", "protocol", "class", "checkpoint", "params", "volumes", "masked_region", "psnr_mean",
                 "psnr_std", "ssim_mean", "ssim_std", "psnr_masked_mean", "psnr_masked_std", "ssim_masked_mean",
@@ -124,3 +132,58 @@ def test_the_plan_pretrains_the_autoencoders_for_maesils_steps_and_compares_both
     assert compare[compare.index("--seeds") + 1:compare.index("--seeds") + 3] == ["3", "4"]
     assert compare[compare.index("--train-count") + 1:compare.index("--train-count") + 3] == ["1", "2"]
     assert str(plan.checkpoint("s3d")) in compare and str(plan.checkpoint("maesil")) in compare
+
+
+def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(tmp_path):
+    gpu = tmp_path / "gpu.yaml"
+    plan = EvidencePlan(out=tmp_path, seeds=[0], cnn_steps=300, trainer_configs=[gpu],
+                        overrides=["data.init_args.num_workers=6"], pretrain_cache=tmp_path / "cache")
+    stages = {stage.name: stage.command for stage in plan.stages()}
+    for method in ("maesil", "ae", "vae", "vqvae", "s3d"):
+        command = stages[f"pretrain {method}"]
+        # composed after the method's own YAML, so its trainer settings win
+        assert command.index(str(gpu)) > command.index(str(PRETRAIN_DIR / f"{method}_demo.yaml"))
+        assert command[command.index("--data.init_args.num_workers") + 1] == "6"
+        assert command[command.index("--data.init_args.cache_dir") + 1] == str(tmp_path / "cache")
+    s3d = stages["pretrain s3d"]
+    assert s3d[s3d.index("--trainer.max_steps") + 1] == "300"
+    compare = stages["compare-init"]
+    assert compare[compare.index("--trainer-config") + 1] == str(gpu)
+    assert compare[compare.index("--set") + 1] == "data.init_args.num_workers=6"
+    assert str(tmp_path / "cache") not in compare  # fine-tuning reads its own labelled phantoms
+    assert plan.display(jobs=4).endswith(f"--cnn-steps 300 --trainer-config {gpu} --set "
+                                         f"data.init_args.num_workers=6 --pretrain-cache {tmp_path / 'cache'} "
+                                         "--jobs 4")
+
+
+def test_concurrent_stages_run_side_by_side_up_to_jobs_and_the_first_pretraining_alone(tmp_path, monkeypatch):
+    names = [stage.name for stage in EvidencePlan(out=tmp_path).stages()]
+    concurrent = {stage.name for stage in EvidencePlan(out=tmp_path).stages() if stage.concurrent}
+    assert "pretrain maesil" not in concurrent and {"pretrain ae", "pretrain s3d", "held-out phantoms"} <= concurrent
+    assert "recon" not in concurrent and "compare-init" not in concurrent
+    stages = [Stage(name, [], tmp_path / name, concurrent=name in concurrent) for name in names]
+    assert [[s.name for s in batch] for batch in _batches(stages, 3)] == [
+        ["pretrain maesil"], ["pretrain ae", "pretrain vae", "pretrain vqvae"], ["pretrain s3d", "held-out phantoms"],
+        ["recon"], ["compare-init"]]
+    assert all(len(batch) == 1 for batch in _batches(stages, 1))
+
+    # Two stages that each wait for the other's file can only finish side by side.
+    script = ("import sys, pathlib, time; mine, other = map(pathlib.Path, sys.argv[1:]); mine.write_text('x'); "
+              "deadline = time.time() + 20\nwhile not other.exists() and time.time() < deadline: time.sleep(0.05)\n"
+              "sys.exit(0 if other.exists() else 3)")
+    a, b = tmp_path / "a", tmp_path / "b"
+    fake = [Stage("one", [sys.executable, "-c", script, str(a), str(b)], a, concurrent=True),
+            Stage("two", [sys.executable, "-c", script, str(b), str(a)], b, concurrent=True)]
+    monkeypatch.setattr(EvidencePlan, "stages", lambda self: fake)
+    done = run_stages(EvidencePlan(out=tmp_path / "evidence"), jobs=2)
+    assert all(stage.seconds is not None and not stage.reused for stage in done)
+
+
+def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evidence_command(["--out", str(tmp_path / "e"), "--trainer-config", str(tmp_path / "missing.yaml")])
+    assert "missing.yaml" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evidence_command(["--out", str(tmp_path / "e"), "--set", "trainer.max_steps"])
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
