@@ -154,10 +154,10 @@ def probe_records(data: str | Path | None, train_volumes: int, test_volumes: int
     """
     needed = train_volumes + test_volumes
     if data is None:
-        from maesil.phantoms import write_phantoms
+        from maesil.phantoms import default_workers, write_phantoms
 
         folder = Path(phantom_dir).expanduser()
-        images = write_phantoms(folder, count=needed, seed=phantom_seed)
+        images = write_phantoms(folder, count=needed, seed=phantom_seed, workers=default_workers(needed))
         records = [SubjectRecord(path.name.split(".")[0], path, folder / "labels" / path.name) for path in images]
         return records[:train_volumes], records[train_volumes:], dict(ORGAN_LABELS)
     records = discover_subjects(data)

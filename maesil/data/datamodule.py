@@ -293,10 +293,10 @@ class VolumeDataModule(L.LightningDataModule):
         """Rank 0 only, via Lightning: write the demo phantoms when ``data_dir`` is ``None``, and
         prepare the cache when ``cache_dir`` is set (idempotent: unchanged subjects are skipped)."""
         if self.data_dir is None:
-            from maesil.phantoms import write_phantoms
+            from maesil.phantoms import default_workers, write_phantoms
 
             log.info("data_dir is None: writing %d demo phantoms to %s", self.phantom_count, self.phantom_dir)
-            write_phantoms(self.phantom_dir, count=self.phantom_count)
+            write_phantoms(self.phantom_dir, count=self.phantom_count, workers=default_workers(self.phantom_count))
         self._make_backend().prepare()
 
     def setup(self, stage: str | None = None) -> None:

@@ -22,7 +22,7 @@ one painter module per structure (``body``, ``psoas``, ``liver``, ``stomach``, `
 
 from maesil.phantoms.labels import ORGAN_LABELS
 from maesil.phantoms.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, GENERATOR_VERSION, Phantom, make_phantom
-from maesil.phantoms.writer import write_phantoms
+from maesil.phantoms.writer import default_workers, write_phantoms
 
 __all__ = [
     "DEFAULT_SHAPE",
@@ -30,6 +30,7 @@ __all__ = [
     "GENERATOR_VERSION",
     "ORGAN_LABELS",
     "Phantom",
+    "default_workers",
     "make_phantom",
     "write_phantoms",
 ]

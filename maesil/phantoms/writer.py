@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from maesil.files import atomic_write_bytes
 from maesil.phantoms.grid import check_shape_spacing
 from maesil.phantoms.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, GENERATOR_VERSION, make_phantom
 
-__all__ = ["MANIFEST_NAME", "write_phantoms"]
+__all__ = ["MANIFEST_NAME", "default_workers", "write_phantoms"]
 
 #: Name of the manifest in the output folder: generator version, shape, spacing and written seeds.
 MANIFEST_NAME = "phantoms.json"
@@ -30,6 +32,18 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
+def _phantom_files(seed: int, shape: tuple[int, int, int], spacing: tuple[float, float, float]
+                   ) -> tuple[bytes, bytes]:
+    """The image's and the label map's NIfTI bytes of phantom ``seed`` (runs in a worker process)."""
+    ph = make_phantom(seed, shape, spacing)
+    return _nifti_bytes(ph.image, ph.affine), _nifti_bytes(ph.label, ph.affine)
+
+
+def default_workers(count: int) -> int:
+    """Processes that generate ``count`` phantoms: one per phantom, at most one per CPU core."""
+    return max(1, min(count, os.cpu_count() or 1))
+
+
 def _read_manifest(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -44,6 +58,7 @@ def write_phantoms(
     seed: int = 0,
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     spacing: tuple[float, float, float] = DEFAULT_SPACING,
+    workers: int = 1,
 ) -> list[Path]:
     """Writes ``count`` phantoms as ``out_dir/images/phantom_{seed+i:03d}.nii.gz`` and
     ``out_dir/labels/phantom_{seed+i:03d}.nii.gz`` for i in range(count); returns the image paths.
@@ -53,7 +68,8 @@ def write_phantoms(
     changed, the requested phantoms are regenerated and files of other seeds recorded under the
     old parameters are removed (so the folder never mixes grids). Every file is written
     atomically (:func:`maesil.files.atomic_write_bytes`), and the manifest is updated after each
-    phantom, so an interrupted run leaves no truncated file behind.
+    phantom, so an interrupted run leaves no truncated file behind. With ``workers`` > 1 the phantoms are generated
+    in that many processes (the files are the same); this process alone writes the files and the manifest.
 
     Args:
         out_dir: destination folder (created if missing).
@@ -61,6 +77,7 @@ def write_phantoms(
         seed: seed of the first phantom (>= 0); phantom i uses ``seed + i``.
         shape: voxels along (X, Y, Z), each >= 16.
         spacing: voxel size in mm, each > 0.
+        workers: processes generating phantoms, >= 1 (:func:`default_workers` is one per core).
 
     Raises:
         ValueError: on invalid arguments.
@@ -69,6 +86,8 @@ def write_phantoms(
         raise ValueError(f"count must be an integer >= 1, got {count!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     shape, spacing = check_shape_spacing(shape, spacing)
     out = Path(out_dir).expanduser()
     img_dir, lab_dir = out / "images", out / "labels"
@@ -95,17 +114,26 @@ def write_phantoms(
 
     if not same:
         save_manifest()
-    paths = []
-    for s in range(seed, seed + count):
-        name = f"phantom_{s:03d}.nii.gz"
-        img_path, lab_path = img_dir / name, lab_dir / name
-        paths.append(img_path)
-        if s in done and img_path.is_file() and lab_path.is_file():
-            continue
-        done.discard(s)
-        ph = make_phantom(s, shape, spacing)
-        atomic_write_bytes(img_path, _nifti_bytes(ph.image, ph.affine))
-        atomic_write_bytes(lab_path, _nifti_bytes(ph.label, ph.affine))
+    def path_of(s: int, folder: Path) -> Path:
+        return folder / f"phantom_{s:03d}.nii.gz"
+
+    seeds = list(range(seed, seed + count))
+    missing = [s for s in seeds
+               if not (s in done and path_of(s, img_dir).is_file() and path_of(s, lab_dir).is_file())]
+    done.difference_update(missing)
+
+    def write(s: int, files: tuple[bytes, bytes]) -> None:
+        atomic_write_bytes(path_of(s, img_dir), files[0])
+        atomic_write_bytes(path_of(s, lab_dir), files[1])
         done.add(s)
         save_manifest()
-    return paths
+
+    if workers > 1 and len(missing) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(missing))) as pool:
+            for s, files in zip(missing, pool.map(_phantom_files, missing, [shape] * len(missing),
+                                                  [spacing] * len(missing))):
+                write(s, files)
+    else:
+        for s in missing:
+            write(s, _phantom_files(s, shape, spacing))
+    return [path_of(s, img_dir) for s in seeds]

@@ -146,9 +146,10 @@ def describe_checkpoint(path: Path) -> Initialisation:
 # ------------------------------------------------------------------------------------------------ data
 def write_phantom_manifest(folder: Path, train_count: int, test_count: int, seed: int) -> Path:
     """Writes ``train_count + test_count`` phantoms and a manifest with a fixed train/test split."""
-    from maesil.phantoms import write_phantoms
+    from maesil.phantoms import default_workers, write_phantoms
 
-    paths = write_phantoms(folder, train_count + test_count, seed=seed)
+    paths = write_phantoms(folder, train_count + test_count, seed=seed,
+                           workers=default_workers(train_count + test_count))
     manifest = folder / "compare_init.csv"
     with open(manifest, "w", newline="") as handle:
         writer = csv.writer(handle)

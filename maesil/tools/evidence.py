@@ -48,7 +48,7 @@ class Stage:
     name: str
     command: list[str]
     done_when: Path  # the file whose presence (with the same command) means the stage ran
-    concurrent: bool = False  # may run beside the neighbouring concurrent stages (``--jobs``)
+    group: str | None = None  # neighbouring stages of one group may run side by side (``--jobs``)
     seconds: float | None = None
     reused: bool = False
 
@@ -134,27 +134,33 @@ class EvidencePlan:
                 command += [f"--{key.lstrip('-')}", value]
             # The first run writes the training phantoms (and a cache named in the overrides); the others may
             # then run beside each other.
-            stages.append(Stage(f"pretrain {method}", command, run_dir / "summary.json", concurrent=index > 0))
+            stages.append(Stage(f"pretrain {method}", command, run_dir / "summary.json",
+                                group="pretrain" if index > 0 else None))
         heldout = self.out / "heldout_phantoms"
         stages.append(Stage("held-out phantoms", [*python, "phantoms", "--out", str(heldout), "--count", "2",
-                                                  "--seed", "100"], heldout / "images", concurrent=True))
+                                                  "--seed", "100"], heldout / "images", group="pretrain"))
         recon = self.out / "recon"
         stages.append(Stage("recon", [*python, "benchmark-recon", "--data", str(heldout), "--out", str(recon),
                                       "--protocol", "both", "--checkpoints",
                                       *[str(self.checkpoint(m)) for m in ("maesil", *RECON_BASELINES)]],
-                            recon / "results.csv"))
-        compare = self.out / "compare_init"
-        command = [*python, "compare-init", "--out", str(compare),
-                   "--checkpoints", str(self.checkpoint("maesil")), str(self.checkpoint(self.cnn_method)),
-                   "--train-count", *map(str, self.train_counts), "--modes", *self.modes,
-                   "--seeds", *map(str, self.seeds)]
-        command += ["--steps", str(self.finetune_steps), "--curve-every", str(max(1, self.finetune_steps // 3))]
-        if self.trainer_configs:
-            command += ["--trainer-config", *map(str, self.trainer_configs)]
-        if self.overrides:
-            command += ["--set", *self.overrides]
-        stages.append(Stage("compare-init", command, compare / "paired.csv"))
+                            recon / "results.csv", group="evaluate"))
+        # One compare-init per pretrained network (MAESIL -> UNETR, the CNN method -> U-Net), each with its own
+        # scratch baseline, so that the two may run side by side.
+        for method in ("maesil", self.cnn_method):
+            compare = self.compare_dir(method)
+            command = [*python, "compare-init", "--out", str(compare), "--checkpoints", str(self.checkpoint(method)),
+                       "--train-count", *map(str, self.train_counts), "--modes", *self.modes,
+                       "--seeds", *map(str, self.seeds),
+                       "--steps", str(self.finetune_steps), "--curve-every", str(max(1, self.finetune_steps // 3))]
+            if self.trainer_configs:
+                command += ["--trainer-config", *map(str, self.trainer_configs)]
+            if self.overrides:
+                command += ["--set", *self.overrides]
+            stages.append(Stage(f"compare-init {method}", command, compare / "paired.csv", group="evaluate"))
         return stages
+
+    def compare_dir(self, method: str) -> Path:
+        return self.out / "compare_init" / method
 
 
 def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[Stage]:
@@ -200,10 +206,11 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
 
 
 def _batches(stages: Sequence[Stage], jobs: int) -> list[list[Stage]]:
-    """Consecutive concurrent stages in groups of at most ``jobs``; every other stage alone."""
+    """Consecutive stages of one group in batches of at most ``jobs``; a stage without a group alone."""
     batches: list[list[Stage]] = []
     for stage in stages:
-        if stage.concurrent and batches and batches[-1][-1].concurrent and len(batches[-1]) < jobs:
+        if (stage.group is not None and batches and batches[-1][-1].group == stage.group
+                and len(batches[-1]) < jobs):
             batches[-1].append(stage)
         else:
             batches.append([stage])
@@ -288,10 +295,13 @@ def curve_section(summary_json: Path, margin_db: float = 1.0) -> list[str]:
     return lines
 
 
-def paired_section(paired_csv: Path, command: str, min_gain: float = 0.02) -> list[str]:
-    """compare-init's paired differences (pretrained − scratch, per seed) and the few-label claims."""
-    rows = read_csv(paired_csv)
-    lines = ["## Fine-tuning with few labels (held-out phantoms)", "", f"`{command}`", ""]
+def paired_section(runs: Sequence[tuple[Path, str]], min_gain: float = 0.02) -> list[str]:
+    """compare-init's paired differences (pretrained − scratch, per seed) and the few-label claims, from each
+    ``(paired.csv, command)`` of ``runs``."""
+    lines = ["## Fine-tuning with few labels (held-out phantoms)", ""]
+    lines += [f"`{command}`" + ("" if paired_csv.exists() else " (no results)") for paired_csv, command in runs]
+    lines += [""]
+    rows = [row for paired_csv, _ in runs if paired_csv.exists() for row in read_csv(paired_csv)]
     if not rows:
         return lines + ["compare-init wrote no paired rows.", ""]
     header = list(rows[0])
@@ -334,13 +344,16 @@ def write_summary(plan: EvidencePlan, stages: Sequence[Stage], jobs: int = 1) ->
     recon = plan.out / "recon" / "results.csv"
     if recon.exists():
         lines += recon_section(recon, by_name["recon"].display())
-    paired = plan.out / "compare_init" / "paired.csv"
-    if paired.exists():
-        lines += paired_section(paired, by_name["compare-init"].display())
+    compare = [(plan.compare_dir(method) / "paired.csv", by_name[f"compare-init {method}"].display())
+               for method in ("maesil", plan.cnn_method)]
+    if any(paired.exists() for paired, _ in compare):
+        lines += paired_section(compare)
     figures = [("MAESIL reconstructions during pretraining", plan.out / "pretrain/maesil/logs"),
                ("held-out reconstructions, every method", plan.out / "recon/slices.png"),
-               ("fine-tuning curves", plan.out / "compare_init/curves.png"),
-               ("fine-tuning Dice per organ", plan.out / "compare_init/compare_init.png")]
+               *[(f"fine-tuning curves ({method})", plan.compare_dir(method) / "curves.png")
+                 for method in ("maesil", plan.cnn_method)],
+               *[(f"fine-tuning Dice per organ ({method})", plan.compare_dir(method) / "compare_init.png")
+                 for method in ("maesil", plan.cnn_method)]]
     lines += ["## Figures", ""] + [f"- {label}: `{_relative(str(path))}`" for label, path in figures if path.exists()]
     lines += ["", "## Stages", "",
               markdown_table(["stage", "command", "wall time"],

@@ -150,6 +150,7 @@ def test_odd_grids_do_not_fail():
         (dict(count=1, spacing=(1.0, 0.0, 1.0)), "spacing"),
         (dict(count=1, spacing=(1.0, -2.0, 1.0)), "spacing"),
         (dict(count=1, seed=-1), "seed"),
+        (dict(count=1, workers=0), "workers"),
     ],
 )
 def test_write_phantoms_validates(tmp_path, kwargs, match):
@@ -261,3 +262,13 @@ def test_stale_temp_files_are_cleaned(tmp_path):
     stale.write_bytes(b"partial")
     write_phantoms(tmp_path, count=1, seed=0, shape=SMALL, spacing=SMALL_SPACING)
     assert not stale.exists()
+
+
+def test_phantoms_written_by_several_processes_are_the_same_files(tmp_path):
+    one = write_phantoms(tmp_path / "one", count=3, seed=5, shape=SMALL, spacing=SMALL_SPACING)
+    three = write_phantoms(tmp_path / "three", count=3, seed=5, shape=SMALL, spacing=SMALL_SPACING, workers=3)
+    assert [p.name for p in one] == [p.name for p in three] == [f"phantom_00{s}.nii.gz" for s in (5, 6, 7)]
+    for folder in ("images", "labels"):
+        for a, b in zip(sorted((tmp_path / "one" / folder).iterdir()), sorted((tmp_path / "three" / folder).iterdir())):
+            assert a.read_bytes() == b.read_bytes()
+    assert json.loads((tmp_path / "three" / "phantoms.json").read_text())["seeds"] == [5, 6, 7]

@@ -61,16 +61,18 @@ def outputs(tmp_path) -> EvidencePlan:
     (plan.out / "pretrain" / "maesil" / "summary.json").write_text(json.dumps(summary))
     paired_fields = ["family", "mode", "train_count", "initialisation", "reference", "seeds", "positive_seeds",
                      "mean_difference", "std_difference"]
-    write_rows(plan.out / "compare_init" / "paired.csv", paired_fields, [
+    write_rows(plan.compare_dir("maesil") / "paired.csv", paired_fields, [
         {"family": "unetr", "mode": "finetune", "train_count": 1, "initialisation": "maesil",
          "reference": "scratch (unetr)", "seeds": 2, "positive_seeds": 2, "mean_difference": 0.031,
          "std_difference": 0.01},
-        {"family": "unet", "mode": "finetune", "train_count": 1, "initialisation": "s3d",
-         "reference": "scratch (unet)", "seeds": 2, "positive_seeds": 1, "mean_difference": 0.025,
-         "std_difference": 0.03},
         {"family": "unetr", "mode": "frozen", "train_count": 1, "initialisation": "maesil",
          "reference": "scratch (unetr)", "seeds": 2, "positive_seeds": 2, "mean_difference": 0.2,
          "std_difference": 0.02},
+    ])
+    write_rows(plan.compare_dir("s3d") / "paired.csv", paired_fields, [
+        {"family": "unet", "mode": "finetune", "train_count": 1, "initialisation": "s3d",
+         "reference": "scratch (unet)", "seeds": 2, "positive_seeds": 1, "mean_difference": 0.025,
+         "std_difference": 0.03},
     ])
     return plan
 
@@ -128,10 +130,13 @@ def test_the_plan_pretrains_the_autoencoders_for_maesils_steps_and_compares_both
         command = stages[f"pretrain {method}"]
         assert command[command.index("--trainer.max_steps") + 1] == "80"
     assert "--trainer.max_steps" not in stages["pretrain s3d"]  # its own YAML's budget
-    compare = stages["compare-init"]
-    assert compare[compare.index("--seeds") + 1:compare.index("--seeds") + 3] == ["3", "4"]
-    assert compare[compare.index("--train-count") + 1:compare.index("--train-count") + 3] == ["1", "2"]
-    assert str(plan.checkpoint("s3d")) in compare and str(plan.checkpoint("maesil")) in compare
+    for method in ("maesil", "s3d"):  # each pretrained network against its own scratch baseline
+        compare = stages[f"compare-init {method}"]
+        assert compare[compare.index("--seeds") + 1:compare.index("--seeds") + 3] == ["3", "4"]
+        assert compare[compare.index("--train-count") + 1:compare.index("--train-count") + 3] == ["1", "2"]
+        assert compare[compare.index("--checkpoints") + 1:compare.index("--checkpoints") + 3] == [
+            str(plan.checkpoint(method)), "--train-count"]
+        assert compare[compare.index("--out") + 1] == str(plan.compare_dir(method))
 
 
 def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(tmp_path):
@@ -147,7 +152,7 @@ def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(t
         assert command[command.index("--data.init_args.cache_dir") + 1] == str(tmp_path / "cache")
     s3d = stages["pretrain s3d"]
     assert s3d[s3d.index("--trainer.max_steps") + 1] == "300"
-    compare = stages["compare-init"]
+    compare = stages["compare-init s3d"]
     assert compare[compare.index("--trainer-config") + 1] == str(gpu)
     assert compare[compare.index("--set") + 1] == "data.init_args.num_workers=6"
     assert str(tmp_path / "cache") not in compare  # fine-tuning reads its own labelled phantoms
@@ -156,15 +161,14 @@ def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(t
                                          "--jobs 4")
 
 
-def test_concurrent_stages_run_side_by_side_up_to_jobs_and_the_first_pretraining_alone(tmp_path, monkeypatch):
-    names = [stage.name for stage in EvidencePlan(out=tmp_path).stages()]
-    concurrent = {stage.name for stage in EvidencePlan(out=tmp_path).stages() if stage.concurrent}
-    assert "pretrain maesil" not in concurrent and {"pretrain ae", "pretrain s3d", "held-out phantoms"} <= concurrent
-    assert "recon" not in concurrent and "compare-init" not in concurrent
-    stages = [Stage(name, [], tmp_path / name, concurrent=name in concurrent) for name in names]
+def test_stages_of_one_group_run_side_by_side_up_to_jobs_and_the_first_pretraining_alone(tmp_path, monkeypatch):
+    stages = EvidencePlan(out=tmp_path).stages()
     assert [[s.name for s in batch] for batch in _batches(stages, 3)] == [
         ["pretrain maesil"], ["pretrain ae", "pretrain vae", "pretrain vqvae"], ["pretrain s3d", "held-out phantoms"],
-        ["recon"], ["compare-init"]]
+        ["recon", "compare-init maesil", "compare-init s3d"]]
+    # the evaluation never starts beside a pretraining it reads, however many jobs
+    assert [[s.name for s in batch] for batch in _batches(stages, 10)][2] == [
+        "recon", "compare-init maesil", "compare-init s3d"]
     assert all(len(batch) == 1 for batch in _batches(stages, 1))
 
     # Two stages that each wait for the other's file can only finish side by side.
@@ -172,8 +176,8 @@ def test_concurrent_stages_run_side_by_side_up_to_jobs_and_the_first_pretraining
               "deadline = time.time() + 20\nwhile not other.exists() and time.time() < deadline: time.sleep(0.05)\n"
               "sys.exit(0 if other.exists() else 3)")
     a, b = tmp_path / "a", tmp_path / "b"
-    fake = [Stage("one", [sys.executable, "-c", script, str(a), str(b)], a, concurrent=True),
-            Stage("two", [sys.executable, "-c", script, str(b), str(a)], b, concurrent=True)]
+    fake = [Stage("one", [sys.executable, "-c", script, str(a), str(b)], a, group="g"),
+            Stage("two", [sys.executable, "-c", script, str(b), str(a)], b, group="g")]
     monkeypatch.setattr(EvidencePlan, "stages", lambda self: fake)
     done = run_stages(EvidencePlan(out=tmp_path / "evidence"), jobs=2)
     assert all(stage.seconds is not None and not stage.reused for stage in done)
