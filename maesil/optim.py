@@ -8,6 +8,7 @@ is a step count (``CosineAnnealingLR``, ``PolynomialLR``) fit the same signature
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from typing import Callable
@@ -149,3 +150,37 @@ def decay_parameter_groups(module: nn.Module, no_decay_names: Iterable[str] = ()
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+#: torch optimizers that have a fused (single-kernel) CUDA step.
+FUSED_OPTIMIZERS: tuple[type[Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def prefers_fused(optimizer_class: type[Optimizer], settings: dict, device: torch.device) -> bool:
+    """Whether an optimizer of ``optimizer_class`` with ``settings`` (its ``defaults`` or one param group)
+    should run its fused CUDA step: torch's Adam or AdamW, parameters on a CUDA ``device``, and neither
+    ``fused`` nor ``foreach`` chosen by the user (both None), nor ``differentiable`` (which fused refuses)."""
+    return (optimizer_class in FUSED_OPTIMIZERS and torch.device(device).type == "cuda"
+            and settings.get("fused") is None and settings.get("foreach") is None
+            and not settings.get("differentiable", False))
+
+
+def with_fused_step(optimizer: Optimizer) -> Optimizer:
+    """``optimizer`` rebuilt over the same param groups with ``fused=True`` (a new optimizer, no state), where
+    :func:`prefers_fused` says so for its defaults and every group on the device of its parameters;
+    otherwise ``optimizer`` itself. Call it right after building the optimizer, before any step."""
+    parameters = [param for group in optimizer.param_groups for param in group["params"]]
+    if not parameters:
+        return optimizer
+    optimizer_class = type(optimizer)
+    devices = {param.device for param in parameters}
+    if len(devices) != 1 or optimizer.state:
+        return optimizer
+    device = devices.pop()
+    if not all(prefers_fused(optimizer_class, settings, device)
+               for settings in [optimizer.defaults, *optimizer.param_groups]):
+        return optimizer
+    accepted = inspect.signature(optimizer_class.__init__).parameters
+    defaults = {key: value for key, value in optimizer.defaults.items() if key in accepted and key != "foreach"}
+    groups = [{**group, "fused": True} for group in optimizer.param_groups]
+    return optimizer_class(groups, **{**defaults, "fused": True})

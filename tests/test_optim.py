@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from maesil.optim import WarmupCosineLR, decay_parameter_groups, warmup_cosine
+import maesil.optim
+from maesil.optim import WarmupCosineLR, decay_parameter_groups, prefers_fused, warmup_cosine, with_fused_step
 
 
 def make_optimizer(lr: float = 1.0) -> torch.optim.Optimizer:
@@ -94,3 +95,54 @@ def test_poly_lr_is_built_like_the_other_schedulers_and_validates_arguments():
         PolyLR(make_optimizer(), total_steps=10, exponent=-1.0)
     with pytest.raises(ValueError, match="warmup_steps"):
         PolyLR(make_optimizer(), total_steps=10, warmup_steps=-1)
+
+
+# ------------------------------------------------------------------------------------------ fused Adam(W)
+CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
+
+
+@pytest.mark.parametrize("optimizer_class, given, device, fused", [
+    (torch.optim.AdamW, {}, CUDA, True),
+    (torch.optim.Adam, {}, CUDA, True),
+    (torch.optim.AdamW, {}, CPU, False),
+    (torch.optim.AdamW, {"fused": False}, CUDA, False),
+    (torch.optim.AdamW, {"foreach": True}, CUDA, False),
+    (torch.optim.AdamW, {"foreach": False}, CUDA, False),
+    (torch.optim.AdamW, {"differentiable": True}, CUDA, False),
+    (torch.optim.SGD, {}, CUDA, False),
+])  # fmt: skip
+def test_fused_is_chosen_for_adam_on_cuda_unless_the_user_chose_a_kernel(optimizer_class, given, device, fused):
+    settings = optimizer_class([nn.Parameter(torch.zeros(2))], lr=1e-3, **given).defaults
+    assert prefers_fused(optimizer_class, settings, device) is fused
+
+
+def test_an_optimizer_on_the_cpu_is_kept_as_built():
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(2))])
+    assert with_fused_step(optimizer) is optimizer
+
+
+def test_the_fused_rebuild_keeps_every_group_s_settings_and_steps_alike(monkeypatch):
+    # torch has a fused Adam step on the CPU too: the rebuild is exercised here as if the CPU were a GPU
+    monkeypatch.setattr(maesil.optim, "prefers_fused",
+                        lambda cls, settings, device: settings.get("fused") is None and settings.get("foreach") is None)
+    torch.manual_seed(0)
+    weights, bias = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4))
+    groups = lambda: [{"params": [weights]}, {"params": [bias], "weight_decay": 0.0, "lr_scale": 0.5}]  # noqa: E731
+    plain = torch.optim.AdamW(groups(), lr=0.1, betas=(0.9, 0.95), weight_decay=0.05)
+    fused = with_fused_step(torch.optim.AdamW(groups(), lr=0.1, betas=(0.9, 0.95), weight_decay=0.05))
+    assert type(fused) is torch.optim.AdamW and fused.defaults["fused"] is True
+    assert [group["fused"] for group in fused.param_groups] == [True, True]
+    assert [(g["lr"], g["betas"], g["weight_decay"], g.get("lr_scale")) for g in fused.param_groups] == [
+        (0.1, (0.9, 0.95), 0.05, None), (0.1, (0.9, 0.95), 0.0, 0.5)]
+    assert [group["params"] for group in fused.param_groups] == [[weights], [bias]]
+    start = [weights.detach().clone(), bias.detach().clone()]
+    gradients = [torch.randn(4, 3), torch.randn(4)]
+    results = []
+    for optimizer in (plain, fused):
+        with torch.no_grad():
+            weights.copy_(start[0]), bias.copy_(start[1])
+        weights.grad, bias.grad = gradients[0].clone(), gradients[1].clone()
+        optimizer.step()
+        results.append([weights.detach().clone(), bias.detach().clone()])
+    torch.testing.assert_close(results[1], results[0])
+    assert not torch.equal(results[0][0], start[0])

@@ -25,6 +25,8 @@ both against the spec before any step, naming the YAML keys to change.
 
 from __future__ import annotations
 
+import inspect
+import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,8 +43,11 @@ from maesil.data.spec import DataSpec
 from maesil.evaluation.figures import save_figure
 from maesil.evaluation.fills import FILLS
 from maesil.evaluation.metrics import ReconstructionMetrics
+from maesil.methods.speed import (SPEED_ARGUMENTS, SpeedOptions, accepts_speed_options, compile_networks,
+                                  channels_last_networks, constructor_signatures, networks)
 from maesil.nonfinite import guard_training_step, restore_learning_rates, skip_optimizer_update
-from maesil.optim import OptimizerFactory, SchedulerFactory, adamw, decay_parameter_groups, warmup_cosine
+from maesil.optim import (OptimizerFactory, SchedulerFactory, adamw, decay_parameter_groups, warmup_cosine,
+                          with_fused_step)
 from maesil.random_state import capture_rng_state, restore_rng_state
 from maesil.trainer_attachment import attached_trainer
 
@@ -187,8 +192,12 @@ class MethodModule(L.LightningModule):
     """Shared optimisation and plumbing for pretraining and fine-tuning methods.
 
     Args:
-        optimizer: Callable building the optimizer from parameter groups.
+        optimizer: Callable building the optimizer from parameter groups. torch's Adam and AdamW run their
+            fused CUDA step on a GPU unless the YAML sets ``fused`` or ``foreach``.
         scheduler: Callable ``(optimizer, total_steps)`` building a per-step LR schedule, or None.
+
+    Every method also takes the keyword arguments of :class:`maesil.methods.speed.SpeedOptions`
+    (``compile``, ``compile_mode``, ``compile_backend``, ``channels_last``), stored as ``speed_options``.
     """
 
     #: Parameter-name fragments excluded from weight decay besides biases and norms.
@@ -215,8 +224,11 @@ class MethodModule(L.LightningModule):
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Every method's ``training_step`` stops on a NaN/Inf loss, naming the step and the subjects
-        (:func:`maesil.nonfinite.guard_training_step`)."""
+        (:func:`maesil.nonfinite.guard_training_step`), and its constructor takes the speed options
+        (:func:`maesil.methods.speed.accepts_speed_options`)."""
         super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = accepts_speed_options(cls.__dict__["__init__"])
         if "training_step" in cls.__dict__:
             cls.training_step = guard_training_step(cls.__dict__["training_step"])
         if cls.transfer_layout is not None:  # checkpoint loading and export find the layout by class name
@@ -235,6 +247,18 @@ class MethodModule(L.LightningModule):
         # batch / 256). Set at run time by ``maesil.callbacks.LinearLRScaling``, which knows the
         # effective batch; 1.0 leaves the YAML's lr as it is. Not a hyperparameter: not checkpointed.
         self.batch_lr_factor: float = 1.0
+        self.speed_options = SpeedOptions()
+        #: Seconds of the first optimizer steps of a compiled run: the first includes the compilation.
+        self.compiled_step_seconds: list[float] = []
+
+    def save_hyperparameters(self, *args, ignore: Sequence[str] | str | None = None, frame=None,
+                             logger: bool = True) -> None:
+        """Lightning's, without the speed options, which are settings of the run, not of the network: a
+        checkpoint does not carry them, and with ``--ckpt_path`` the command's values stand."""
+        ignored = [ignore] if isinstance(ignore, str) else list(ignore or [])
+        with constructor_signatures(type(self)):
+            super().save_hyperparameters(*args, ignore=[*ignored, *SPEED_ARGUMENTS],
+                                         frame=frame or inspect.currentframe().f_back, logger=logger)
 
     def reconstruct_for_evaluation(self, batch: dict) -> tuple[Tensor, Tensor | None]:
         """Reconstruct a batch of superpatches for whole-volume evaluation (``benchmark-recon``).
@@ -322,6 +346,15 @@ class MethodModule(L.LightningModule):
         if line:
             self.print(line)
 
+    def configure_model(self) -> None:
+        """Applies :attr:`speed_options` to the method's networks (:func:`maesil.methods.speed.networks`):
+        channels_last_3d weights and inputs, then ``torch.compile`` in place (``state_dict`` keys stay as
+        they are). Lightning calls it before each fit, validate, test or predict; it acts once."""
+        if self.speed_options.channels_last:
+            channels_last_networks(networks(self))
+        if self.speed_options.compile:
+            compile_networks(networks(self), self.speed_options)
+
     def parameter_groups(self) -> list[dict]:
         """The optimizer's parameter groups: weight-decayed and not decayed trainable parameters (biases,
         norms and ``no_weight_decay`` names). A group's ``lr_scale`` (layer-wise decay) multiplies its rate."""
@@ -345,7 +378,7 @@ class MethodModule(L.LightningModule):
         The configured lr is multiplied by ``batch_lr_factor`` (see ``LinearLRScaling``) and each group's
         ``lr_scale``.
         """
-        optimizer = self.optimizer_factory(self.parameter_groups())
+        optimizer = with_fused_step(self.optimizer_factory(self.parameter_groups()))
         self.scale_learning_rates(optimizer)
         if self.scheduler_factory is None:
             return optimizer
@@ -360,6 +393,10 @@ class MethodModule(L.LightningModule):
             super().optimizer_step(epoch, batch_idx, optimizer)
             return
         rates: list[float] | None = None
+        timed = self.speed_options.compile and len(self.compiled_step_seconds) < 2
+        if timed:
+            self._synchronize()
+            started = time.perf_counter()
 
         def closure():
             nonlocal rates
@@ -374,6 +411,24 @@ class MethodModule(L.LightningModule):
         finally:
             if rates is not None:
                 restore_learning_rates(optimizer, rates)
+        if timed:
+            self._synchronize()
+            self._report_compiled_step(time.perf_counter() - started)
+
+    def _synchronize(self) -> None:
+        """Waits for the GPU's queued work (timing of the first compiled steps only)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _report_compiled_step(self, seconds: float) -> None:
+        """Records a compiled step's time and, after the second, prints both: their difference is about the
+        compile time (``torch.compile`` compiles at the first call of each network)."""
+        self.compiled_step_seconds.append(seconds)
+        if len(self.compiled_step_seconds) == 2:
+            first, second = self.compiled_step_seconds
+            self.print(f"torch.compile ({self.speed_options.compile_backend}): first step {first:.2f} s "
+                       f"(compilation included), second step {second:.2f} s; compile time about "
+                       f"{first - second:.2f} s")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Stores every process's RNG state and the count of skipped non-finite batches, so that
