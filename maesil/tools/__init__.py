@@ -62,6 +62,10 @@ TOOLS: dict[str, Tool] = {
         "maesil.tools.evidence:evidence_command",
         "the project's claims measured end to end: pretraining, reconstruction, few-label fine-tuning",
     ),
+    "profile": Tool(
+        "maesil.tools.profile:profile_command",
+        "a recipe's step time, peak memory, FLOPs/MFU, largest batch and data loader speed",
+    ),
     "sweep-local": Tool(
         "maesil.tools.sweep_local:sweep_local_command",
         "run a W&B grid sweep file here, without a W&B server",
