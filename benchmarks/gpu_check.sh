@@ -21,6 +21,7 @@ MODE=${1:-run}
 OUT_DIR=${2:-runs/gpu_check}
 WHEELS=${GPU_WHEELS:-.gpu_wheels}
 SITE=${GPU_SITE:-.gpu_site}
+[[ "$SITE" == /* ]] || SITE="$PWD/$SITE"
 REDUCED=${GPU_CHECK_REDUCED:-0}
 PARTS=" ${GPU_CHECK_PARTS:-recipe_table compile mae_vs_monai evidence} "
 PY=${PYTHON:-python3}
@@ -63,8 +64,14 @@ for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
 EOF
 )
   if [[ -n "$missing" ]]; then
-    # shellcheck disable=SC2086
-    "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" $missing || return 1
+    if "$PY" -m pip --version >/dev/null 2>&1; then
+      # shellcheck disable=SC2086
+      "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" $missing || return 1
+    else  # no pip: a wheel is a zip archive laid out for site-packages
+      # shellcheck disable=SC2086
+      "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+        "$SITE" $missing || return 1
+    fi
   fi
   echo "installed from $WHEELS: $(echo "$missing" | grep -c . || true) wheel(s)"
 }
@@ -90,7 +97,7 @@ run() {
   if [[ -d "$WHEELS" ]]; then
     install_missing || { echo "gpu_check: installing the wheels failed" >&2; return 1; }
   fi
-  export PYTHONPATH="$PWD:$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled
+  export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled
   "$PY" - <<'EOF' | tee "$OUT_DIR/machine.txt"
 import os, platform, torch
 import maesil.lightning_cli  # fails here, not in a part, if a dependency is missing

@@ -137,8 +137,10 @@ class ReconstructionEvaluationHooks:
         metrics = getattr(self, "_reference_fill_metrics", None)
         if metrics is None:
             return
-        for name, fill in FILLS.items():
-            metrics[name].update(fill(images, hidden), images, hidden, modality=self.data_modality)
+        images = images.float()
+        with torch.autocast(images.device.type, enabled=False):  # the references in float32 under bf16/fp16 runs
+            for name, fill in FILLS.items():
+                metrics[name].update(fill(images, hidden), images, hidden, modality=self.data_modality)
 
     def _log_reference_fills(self, stage: str) -> None:
         """Logs ``{stage}/psnr_masked_blur_fill``, ``..._mean_fill`` etc. (every metric of the fills' scores)."""
