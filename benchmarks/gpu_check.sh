@@ -139,20 +139,19 @@ EOF
     --json "$OUT_DIR/compile.json"
   part mae_vs_monai "${GPU_CHECK_MAE_S:-40}" "$PY" benchmarks/mae_throughput.py "${mae[@]}"
   cat "$OUT_DIR/parts.txt"
+  [[ ! -f "$OUT_DIR/recipe_table/recipe_table.md" ]] || cat "$OUT_DIR/recipe_table/recipe_table.md"
 }
 
-# Copies the small result files (tables, summaries, logs, figures; no checkpoints or caches) to
-# $GPU_CHECK_COLLECT, if set; after every part, so a run cut short has handed over what it finished.
+# Packs the small result files (tables, summaries, logs, figures; no checkpoints or caches) into
+# $GPU_CHECK_COLLECT/results.tar.gz, if GPU_CHECK_COLLECT is set; after every part, so a run cut short has handed
+# over what it finished.
 collect() {
   [[ -n "${GPU_CHECK_COLLECT:-}" ]] || return 0
-  local file target
-  while IFS= read -r -d '' file; do
-    target="$GPU_CHECK_COLLECT/${file#"$OUT_DIR"/}"
-    mkdir -p "$(dirname "$target")"
-    cp "$file" "$target"
-  done < <(find "$OUT_DIR" -type f \( -name '*.md' -o -name '*.csv' -o -name '*.json' -o -name '*.png' \
-    -o -name '*.txt' -o -name '*.log' \) -size -4M -not -path '*/cache/*' -not -path '*/pretrain_cache/*' \
-    -not -path '*/phantoms/*' -print0)
+  mkdir -p "$GPU_CHECK_COLLECT"
+  (cd "$OUT_DIR" && find . -type f \( -name '*.md' -o -name '*.csv' -o -name '*.json' -o -name '*.png' \
+    -o -name '*.txt' -o -name '*.log' \) -size -4M -not -path '*/cache/*' -not -path './pretrain_cache/*' \
+    -not -path '*/phantoms/*' -print0 | tar -czf "$GPU_CHECK_COLLECT/results.tar.gz.tmp" --null -T -) \
+    && mv "$GPU_CHECK_COLLECT/results.tar.gz.tmp" "$GPU_CHECK_COLLECT/results.tar.gz"
 }
 
 case "$MODE" in

@@ -165,12 +165,15 @@ def prefers_fused(optimizer_class: type[Optimizer], settings: dict, device: torc
             and not settings.get("differentiable", False))
 
 
-def with_fused_step(optimizer: Optimizer) -> Optimizer:
+def with_fused_step(optimizer: Optimizer, clips_gradients: bool = False) -> Optimizer:
     """``optimizer`` rebuilt over the same param groups with ``fused=True`` (a new optimizer, no state), where
     :func:`prefers_fused` says so for its defaults and every group on the device of its parameters;
-    otherwise ``optimizer`` itself. Call it right after building the optimizer, before any step."""
+    otherwise ``optimizer`` itself. Call it right after building the optimizer, before any step.
+
+    With ``clips_gradients`` (the trainer's ``gradient_clip_val``) the optimizer stays as it is: a fused step
+    unscales gradients itself, and Lightning's mixed-precision plugin refuses to clip for such an optimizer."""
     parameters = [param for group in optimizer.param_groups for param in group["params"]]
-    if not parameters:
+    if not parameters or clips_gradients:
         return optimizer
     optimizer_class = type(optimizer)
     devices = {param.device for param in parameters}

@@ -146,3 +146,12 @@ def test_the_fused_rebuild_keeps_every_group_s_settings_and_steps_alike(monkeypa
         results.append([weights.detach().clone(), bias.detach().clone()])
     torch.testing.assert_close(results[1], results[0])
     assert not torch.equal(results[0][0], start[0])
+
+
+def test_an_optimizer_whose_gradients_are_clipped_keeps_its_unfused_step(monkeypatch):
+    # Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales gradients itself
+    # (fused): with gradient clipping the optimizer stays as built, even where fused would be chosen.
+    monkeypatch.setattr(maesil.optim, "prefers_fused", lambda cls, settings, device: True)
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(2))])
+    assert with_fused_step(optimizer, clips_gradients=True) is optimizer
+    assert with_fused_step(optimizer).defaults["fused"] is True

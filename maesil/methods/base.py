@@ -380,7 +380,9 @@ class MethodModule(L.LightningModule):
         The configured lr is multiplied by ``batch_lr_factor`` (see ``LinearLRScaling``) and each group's
         ``lr_scale``.
         """
-        optimizer = with_fused_step(self.optimizer_factory(self.parameter_groups()))
+        trainer = attached_trainer(self)
+        clips = bool(trainer is not None and trainer.gradient_clip_val)
+        optimizer = with_fused_step(self.optimizer_factory(self.parameter_groups()), clips_gradients=clips)
         self.scale_learning_rates(optimizer)
         if self.scheduler_factory is None:
             return optimizer

@@ -190,8 +190,15 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
                                        env=env)
             running.append((stage, process, handle, log, time.perf_counter()))
         failures = []
-        for stage, process, handle, log, started in running:
-            code = process.wait()
+        while running:  # each stage's own wall time, whichever of the batch ends first
+            finished = [entry for entry in running if entry[1].poll() is not None]
+            if not finished:
+                time.sleep(0.2)
+                continue
+            entry = finished[0]
+            running.remove(entry)
+            stage, process, handle, log, started = entry
+            code = process.returncode
             handle.close()
             stage.seconds = time.perf_counter() - started
             if code != 0 or not stage.done_when.exists():
@@ -334,10 +341,11 @@ def write_summary(plan: EvidencePlan, stages: Sequence[Stage], jobs: int = 1) ->
     """``OUT/summary.md`` from the stages' outputs."""
     by_name = {stage.name: stage for stage in stages}
     total = sum(stage.seconds or 0.0 for stage in stages)
+    overlap = " (summed over the stages; with --jobs some ran side by side)" if jobs > 1 else ""
     lines = ["# maesil evidence", "",
              f"`{plan.display(jobs)}`"
-             f" · {machine_line()} · {total / 60:.1f} min in all (stages reused from an earlier call count their "
-             "first run)", ""]
+             f" · {machine_line()} · {total / 60:.1f} min of stages{overlap} (stages reused from an earlier call "
+             "count their first run)", ""]
     maesil_summary = plan.out / "pretrain" / "maesil" / "summary.json"
     if maesil_summary.exists():
         lines += curve_section(maesil_summary)
