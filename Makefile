@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.maesil-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-all benchmark recon-benchmark compare-init evidence recipe-curves sweep clean
+.PHONY: install demo test test-slow test-all benchmark recon-benchmark compare-init evidence recipe-curves recipe-table gpu-wheels gpu-check sweep clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +88,19 @@ evidence: $(STAMP)
 RECIPE_ARGS ?=
 recipe-curves: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) benchmarks/maesil_recipe.py $(RECIPE_ARGS)
+
+# Step time, memory, largest batch and MFU of every paper-sized recipe on a GPU (the _demo recipes on a CPU):
+# runs/recipe_table/recipe_table.md.
+RECIPE_TABLE_ARGS ?=
+recipe-table: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) benchmarks/recipe_table.py $(RECIPE_TABLE_ARGS)
+
+# The GPU checks (evidence at GPU budgets, recipe table, compile, MAE step against MONAI's) on a GPU machine without
+# network: gpu-wheels here with the package registry, then gpu-check there (docs/operations.md).
+gpu-wheels:
+	bash benchmarks/gpu_check.sh wheels
+gpu-check:
+	bash benchmarks/gpu_check.sh run runs/gpu_check
 
 # The mask-ratio sweep without a W&B server: 18 short runs of the MAESIL demo, results.csv and sweep.png.
 SWEEP_STEPS ?= 200

@@ -203,6 +203,7 @@ def _measure(args: argparse.Namespace, cli: Any, make_trainer: Any, batch: Any, 
             biggest = largest_batch(make_trainer, model, batch, max(args.max_batch_limit, steps.batch_size), guard,
                                     datamodule=cli.datamodule)
 
+    attention = attention_kernel(model, device, precision)
     peak = args.peak_tflops if args.peak_tflops is not None else (
         known_peak_tflops(name) if device.type == "cuda" else None)
     achieved = steps.achieved_tflops
@@ -242,8 +243,27 @@ def _measure(args: argparse.Namespace, cli: Any, make_trainer: Any, batch: Any, 
         "loader_superpatches_per_second": None if loader is None else loader.samples_per_second,
         "bound_by": None if loader is None else (
             "data loading" if 1 / loader.batches_per_second > steps.median_seconds else "compute"),
+        "attention_kernel": None if attention is None else attention.selected,
+        "attention_kernels_available": None if attention is None else list(attention.available),
+        "attention_head_dim": None if attention is None else attention.head_dim,
     }
     return figures
+
+
+def attention_kernel(model: Any, device: Any, precision: str) -> Any:
+    """The SDPA kernel report (:func:`maesil.models.attention_backend.sdpa_report`) for the first ViT attention
+    of ``model`` in the dtype its precision computes attention in; None for a model without one."""
+    import torch
+
+    from maesil.models.attention_backend import sdpa_report
+    from maesil.models.vit3d import Attention
+
+    layer = next((module for module in model.modules() if isinstance(module, Attention)), None)
+    if layer is None:
+        return None
+    dtype = (torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16")
+             else torch.float32)
+    return sdpa_report(layer.head_dim, dtype, device)
 
 
 def _gib(value: int | None) -> float | None:
@@ -283,6 +303,9 @@ def format_report(figures: dict[str, Any]) -> str:
         tried = ", ".join(f"{size}{'' if fitted else ' ✗'}" for size, fitted in figures["largest_batch_trials"])
         lines.append(f"max batch  {figures['largest_batch']} (stopped by {figures['largest_batch_stopped_by']}, "
                      f"limit {figures['largest_batch_limit']}; tried {tried or 'nothing'})")
+    if figures.get("attention_kernel") is not None:
+        lines.append(f"attention  SDPA {figures['attention_kernel']} kernel (head dim {figures['attention_head_dim']}; "
+                     f"available: {', '.join(figures['attention_kernels_available']) or 'none'})")
     if figures["loader_batches"] is None:
         lines.append("loader     not timed")
     else:

@@ -134,13 +134,15 @@ def test_profile_command_prints_every_figure_without_importing_wandb(tiny_ct_dir
     printed = result.stdout
     for label in ("profile    maesil_demo: MAESIL", "precision 32-true", "s/step median", "s/step min",
                   "superpatches/s", "GiB peak RSS", "trainable /", "GFLOP per training step", "TFLOP/s achieved",
-                  "MFU n/a", "max batch  4 (stopped by limit", "batches/s", "bounds the step"):
+                  "MFU n/a", "max batch  4 (stopped by limit", "attention  SDPA ", "(head dim 24;", "batches/s",
+                  "bounds the step"):
         assert label in printed, f"{label!r} missing from:\n{printed}"
     assert "wandb imported: False" in printed
     figures = json.loads(out.read_text())
     assert figures["batch"] == 2 and figures["input"] == "32³" and figures["largest_batch"] == 4
     assert figures["flops_per_step"] > 0 and len(figures["step_seconds"]) == 2
     assert figures["loader_batches"] >= 1 and figures["bound_by"] in ("compute", "data loading")
+    assert figures["attention_head_dim"] == 24 and figures["attention_kernel"] in figures["attention_kernels_available"]
     assert not list(tmp_path.glob("runs")), "the profile wrote a run folder"
 
 
