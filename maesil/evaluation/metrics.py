@@ -77,6 +77,46 @@ def normalise_intensities(reconstruction: Tensor, target: Tensor, data_range: fl
     return reconstruction / scale, target / scale
 
 
+def ssim_map_3d(preds: Tensor, target: Tensor, data_range: float = 1.0, sigma: float = 1.5,
+                k1: float = 0.01, k2: float = 0.03) -> Tensor:
+    """The 3D SSIM map of ``preds`` against ``target`` (B, C, X, Y, Z): the same numbers as torchmetrics'
+    ``structural_similarity_index_measure(..., gaussian_kernel=True, sigma=sigma, return_full_image=True)``
+    (reflection padding, the Gaussian window of its size, its constants), with the window applied as three
+    1-D convolutions.
+
+    Why not torchmetrics itself here: its 3D Gaussian window is one dense ``conv3d`` (11³ = 1331 products per
+    voxel for σ 1.5); the window is the outer product of 1-D Gaussians, so three passes of 11 give the same
+    result for 33. On a whole 153 × 121 × 120 phantom it took 2.2 s against torchmetrics' 11.1 s (2 CPU cores,
+    2026-11-30); ``tests/evaluation/test_metrics.py`` checks that the maps agree (within 2e-5 in float32).
+    """
+    if preds.shape != target.shape or preds.ndim != 5:
+        raise ValueError(f"expected two (B, C, X, Y, Z) tensors of one shape, got {tuple(preds.shape)} and "
+                         f"{tuple(target.shape)}")
+    size = int(3.5 * sigma + 0.5) * 2 + 1  # torchmetrics' Gaussian window size
+    pad = (size - 1) // 2
+    offsets = torch.arange((1 - size) / 2, (1 + size) / 2, 1, dtype=preds.dtype, device=preds.device)
+    gauss = torch.exp(-((offsets / sigma) ** 2) / 2)
+    gauss = gauss / gauss.sum()
+    channels = preds.shape[1]
+    preds = nn.functional.pad(preds, (pad,) * 6, mode="reflect")
+    target = nn.functional.pad(target, (pad,) * 6, mode="reflect")
+    stack = torch.cat((preds, target, preds * preds, target * target, preds * target))
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = size
+        kernel = gauss.reshape(1, 1, *shape).expand(channels, 1, *shape)
+        stack = nn.functional.conv3d(stack, kernel, groups=channels)
+    mu_pred, mu_target, pred_sq, target_sq, pred_target = stack.split(preds.shape[0])
+    mu_pred_sq, mu_target_sq, mu_pred_target = mu_pred.pow(2), mu_target.pow(2), mu_pred * mu_target
+    sigma_pred_sq = torch.clamp(pred_sq - mu_pred_sq, min=0.0)
+    sigma_target_sq = torch.clamp(target_sq - mu_target_sq, min=0.0)
+    sigma_pred_target = pred_target - mu_pred_target
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    upper = 2 * sigma_pred_target + c2
+    lower = sigma_pred_sq + sigma_target_sq + c2
+    return ((2 * mu_pred_target + c1) * upper) / ((mu_pred_sq + mu_target_sq + c1) * lower)
+
+
 class ReconstructionMetrics(nn.Module):
     """Accumulates PSNR and SSIM of reconstructions against their inputs over a validation epoch.
 

@@ -42,3 +42,27 @@ def test_without_mask_only_whole_metrics_and_reset_clears():
 def test_data_range_must_be_positive():
     with pytest.raises(ValueError, match="data_range"):
         ReconstructionMetrics(data_range=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 24, 19, 17), (2, 1, 16, 16, 30)])
+def test_separable_ssim_map_equals_torchmetrics(shape):
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from maesil.evaluation.metrics import ssim_map_3d
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(shape, generator=generator)
+    preds = (target + 0.2 * torch.randn(shape, generator=generator)).clamp(0, 1)
+    _, expected = structural_similarity_index_measure(preds, target, data_range=1.0, gaussian_kernel=True, sigma=1.5,
+                                                      kernel_size=11, return_full_image=True)
+    actual = ssim_map_3d(preds, target, data_range=1.0, sigma=1.5)
+    assert actual.shape == expected.shape == shape
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=0)
+    assert float(ssim_map_3d(target, target).mean()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_separable_ssim_map_refuses_other_shapes():
+    from maesil.evaluation.metrics import ssim_map_3d
+
+    with pytest.raises(ValueError, match=r"\(B, C, X, Y, Z\)"):
+        ssim_map_3d(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8))
