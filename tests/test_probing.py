@@ -186,8 +186,8 @@ def test_the_default_labelled_set_is_phantoms_of_their_own_seed(tmp_path, monkey
     import maesil.phantoms
 
     written = maesil.phantoms.write_phantoms
-    monkeypatch.setattr(maesil.phantoms, "write_phantoms", lambda out, count, seed: written(
-        out, count, seed=seed, shape=TINY_SHAPE, spacing=TINY_SPACING))
+    monkeypatch.setattr(maesil.phantoms, "write_phantoms", lambda out, count, seed, workers: written(
+        out, count, seed=seed, shape=TINY_SHAPE, spacing=TINY_SPACING, workers=workers))
     train, test, names = probe_records(None, 2, 1, tmp_path / "probe_phantoms", 300)
     assert [r.subject_id for r in [*train, *test]] == ["phantom_300", "phantom_301", "phantom_302"]
     assert all(r.label == tmp_path / "probe_phantoms" / "labels" / f"{r.subject_id}.nii.gz" for r in train)

@@ -206,19 +206,19 @@ def test_lightning_fit_smoke(flat_ct_dir: Path, tmp_path: Path) -> None:
 def test_data_dir_none_writes_phantoms_in_prepare_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def fake_write_phantoms(out_dir, count, seed=0, shape=None, spacing=None):
-        calls.append((Path(out_dir), count))
+    def fake_write_phantoms(out_dir, count, seed=0, shape=None, spacing=None, workers=1):
+        calls.append((Path(out_dir), count, workers))
         for i in range(count):
             ct, label = make_ct(i)
             write_volume(Path(out_dir) / "images" / f"phantom_{i:03d}.nii.gz", ct)
             write_volume(Path(out_dir) / "labels" / f"phantom_{i:03d}.nii.gz", label)
 
     monkeypatch.setitem(sys.modules, "maesil.phantoms",
-                        types.SimpleNamespace(write_phantoms=fake_write_phantoms))
+                        types.SimpleNamespace(write_phantoms=fake_write_phantoms, default_workers=lambda count: 2))
     phantom_dir = tmp_path / "phantoms"
     dm = _dm(None, phantom_dir=str(phantom_dir), phantom_count=3, task="segment")
     dm.prepare_data()
-    assert calls == [(phantom_dir, 3)]
+    assert calls == [(phantom_dir, 3, 2)]  # generated in as many processes as default_workers says
     dm.setup("fit")
     assert dm.resolved_data_dir == phantom_dir
     assert len(dm.train_records) == 2 and len(dm.val_records) == 1
