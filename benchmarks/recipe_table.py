@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 figures = profile_recipe([recipe.demo], json_dir / f"{recipe.demo.stem}.json", args, False)
                 rows.append(table_row(recipe.demo.stem, figures))
         write_tables(args.out, rows, note)
-    table = write_tables(args.out, rows, note)
+    table = markdown(rows)
     print()
     print(table)
     print()

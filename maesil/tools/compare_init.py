@@ -60,6 +60,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
 from maesil.phantoms import ORGAN_LABELS
+from maesil.tools.overrides import is_override, override_arguments
 
 if TYPE_CHECKING:
     from maesil.data.records import SubjectRecord
@@ -293,9 +294,7 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
         args += ["--model.init_args.preset", arm.preset]
     if arm.network_args:
         args += ["--model.init_args.network_args", json.dumps(arm.network_args)]
-    for override in overrides:
-        key, _, value = override.partition("=")
-        args += [f"--{key.lstrip('-')}", value]
+    args += override_arguments(overrides)
     started = time.perf_counter()
     with warnings.catch_warnings():  # the arguments come from here, not from sys.argv: nothing to warn about
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -577,7 +576,7 @@ def compare_init_command(argv: Sequence[str]) -> int:
     curve_every = args.curve_every if args.curve_every is not None else max(1, args.steps // 5)
     if not 1 <= curve_every <= args.steps:
         parser.error(f"--curve-every must be in 1..--steps ({args.steps}), got {curve_every}")
-    if any("=" not in item for item in args.set):
+    if not all(map(is_override, args.set)):
         parser.error(f"--set takes KEY=VALUE items, got {args.set}")
     missing = [str(path) for path in args.trainer_config if not path.is_file()]
     if missing:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from maesil.tools.overrides import is_override, override_arguments
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN_DIR = REPO_ROOT / "experiments/pretrain"
 RECON_BASELINES = ("ae", "vae", "vqvae")
@@ -129,11 +131,9 @@ class EvidencePlan:
                             "--trainer.val_check_interval", str(max(1, method_steps // 4))]
             if self.pretrain_cache is not None:
                 command += ["--data.init_args.cache_dir", str(self.pretrain_cache)]
-            for override in self.overrides:
-                key, _, value = override.partition("=")
-                command += [f"--{key.lstrip('-')}", value]
-            # The first run writes the training phantoms (and a cache named in the overrides); the others may
-            # then run beside each other.
+            command += override_arguments(self.overrides)
+            # The first run writes the training phantoms (and the pretraining cache); the others may then run
+            # beside each other.
             stages.append(Stage(f"pretrain {method}", command, run_dir / "summary.json",
                                 group="pretrain" if index > 0 else None))
         heldout = self.out / "heldout_phantoms"
@@ -405,7 +405,7 @@ def evidence_command(argv: Sequence[str]) -> int:
     if (any(s < 1 for s in args.train_count) or (args.pretrain_steps or 1) < 1 or (args.cnn_steps or 1) < 1
             or args.finetune_steps < 1 or args.jobs < 1):
         parser.error("--train-count, --pretrain-steps, --cnn-steps, --finetune-steps and --jobs must be >= 1")
-    if any("=" not in item for item in args.set):
+    if not all(map(is_override, args.set)):
         parser.error(f"--set takes KEY=VALUE items, got {args.set}")
     missing = [str(path) for path in args.trainer_config if not path.is_file()]
     if missing:

@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from maesil.tools.overrides import is_override, override_arguments
+
 #: Trainer settings of the profiling run: one device, and nothing that validates, saves or logs.
 PROFILE_TRAINER: dict[str, Any] = {
     "devices": 1,
@@ -92,8 +94,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         if not path.is_file():
             raise ValueError(f"--config {path}: no such file")
     for override in args.overrides:
-        key, equals, _ = override.partition("=")
-        if not equals or not key.strip("-"):
+        if not is_override(override):
             raise ValueError(f"--set {override!r}: expected KEY=VALUE, e.g. data.init_args.batch_size=2")
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
@@ -110,13 +111,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 def cli_arguments(configs: Sequence[Path], overrides: Sequence[str], root_dir: Path) -> list[str]:
     """The ``MaesilCLI`` arguments of ``fit`` for these configs and ``KEY=VALUE`` overrides, writing nowhere
     but ``root_dir``."""
-    args: list[str] = []
-    for config in configs:
-        args += ["--config", str(config)]
-    for override in overrides:
-        key, _, value = override.partition("=")
-        args += [f"--{key.lstrip('-')}", value]
-    return [*args, "--trainer.default_root_dir", str(root_dir)]
+    args = [word for config in configs for word in ("--config", str(config))]
+    return [*args, *override_arguments(overrides), "--trainer.default_root_dir", str(root_dir)]
 
 
 def network_name(model: Any) -> str:
