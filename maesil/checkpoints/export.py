@@ -47,7 +47,7 @@ from maesil.checkpoints.transfer import is_ema_key, no_layout_error, remap_state
 from maesil.files import atomic_write_bytes
 from maesil.models.parameters import count_parameters
 
-__all__ = ["describe_architecture", "export_encoder"]
+__all__ = ["collect_export", "describe_architecture", "export_encoder"]
 
 log = logging.getLogger(__name__)
 
@@ -191,33 +191,13 @@ def _export_mapping(path: Path, method: str | None, name: str, layout: TransferL
     return mapping
 
 
-def export_encoder(checkpoint: str | Path, out_path: str | Path, with_decoder: bool | None = None) -> Path:
-    """Writes a checkpoint's transferable weights as safetensors, plus a JSON sidecar describing them.
+def collect_export(checkpoint: str | Path, with_decoder: bool | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors an export holds (downstream key names, CPU, contiguous) and its description.
 
-    Only the online network's encoder (``encoder.*``) is written, and its U-Net decoder (``decoder.*``) for
-    methods that train one (PGL, S3D); no EMA target, projector, predictor, mask token or MAE decoder. The
-    sidecar (``enc.safetensors`` → ``enc.json``; also embedded in the safetensors header) records the format
-    version, source checkpoint, method, architecture (:func:`describe_architecture`) and pretraining
-    preprocessing.
-
-    Args:
-        checkpoint: a maesil Lightning ``.ckpt`` (or an exported file, re-exported).
-        out_path: the ``.safetensors`` file to write.
-        with_decoder: None: the method's default (PGL, S3D: yes; BYOL, MAESIL: no); False: encoder only; True:
-            also an untrained decoder (BYOL's, with a warning).
-
-    Returns:
-        ``out_path``.
-
-    Raises:
-        CheckpointError: ``out_path`` does not end in ``.safetensors``, or the checkpoint holds no known encoder;
-            also every error of :func:`~maesil.checkpoints.load_checkpoint_state`.
+    The common part of :func:`export_encoder` and the exports for other frameworks
+    (:mod:`maesil.checkpoints.interop_export`); arguments and errors as for :func:`export_encoder`.
     """
-    from safetensors.torch import save
-
-    checkpoint, out_path = Path(checkpoint), Path(out_path)
-    if out_path.suffix != ".safetensors":
-        raise CheckpointError(f"{out_path}: the exported file must end in .safetensors.")
+    checkpoint = Path(checkpoint)
     state, metadata = load_checkpoint_state(checkpoint)
     method, name, layout = _export_layout(checkpoint, state, metadata)
     mapping = _export_mapping(checkpoint, method, name, layout, with_decoder)
@@ -248,7 +228,38 @@ def export_encoder(checkpoint: str | Path, out_path: str | Path, with_decoder: b
     })  # fmt: skip
     if "global_step" in metadata:
         sidecar["global_step"] = int(metadata["global_step"])
-    text = json.dumps(_plain(sidecar), indent=2)
+    return tensors, _plain(sidecar)
+
+
+def export_encoder(checkpoint: str | Path, out_path: str | Path, with_decoder: bool | None = None) -> Path:
+    """Writes a checkpoint's transferable weights as safetensors, plus a JSON sidecar describing them.
+
+    Only the online network's encoder (``encoder.*``) is written, and its U-Net decoder (``decoder.*``) for
+    methods that train one (PGL, S3D); no EMA target, projector, predictor, mask token or MAE decoder. The
+    sidecar (``enc.safetensors`` → ``enc.json``; also embedded in the safetensors header) records the format
+    version, source checkpoint, method, architecture (:func:`describe_architecture`) and pretraining
+    preprocessing.
+
+    Args:
+        checkpoint: a maesil Lightning ``.ckpt`` (or an exported file, re-exported).
+        out_path: the ``.safetensors`` file to write.
+        with_decoder: None: the method's default (PGL, S3D: yes; BYOL, MAESIL: no); False: encoder only; True:
+            also an untrained decoder (BYOL's, with a warning).
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        CheckpointError: ``out_path`` does not end in ``.safetensors``, or the checkpoint holds no known encoder;
+            also every error of :func:`~maesil.checkpoints.load_checkpoint_state`.
+    """
+    from safetensors.torch import save
+
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise CheckpointError(f"{out_path}: the exported file must end in .safetensors.")
+    tensors, sidecar = collect_export(checkpoint, with_decoder)
+    text = json.dumps(sidecar, indent=2)
     atomic_write_bytes(out_path, save(tensors, metadata={SAFETENSORS_METADATA_KEY: text}))
     atomic_write_bytes(sidecar_path(out_path), (text + "\n").encode())
     return out_path
