@@ -30,9 +30,16 @@ from torch import Tensor
 
 from maesil.checkpoints.export_format import SAFETENSORS_METADATA_KEY, sidecar_path
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "checkpoint_safe_globals", "load_checkpoint_state"]
+__all__ = ["ACCEPTED_FORMATS", "CheckpointError", "UnsafeCheckpointError", "checkpoint_safe_globals", "load_checkpoint_state"]
 
 FileKind = Literal["zip", "pickle", "safetensors", "unknown"]
+
+#: The sentence every "not a usable file" error ends with.
+ACCEPTED_FORMATS = (
+    "Accepted: a maesil checkpoint (.ckpt), a maesil export (.safetensors + .json), an nnssl / nnU-Net checkpoint "
+    "(torch.save dict with 'network_weights' under nnU-Net's ResidualEncoderUNet names), or a state dict of a "
+    "MONAI ViT / UNETR (.pt or .safetensors)."
+)
 
 
 class CheckpointError(ValueError):
@@ -155,7 +162,8 @@ def load_checkpoint_state(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     Returns:
         ``(state_dict, metadata)``. For a Lightning checkpoint the metadata holds ``hyper_parameters`` and
         ``datamodule_hyper_parameters`` (as saved, possibly empty), plus ``global_step``; its state dict may
-        be empty (a module without parameters). For a bare state dict the metadata is empty; for an exported
+        be empty (a module without parameters). For an nnssl / nnU-Net checkpoint the state is its
+        ``network_weights`` and the metadata ``{"format": "nnssl", "nnssl_adaptation_plan": ...}``. For a bare state dict the metadata is empty; for an exported
         file it is the sidecar JSON (``method``, ``architecture``, ``preprocessing``...).
 
     Raises:
@@ -171,13 +179,19 @@ def load_checkpoint_state(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         return _load_safetensors(path)
     if kind == "unknown":
         raise CheckpointError(
-            f"{path}: neither a PyTorch checkpoint (.ckpt/.pt written by torch.save) nor a .safetensors file."
+            f"{path}: neither a PyTorch checkpoint (.ckpt/.pt written by torch.save) nor a .safetensors file. "
+            + ACCEPTED_FORMATS
         )
     content = _torch_load(path, kind)
     state = _tensor_dict(content)
     if state is not None:  # torch.save(model.state_dict())
         return state, {}
     if isinstance(content, Mapping):
+        state = _tensor_dict(content.get("network_weights"))
+        if state is not None:  # nnssl / nnU-Net: torch.save({"network_weights": ..., "nnssl_adaptation_plan": ...})
+            plan = content.get("nnssl_adaptation_plan")
+            return state, {"format": "nnssl" if isinstance(plan, Mapping) else "nnunet",
+                           "nnssl_adaptation_plan": dict(plan) if isinstance(plan, Mapping) else None}
         for key in ("state_dict", "model"):
             state = _tensor_dict(content.get(key), allow_empty=key == "state_dict")
             if state is not None:
@@ -189,4 +203,4 @@ def load_checkpoint_state(path: str | Path) -> tuple[dict[str, Tensor], dict]:
                     metadata["global_step"] = content["global_step"]
                 return state, metadata
     raise CheckpointError(f"{path}: a PyTorch file, but it holds no state dict of tensors (looked for "
-                          "'state_dict' and 'model').")
+                          f"'state_dict', 'model' and 'network_weights'). {ACCEPTED_FORMATS}")

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from maesil.checkpoints.export_format import EXPORTED_LAYOUT, EXPORTED_PREFIXES, is_export
+from maesil.checkpoints.foreign import maesil_names
 from maesil.checkpoints.layouts import identify_method, layout_name, method_layouts, transferable_layouts
-from maesil.checkpoints.reading import CheckpointError, load_checkpoint_state
+from maesil.checkpoints.reading import ACCEPTED_FORMATS, CheckpointError, load_checkpoint_state
 
 __all__ = ["LoadReport", "is_ema_key", "load_pretrained", "no_layout_error", "remap_state_dict"]
 
@@ -181,6 +182,13 @@ def _auto_candidates(
     return candidates
 
 
+def _shape_error(path: Path, report: LoadReport, what: str = "") -> CheckpointError:
+    """Names the first mismatching keys with both shapes; nothing has been loaded."""
+    details = "; ".join(f"{k}: checkpoint {c} vs model {m}" for k, c, m in report.shape_mismatched[:5])
+    return CheckpointError(f"{path}: {len(report.shape_mismatched)} tensor(s) differ in shape{what}, first "
+                           f"{details}. Nothing was loaded.")
+
+
 def load_pretrained(
     model: nn.Module,
     path: str | Path,
@@ -193,7 +201,10 @@ def load_pretrained(
         model: the downstream network, e.g. ``ResEncUNet(out_channels=C)`` or a module with a ViTEncoder3D at
             ``encoder``.
         path: a maesil ``.ckpt`` or an exported ``.safetensors`` (see
-            :func:`~maesil.checkpoints.load_checkpoint_state`).
+            :func:`~maesil.checkpoints.load_checkpoint_state`); also, renamed by
+            :func:`~maesil.checkpoints.foreign.maesil_names`, an nnssl / nnU-Net checkpoint (layout ``"nnssl"``,
+            a one-channel stem widened to the model's channels as nnssl does) or a MONAI ``ViT`` / ``UNETR``
+            state dict (layout ``"monai"``). Those must fit in every shape (as with ``strict_shapes``).
         mapping: checkpoint key prefix → model key prefix, e.g. ``{"net.encoder.": "encoder."}``; checkpoint
             keys matching no prefix are ignored. None: the layout of the checkpoint's method (every
             transferring layout when the method is unknown), keeping the one that loads the most tensors.
@@ -210,7 +221,12 @@ def load_pretrained(
     path = Path(path)
     state, metadata = load_checkpoint_state(path)
     model_shapes = {key: value.shape for key, value in model.state_dict().items()}
-    candidates = [("custom", dict(mapping))] if mapping is not None else _auto_candidates(path, state, metadata)
+    foreign = maesil_names(state, metadata, model) if mapping is None else None
+    if foreign is not None:  # another framework's names: renamed to an export's, and every shape must fit
+        state, strict_shapes = foreign.state, True
+        candidates = [(foreign.layout, dict(EXPORTED_PREFIXES)), (f"{foreign.layout} (bare encoder)", {"encoder.": ""})]
+    else:
+        candidates = [("custom", dict(mapping))] if mapping is not None else _auto_candidates(path, state, metadata)
     best: tuple[LoadReport, dict[str, Tensor]] | None = None
     for name, candidate in candidates:
         plan = _plan(state, model_shapes, candidate, str(path), name)
@@ -218,6 +234,10 @@ def load_pretrained(
             best = plan
     assert best is not None
     report, to_load = best
+    if foreign is not None:
+        report.ignored = foreign.ignored + report.ignored
+    if foreign is not None and report.shape_mismatched:  # another network: its shapes say more than "no match"
+        raise _shape_error(path, report, f" ({foreign.layout} weights of a network of another size or architecture)")
     if not to_load:
         ckpt_keys = [k for k in state if not is_ema_key(k)][:5]
         tried = "mapping " + str(mapping) if mapping is not None else "layouts " + ", ".join(n for n, _ in candidates)
@@ -226,11 +246,10 @@ def load_pretrained(
             f"{path}: no tensor matches the model (tried {tried}). Checkpoint keys e.g. {ckpt_keys}; model keys "
             f"e.g. {list(model_shapes)[:5]}"
             + (f"; shape mismatches e.g. {mismatched}" if mismatched else "")
-            + ". Pass mapping={checkpoint prefix: model prefix}."
+            + f". Pass mapping={{checkpoint prefix: model prefix}}. {ACCEPTED_FORMATS}"
         )
     if strict_shapes and report.shape_mismatched:
-        details = "; ".join(f"{k}: checkpoint {c} vs model {m}" for k, c, m in report.shape_mismatched[:5])
-        raise CheckpointError(f"{path}: {len(report.shape_mismatched)} tensor(s) differ in shape: {details}.")
+        raise _shape_error(path, report)
     result = model.load_state_dict(to_load, strict=False)
     if result.unexpected_keys:  # cannot happen: only model keys are loaded
         raise RuntimeError(f"unexpected keys while loading {path}: {result.unexpected_keys[:5]}")
