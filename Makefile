@@ -16,10 +16,16 @@ PYTEST_ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+# The hand-off tests build nnU-Net's real network and call nnU-Net's own loader. Both packages are installed
+# without their dependencies: they would pull timm, torchvision and a CUDA torch; the classes used need only torch
+# and einops (dynamic-network-architectures) and torch (nnunetv2.run.load_pretrained_weights).
+NNUNET_TEST_PACKAGES ?= dynamic-network-architectures==0.4.4 nnunetv2==2.8.1
+
+$(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps $(NNUNET_TEST_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)

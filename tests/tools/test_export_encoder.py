@@ -132,3 +132,36 @@ def test_bad_inputs_exit_1_with_the_file_named(tmp_path: Path, capsys) -> None:
     code, _, err = _run(capsys, str(text), "--out", str(tmp_path / "e.pt"))
     assert code == 1 and "must end in .safetensors" in err
     assert not list(tmp_path.glob("e.*"))
+
+
+@pytest.mark.parametrize("method", ["pgl", "byol"])
+def test_nnunet_format_from_the_command_line(method: str, checkpoint, tmp_path: Path, capsys) -> None:
+    """PGL's export carries its decoder, BYOL's only the encoder; both load strictly into the real
+    ResidualEncoderUNet nnU-Net builds from the plan."""
+    from tests.checkpoints.nnunet_reference import load_like_nnssl, nnunet_network
+
+    ckpt = checkpoint(method)
+    code, stdout, _ = _run(capsys, str(ckpt), "--format", "nnunet", "--out", str(tmp_path))
+    out = tmp_path / f"maesil_{method}_nnssl.pth"
+    assert code == 0 and f"{out}: nnssl checkpoint" in stdout
+    content = torch.load(out, weights_only=True)
+    weights = content["network_weights"]
+    assert any(k.startswith("decoder.transpconvs.") for k in weights) == (method == "pgl")
+    network = nnunet_network(content["nnssl_adaptation_plan"])
+    load_like_nnssl(network, content)
+    ours = resenc_unet("tiny", out_channels=None).eval()
+    online = {k.removeprefix("backbone."): v for k, v in raw_state(ckpt).items() if k.startswith("backbone.")}
+    ours.load_state_dict(online)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        difference = max(float((a - b).abs().max()) for a, b in zip(ours.encoder(x), network.encoder(x)))
+    assert difference < 1e-5
+
+
+def test_monai_format_from_the_command_line(checkpoint, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "vit.safetensors"
+    code, stdout, _ = _run(capsys, str(checkpoint("maesil")), "--format", "monai", "--out", str(out))
+    assert code == 0 and f"{out}: MONAI ViT state dict" in stdout
+    assert json.loads(out.with_suffix(".json").read_text())["monai_vit_kwargs"]["num_layers"] == 2
+    code, _, stderr = _run(capsys, str(checkpoint("pgl")), "--format", "monai", "--out", str(out))
+    assert code == 1 and "--format monai takes a ViTEncoder3D encoder" in stderr
