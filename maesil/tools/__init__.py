@@ -52,7 +52,11 @@ TOOLS: dict[str, Tool] = {
     ),
     "export-encoder": Tool(
         "maesil.tools.export_encoder:export_encoder_command",
-        "a checkpoint's pretrained encoder as safetensors + JSON",
+        "a checkpoint's pretrained encoder as safetensors + JSON, or for nnU-Net (nnssl) or MONAI (ViT)",
+    ),
+    "embed": Tool(
+        "maesil.tools.embed:embed_command",
+        "a pretrained encoder as feature extractor: per-subject embeddings (CSV), optional feature maps (NIfTI)",
     ),
     "compare-init": Tool(
         "maesil.tools.compare_init:compare_init_command",
