@@ -73,6 +73,9 @@ def outputs(tmp_path) -> EvidencePlan:
         {"family": "unet", "mode": "finetune", "train_count": 1, "initialisation": "s3d",
          "reference": "scratch (unet)", "seeds": 2, "positive_seeds": 1, "mean_difference": 0.025,
          "std_difference": 0.03},
+        {"family": "unet", "mode": "frozen", "train_count": 1, "initialisation": "s3d",
+         "reference": "scratch (unet)", "seeds": 2, "positive_seeds": 2, "mean_difference": 0.04,
+         "std_difference": 0.01},
     ])
     return plan
 
@@ -90,7 +93,9 @@ def test_summary_states_each_claim_with_the_figures_that_decide_it(outputs):
     assert ("maesil beats scratch (unetr) by ≥ 2 Dice points on average with 1 labelled volume(s), positive in every "
             "seed: **holds** (+3.1 points, 2/2 seeds positive)") in text
     assert "s3d beats scratch (unet) by ≥ 2 Dice points" in text and "**does not hold** (+2.5 points, 1/2" in text
-    assert "frozen maesil against frozen scratch (unetr) (1 labelled): +20.0 Dice points" in text
+    assert ("frozen maesil beats frozen scratch (unetr) by ≥ 5 Dice points with 1 labelled volume(s), positive in "
+            "every seed: **holds** (+20.0 points, 2/2 seeds positive)") in text
+    assert "frozen s3d beats frozen scratch (unet) by ≥ 5 Dice points" in text and "**does not hold** (+4.0 points" in text
     assert "python -m maesil benchmark-recon --data" in text and "python -m maesil compare-init" in text
     assert "| 200 | 101 | 17.50 | 16.00 | 12.50 |" in text
 
