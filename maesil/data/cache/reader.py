@@ -1,5 +1,6 @@
 """Reading a prepared cache: whole preprocessed subjects, and random superpatches copied out of
-memory-mapped volumes (:class:`CachedPatchDataset`), so training runs on a plain ``DataLoader`` with
+memory-mapped volumes (``.npy``, or ``.b2nd`` of which only the touched chunks are decompressed:
+:mod:`~maesil.data.cache.volumes`) (:class:`CachedPatchDataset`), so training runs on a plain ``DataLoader`` with
 worker processes and memory stays bounded by the loader's prefetch queue, not by the number of volumes.
 
 A volume smaller than the superpatch is padded at read time exactly as
@@ -18,6 +19,7 @@ import torchio as tio
 from torch.utils.data import Dataset
 
 from maesil.data.cache.index import CacheIndex
+from maesil.data.cache.volumes import load_volume, read_box
 from maesil.data.collate import batch_buffer
 from maesil.data.sampling import LabelCentredPolicy, SamplingPolicy, UniformPolicy
 from maesil.data.records import DataError
@@ -31,14 +33,14 @@ def load_cached_subject(index: CacheIndex, subject_id: str, with_label: bool) ->
     """A whole preprocessed subject in memory (``image``, optional ``label``, ``subject_id``) with
     its preprocessed affine, e.g. for validation grids (:func:`~maesil.data.grid.grid_patches`)."""
     entry = index[subject_id]
-    image = np.load(entry.image_path, allow_pickle=False)
+    image = _named(subject_id, load_volume, entry.image_path)
     affine = entry.affine_array
     images: dict[str, tio.Image] = {"image": tio.ScalarImage(tensor=torch.from_numpy(image[np.newaxis]),
                                                              affine=affine)}
     if with_label:
         if entry.label_path is None:
             raise DataError(f"{entry.source.image}: subject {subject_id!r} has no label in the cache {index.root}")
-        label = np.load(entry.label_path, allow_pickle=False)
+        label = _named(subject_id, load_volume, entry.label_path)
         images["label"] = tio.LabelMap(tensor=torch.from_numpy(label[np.newaxis]), affine=affine)
     return tio.Subject(subject_id=subject_id, **images)
 
@@ -74,19 +76,31 @@ class _StoredLabelVoxels:
             return stored[f"points_{value}"].astype(np.int64) + self._before
 
 
-def read_window(path: str, start: Sequence[int], size: Sequence[int], before: Sequence[int], fill: float,
-                out: np.ndarray | None = None) -> np.ndarray:
-    """Copy the box ``[start, start + size)`` of a padded volume out of the ``.npy`` at ``path``.
+def _named(subject_id: str, read, *args, **kwargs):
+    """``read(*args, **kwargs)``, a ``DataError`` (which names the file) prefixed with the subject."""
+    try:
+        return read(*args, **kwargs)
+    except DataError as error:
+        raise DataError(f"subject {subject_id!r}: {error}") from None
 
-    The file is memory-mapped and only the box is copied (into ``out`` if given, converting to its
-    dtype); the padded volume has ``before`` voxels of value ``fill`` in front of the stored array
-    along each axis (and as many as needed behind). The map is dropped before returning, so memory
-    does not grow with the number of volumes read.
+
+def read_window(path: str, start: Sequence[int], size: Sequence[int], before: Sequence[int], fill: float,
+                shape: Sequence[int], out: np.ndarray | None = None, dtype: np.dtype | type = np.float32
+                ) -> np.ndarray:
+    """Copy the box ``[start, start + size)`` of a padded volume out of the cached volume at ``path``.
+
+    The stored volume has shape ``shape``; only the box is read (into ``out`` if given, converting to
+    its dtype, else into a new array of ``dtype``): a memory-mapped ``.npy``, or the chunks of a ``.b2nd``
+    that the box touches (:func:`~maesil.data.cache.volumes.read_box`). The padded volume has ``before``
+    voxels of value ``fill`` in front of the stored array along each axis (and as many as needed behind).
+    Nothing stays mapped afterwards, so memory does not grow with the number of volumes read.
+
+    Raises:
+        DataError: the file is missing, truncated or corrupt (naming it).
     """
-    volume = np.load(path, mmap_mode="r", allow_pickle=False)
     size = tuple(int(s) for s in size)
     if out is None:
-        out = np.empty(size, dtype=volume.dtype)
+        out = np.empty(size, dtype=dtype)
     elif out.shape != size:
         raise ValueError(f"out has shape {out.shape}, expected {size}")
     src, dst = [], []
@@ -94,14 +108,13 @@ def read_window(path: str, start: Sequence[int], size: Sequence[int], before: Se
     for axis in range(3):
         lo = int(start[axis]) - int(before[axis])
         hi = lo + size[axis]
-        clip_lo, clip_hi = max(0, lo), min(volume.shape[axis], hi)
+        clip_lo, clip_hi = max(0, lo), min(int(shape[axis]), hi)
         inside &= clip_lo == lo and clip_hi == hi
         src.append(slice(clip_lo, clip_hi))
         dst.append(slice(clip_lo - lo, clip_hi - lo))
     if not inside:
         out.fill(fill)
-    out[tuple(dst)] = volume[tuple(src)]
-    del volume
+    read_box(path, src, out[tuple(dst)])
     return out
 
 
@@ -210,7 +223,8 @@ class CachedPatchDataset(Dataset):
     def _read(self, i: int, image: torch.Tensor, label: torch.Tensor | None) -> dict[str, Any]:
         """Item ``i`` read into the (1, X, Y, Z) tensors ``image`` and ``label``."""
         item, start, before = self._location(int(i))
-        read_window(item.image, start, self.superpatch_size, before, item.image_fill, out=image[0].numpy())
+        _named(item.subject_id, read_window, item.image, start, self.superpatch_size, before, item.image_fill,
+               item.shape, out=image[0].numpy())
         sample: dict[str, Any] = {
             "image": image,
             "subject_id": item.subject_id,
@@ -218,8 +232,8 @@ class CachedPatchDataset(Dataset):
                                         dtype=torch.int64),
         }
         if label is not None:
-            read_window(item.label, start, self.superpatch_size, before, item.label_fill,  # type: ignore[arg-type]
-                        out=label[0].numpy())
+            _named(item.subject_id, read_window, item.label, start, self.superpatch_size, before,
+                   item.label_fill, item.shape, out=label[0].numpy())
             sample["label"] = label
         return sample
 

@@ -1,11 +1,11 @@
-"""Preparing a cache: volumes preprocessed once and stored uncompressed, for random superpatch reads.
+"""Preparing a cache: volumes preprocessed once and stored for random superpatch reads.
 
 Preprocessing a CT volume (decompress, reorient, resample, window, crop) takes seconds; a training
 step needs only a 128³ superpatch of it. :func:`prepare_cache` runs the deterministic preprocessing of
-:class:`~maesil.data.preprocess.PreprocessSettings` once per subject and stores the result
-uncompressed (layout: :mod:`maesil.data.cache.index`), so that
-:class:`~maesil.data.cache.reader.CachedPatchDataset` can memory-map a volume and copy out just one
-superpatch. Volumes are stored without padding, so one cache serves every superpatch size.
+:class:`~maesil.data.preprocess.PreprocessSettings` once per subject and stores the result (layout:
+:mod:`maesil.data.cache.index`; formats: :mod:`maesil.data.cache.volumes`, uncompressed ``.npy`` or
+chunked, compressed blosc2), so that :class:`~maesil.data.cache.reader.CachedPatchDataset` can
+memory-map a volume and read just one superpatch. Volumes are stored without padding, so one cache serves every superpatch size.
 
 Every file is written through :func:`maesil.files.atomic_write`: a reader, or a run killed half-way,
 never sees a partial file, and a re-run skips the subjects already done.
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from maesil.data.cache.index import CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, SUBJECTS_DIR, read_index_json
+from maesil.data.cache.volumes import FORMATS, SUFFIXES, VolumeFormat, ct_levels, write_volume
 from maesil.data.io import subject_from_record
 from maesil.data.preprocess import LoadVolume, PreprocessSettings, foreground_mask
 from maesil.data.records import DataError, SubjectRecord
@@ -160,7 +161,7 @@ def _require_path(message: str, *paths: Path | None) -> str:
 
 
 def _prepare_subject(record: SubjectRecord, out_dir: str, folder: str, settings: PreprocessSettings,
-                     fingerprint: dict) -> dict:
+                     fingerprint: dict, format: VolumeFormat = "npy") -> dict:
     """Preprocess one subject, write its arrays, return its JSON index entry (runs in a worker)."""
     with_label = record.label is not None
     subject = subject_from_record(record, with_label=with_label)
@@ -192,8 +193,9 @@ def _prepare_subject(record: SubjectRecord, out_dir: str, folder: str, settings:
     target = Path(out_dir) / SUBJECTS_DIR / folder
     target.mkdir(parents=True, exist_ok=True)
     rel = f"{SUBJECTS_DIR}/{folder}"
+    suffix = SUFFIXES[format]
     entry: dict[str, Any] = {
-        "image": f"{rel}/image.npy",
+        "image": f"{rel}/image{suffix}",
         "label": None,
         "label_points": None,
         "shape": list(array.shape),
@@ -224,23 +226,28 @@ def _prepare_subject(record: SubjectRecord, out_dir: str, folder: str, settings:
             label = rounded
         label = np.ascontiguousarray(label.astype(_label_dtype(int(label.min()), int(label.max()))))
         values, counts, points = label_points(label, record.subject_id)
-        atomic_write(target / "label.npy", lambda f: np.save(f, label, allow_pickle=False))
+        write_volume(target / f"label{suffix}", label, format)
         arrays = {"values": values, "counts": counts, **{f"points_{v}": p for v, p in points.items()}}
         atomic_write(target / "label_points.npz", lambda f: np.savez(f, **arrays))
-        entry.update(label=f"{rel}/label.npy", label_points=f"{rel}/label_points.npz",
+        entry.update(label=f"{rel}/label{suffix}", label_points=f"{rel}/label_points.npz",
                      label_values=[int(v) for v in values], label_counts=[int(c) for c in counts])
     else:
-        for stale in ("label.npy", "label_points.npz"):
+        for stale in ("label.npy", "label.b2nd", "label_points.npz"):
             (target / stale).unlink(missing_ok=True)
-    atomic_write(target / "image.npy", lambda f: np.save(f, array, allow_pickle=False))
+    levels = ct_levels(settings.hu_window) if format == "blosc2" and settings.modality == "ct" else None
+    write_volume(target / f"image{suffix}", array, format, levels)
+    for other in FORMATS:  # a subject re-prepared in another format
+        if other != format:
+            for stale in ("image", "label"):
+                (target / f"{stale}{SUFFIXES[other]}").unlink(missing_ok=True)
     return entry
 
 
 def _prepare_safely(record: SubjectRecord, out_dir: str, folder: str, settings: PreprocessSettings,
-                    fingerprint: dict) -> tuple[dict | None, str | None]:
+                    fingerprint: dict, format: VolumeFormat = "npy") -> tuple[dict | None, str | None]:
     """:func:`_prepare_subject`, with any error turned into a message naming the file."""
     try:
-        return _prepare_subject(record, out_dir, folder, settings, fingerprint), None
+        return _prepare_subject(record, out_dir, folder, settings, fingerprint, format), None
     except Exception as error:  # noqa: BLE001 - one bad subject must not stop the others
         message = str(error) if isinstance(error, DataError) else f"{type(error).__name__}: {error}"
         return None, _require_path(message, record.image, record.label)
@@ -301,9 +308,11 @@ def _existing_subjects(path: Path, settings: PreprocessSettings, force: bool) ->
     return dict(data["subjects"])
 
 
-def _unchanged(entry: dict, record: SubjectRecord, fingerprint: dict, root: Path) -> bool:
+def _unchanged(entry: dict, record: SubjectRecord, fingerprint: dict, root: Path, format: VolumeFormat) -> bool:
     try:
         source = entry["source"]
+        if not str(entry["image"]).endswith(SUFFIXES[format]):
+            return False
         if (source["image"] != str(record.image)
                 or source.get("label") != (None if record.label is None else str(record.label))
                 or source.get("series_uid") != record.series_uid
@@ -342,6 +351,7 @@ def prepare_cache(
     workers: int = 2,
     progress: bool = True,
     force: bool = False,
+    format: VolumeFormat = "npy",
 ) -> PrepareReport:
     """Preprocess ``records`` once into the cache folder ``out_dir`` (layout: module docstring).
 
@@ -366,6 +376,9 @@ def prepare_cache(
         workers: preprocessing processes.
         progress: show a tqdm progress bar.
         force: re-prepare every subject, also when the existing cache has other settings.
+        format: how volumes are stored (:mod:`~maesil.data.cache.volumes`): ``"npy"`` (uncompressed
+            float32) or ``"blosc2"`` (chunked and compressed, CT quantised to 0.1 HU). Subjects stored
+            in the other format are prepared again.
 
     Returns:
         a :class:`PrepareReport`. A subject that cannot be read or preprocessed is listed in
@@ -377,6 +390,8 @@ def prepare_cache(
             ``force`` is false.
         ValueError: duplicate subject ids.
     """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     records = list(records)
     ids = [r.subject_id for r in records]
     duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
@@ -401,7 +416,7 @@ def prepare_cache(
             report.failed[record.subject_id] = f"{path}: cannot be read ({error.strerror or error})"
             continue
         entry = old.get(record.subject_id)
-        if not force and entry is not None and _unchanged(entry, record, fingerprint, root):
+        if not force and entry is not None and _unchanged(entry, record, fingerprint, root, format):
             subjects[record.subject_id] = {**entry, "split": record.split}
             report.skipped.append(record.subject_id)
         else:
@@ -429,14 +444,14 @@ def prepare_cache(
             bar = _progress_bar(len(todo), progress and bool(todo))
             for record, fingerprint in todo:
                 entry, error = _prepare_safely(record, str(root), subject_folder_name(record.subject_id),
-                                               settings, fingerprint)
+                                               settings, fingerprint, format)
                 finish(record, entry, error)
         else:
             def started() -> None:  # the bar's monitor thread starts after the workers are forked
                 nonlocal bar
                 bar = _progress_bar(len(todo), progress)
 
-            _run_pool(todo, root, settings, min(int(workers), len(todo)), finish, started)
+            _run_pool(todo, root, settings, format, min(int(workers), len(todo)), finish, started)
     finally:
         if bar is not None:
             bar.close()
@@ -456,7 +471,8 @@ def prepare_cache(
     return report
 
 
-def _run_pool(todo: list[tuple[SubjectRecord, dict]], root: Path, settings: PreprocessSettings, workers: int,
+def _run_pool(todo: list[tuple[SubjectRecord, dict]], root: Path, settings: PreprocessSettings,
+              format: VolumeFormat, workers: int,
               finish: Callable[[SubjectRecord, dict | None, str | None], None],
               started: Callable[[], None] = lambda: None) -> None:
     """Prepare ``todo`` in ``workers`` processes: forked where the platform allows it (no
@@ -471,7 +487,7 @@ def _run_pool(todo: list[tuple[SubjectRecord, dict]], root: Path, settings: Prep
     try:
         for record, fingerprint in todo:
             future = pool.submit(_prepare_safely, record, str(root), subject_folder_name(record.subject_id),
-                                 settings, fingerprint)
+                                 settings, fingerprint, format)
             pending[future] = record
         started()
         while pending:
