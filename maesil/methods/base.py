@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 from matplotlib.figure import Figure
 
 from maesil.checkpoints.layouts import TransferLayout, register_layout
+from maesil.checkpoints.transfer import LoadReport
 from maesil.data.spec import DataSpec
 from maesil.evaluation.figures import save_figure
 from maesil.evaluation.fills import FILLS
@@ -320,6 +321,27 @@ class MethodModule(L.LightningModule):
         self.check_task(spec.task)
         self.check_input_size(spec.superpatch_size)
 
+    def load_pretrained_encoder(self, path: str | Path) -> LoadReport:
+        """Continued pretraining: copies a pretrained encoder (and decoder) into the network this method's
+        checkpoints transfer from (the module its :attr:`transfer_layout` maps to ``encoder.``, e.g.
+        ``backbone``), through :func:`~maesil.checkpoints.load_pretrained` (every format it reads), prints the
+        key report, then :meth:`after_pretrained_load`."""
+        from maesil.checkpoints import load_pretrained
+
+        layout = type(self).transfer_layout
+        sources = [source for source, target in (layout.prefixes if layout else {}).items() if target == "encoder."]
+        if not sources:
+            raise ValueError(f"{type(self).__name__} has no encoder to continue pretraining from {path}.")
+        owner = sources[0].removesuffix("encoder.").rstrip(".")
+        report = load_pretrained(self.get_submodule(owner) if owner else self, path)
+        self.after_pretrained_load()
+        if attached_trainer(self) is not None:  # load_pretrained has logged it; a run prints it as fine-tuning does
+            self.print(f"continued pretraining from {path}:\n{report.summary()}")
+        return report
+
+    def after_pretrained_load(self) -> None:
+        """Called after :meth:`load_pretrained_encoder`: e.g. an EMA target takes the loaded weights."""
+
     def check_task(self, task: str) -> None:
         """Fails when the DataModule's batches are not of a task this method trains on (a PGL run with
         ``task: reconstruct`` would otherwise stop at the first step, missing ``view1``)."""
@@ -344,6 +366,12 @@ class MethodModule(L.LightningModule):
         return None
 
     def on_fit_start(self) -> None:
+        """Continued pretraining: loads the ``pretrained`` hyperparameter of a method with a transfer layout
+        (:meth:`load_pretrained_encoder`), unless the run resumes (``trainer.ckpt_path``, known from here on:
+        the checkpoint's weights are restored after ``setup``); then prints :meth:`describe`."""
+        pretrained = self.hparams.get("pretrained")
+        if pretrained and type(self).transfer_layout is not None and self.trainer.ckpt_path is None:
+            self.load_pretrained_encoder(pretrained)
         line = self.describe()
         if line:
             self.print(line)

@@ -112,6 +112,11 @@ class BootstrapModule(MethodModule):
         self._ema_step = -1
         self._figure_batch: dict | None = None
 
+    def after_pretrained_load(self) -> None:
+        """The EMA target starts from the loaded online network, as it starts from the initial one."""
+        with torch.no_grad():
+            self.target_backbone.load_state_dict(self.backbone.state_dict())
+
     def target_parameters(self):
         """Parameters of the EMA target network (never trained by the optimizer)."""
         yield from self.target_backbone.parameters()

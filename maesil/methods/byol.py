@@ -46,6 +46,9 @@ class BYOL(BootstrapModule):
         log_views_figure: save a picture of the first validation pair with its crop boxes.
         optimizer: optimizer factory.
         scheduler: ``(optimizer, total_steps)`` → per-step schedule.
+        pretrained: continued pretraining: a checkpoint or export whose encoder (and decoder, where this method
+            trains one) initialises this network at the start of ``fit`` (any format ``load_pretrained`` reads,
+            nnssl and MONAI included); not when resuming with ``--ckpt_path``.
     """
 
     #: The online encoder transfers; the U-Net decoder stays at its random initialisation (the pooled loss
@@ -72,6 +75,7 @@ class BYOL(BootstrapModule):
         log_views_figure: bool = True,
         optimizer: OptimizerFactory = adamw,
         scheduler: SchedulerFactory | None = warmup_cosine,
+        pretrained: str | None = None,
     ) -> None:
         backbone = unet_backbone(unet_preset, in_channels, features, blocks_per_stage, strides)
         width = backbone.features[-1]

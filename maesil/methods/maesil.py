@@ -69,6 +69,9 @@ class MAESIL(ReconstructionEvaluationHooks, MethodModule):
             (:class:`~maesil.evaluation.metrics.ReconstructionMetrics`).
         optimizer: Optimizer factory (default AdamW lr 1.5e-4, betas (0.9, 0.95), wd 0.05).
         scheduler: ``(optimizer, total_steps)`` → schedule (default warm-up + cosine).
+        pretrained: continued pretraining: a checkpoint or export whose encoder (and decoder, where this method
+            trains one) initialises this network at the start of ``fit`` (any format ``load_pretrained`` reads,
+            nnssl and MONAI included); not when resuming with ``--ckpt_path``.
         img_size: Deprecated name of ``superpatch_size`` (older YAMLs and checkpoints).
         patch_size: Deprecated name of ``token_size``.
     """
@@ -104,6 +107,7 @@ class MAESIL(ReconstructionEvaluationHooks, MethodModule):
         metric_data_range: float | None = None,
         optimizer: OptimizerFactory = adamw,
         scheduler: SchedulerFactory | None = warmup_cosine,
+        pretrained: str | None = None,
         img_size: int | tuple[int, int, int] | None = None,
         patch_size: int | None = None,
     ) -> None:

@@ -68,6 +68,9 @@ class PGL(BootstrapModule):
         log_views_figure: save a picture of the first validation pair with its boxes and overlap.
         optimizer: optimizer factory.
         scheduler: ``(optimizer, total_steps)`` → per-step schedule.
+        pretrained: continued pretraining: a checkpoint or export whose encoder (and decoder, where this method
+            trains one) initialises this network at the start of ``fit`` (any format ``load_pretrained`` reads,
+            nnssl and MONAI included); not when resuming with ``--ckpt_path``.
     """
 
     #: The online U-Net, encoder and decoder, transfers. Recognised by its projector: one 1×1×1 conv MLP per
@@ -96,6 +99,7 @@ class PGL(BootstrapModule):
         log_views_figure: bool = True,
         optimizer: OptimizerFactory = adamw,
         scheduler: SchedulerFactory | None = warmup_cosine,
+        pretrained: str | None = None,
     ) -> None:
         backbone = unet_backbone(unet_preset, in_channels, features, blocks_per_stage, strides)
         channels = list(backbone.feature_channels)  # coarsest first

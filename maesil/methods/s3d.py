@@ -90,6 +90,9 @@ class S3D(ReconstructionEvaluationHooks, MethodModule):
             each superpatch's own max − min for z-normalised MRI.
         optimizer: optimizer factory (default :func:`nesterov_sgd`).
         scheduler: ``(optimizer, total_steps)`` → schedule (default :func:`poly_lr`), or None.
+        pretrained: continued pretraining: a checkpoint or export whose encoder (and decoder, where this method
+            trains one) initialises this network at the start of ``fit`` (any format ``load_pretrained`` reads,
+            nnssl and MONAI included); not when resuming with ``--ckpt_path``.
         img_size: deprecated name of ``superpatch_size`` (older YAMLs and checkpoints).
     """
 
@@ -118,6 +121,7 @@ class S3D(ReconstructionEvaluationHooks, MethodModule):
         metric_data_range: float | None = None,
         optimizer: OptimizerFactory = nesterov_sgd,
         scheduler: SchedulerFactory | None = poly_lr,
+        pretrained: str | None = None,
         img_size: int | tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler)
