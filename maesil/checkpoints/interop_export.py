@@ -34,13 +34,14 @@ EXPORT_FORMATS = {"maesil": None, "nnunet": "ResEncUNet", "monai": "ViTEncoder3D
 _OTHER_FORMAT = {"ResEncUNet": "nnunet", "ViTEncoder3D": "monai"}
 
 
-def _checked(checkpoint: Path, format: str, with_decoder: bool | None) -> tuple[dict, dict[str, Any]]:
+def _checked(checkpoint: Path, fmt: str, with_decoder: bool | None) -> tuple[dict, dict[str, Any]]:
+    """The export's tensors and description; fails unless its architecture is the one ``fmt`` takes."""
     tensors, sidecar = collect_export(checkpoint, with_decoder)
     kind = sidecar["architecture"].get("type")
-    if kind != EXPORT_FORMATS[format]:
+    if kind != EXPORT_FORMATS[fmt]:
         other = _OTHER_FORMAT.get(kind)
         hint = f"; export it with --format {other} or maesil" if other else ""
-        raise CheckpointError(f"{checkpoint}: --format {format} takes a {EXPORT_FORMATS[format]} encoder, this "
+        raise CheckpointError(f"{checkpoint}: --format {fmt} takes a {EXPORT_FORMATS[fmt]} encoder, this "
                               f"{sidecar.get('method') or 'checkpoint'} holds a {kind}{hint}.")
     return tensors, sidecar
 

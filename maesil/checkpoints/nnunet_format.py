@@ -34,7 +34,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 __all__ = [
@@ -134,8 +133,8 @@ def to_nnunet_state(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def is_nnunet_state(state: Mapping[str, Any]) -> bool:
     """True when the keys are nnU-Net's residual-encoder names (``encoder.stem.convs.`` / ``…blocks.``)."""
-    return any(key.startswith("encoder.stem.convs.") or _SKIP.match(key) or ".blocks." in key and
-               key.startswith("encoder.stages.") for key in state)
+    return any(key.startswith("encoder.stem.convs.") or (key.startswith("encoder.stages.") and ".blocks." in key)
+               for key in state)
 
 
 def from_nnunet_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,9 @@ import torch
 import torchio as tio
 from torch import Tensor, nn
 
-log = logging.getLogger(__name__)
+from maesil.models.unetr import tokens_to_volume
+from maesil.models.vit3d import token_grid
+
 
 __all__ = ["EmbeddedVolume", "Embedder", "build_encoder", "embed_command", "embed_subjects", "write_feature_map"]
 
@@ -56,9 +57,6 @@ class Embedder(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         if self.grid_of_tokens:
-            from maesil.models.unetr import tokens_to_volume
-            from maesil.models.vit3d import token_grid
-
             return tokens_to_volume(self.encoder(images), token_grid(images.shape[2:], self.stride))
         return self.encoder(images)[-1]
 

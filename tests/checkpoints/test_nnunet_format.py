@@ -19,7 +19,6 @@ from maesil.checkpoints.nnunet_format import (
     KEYS_TO_IN_PROJ,
     adaptation_plan,
     from_nnunet_state,
-    nnunet_architecture_kwargs,
     to_nnunet_state,
 )
 from maesil.models.unet import UNET_PRESETS, ResEncUNet, resenc_unet
