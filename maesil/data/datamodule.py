@@ -135,6 +135,14 @@ class VolumeDataModule(L.LightningDataModule):
             ``.npy`` memmaps in ``num_workers`` DataLoader workers, instead of decoding and
             preprocessing whole volumes in a TorchIO queue. Much faster, and memory does not
             grow with the dataset. ``None``: no cache.
+        cache_format: how ``prepare_data`` stores the cache's volumes: ``"npy"`` (uncompressed
+            float32, memory-mapped) or ``"blosc2"`` (chunked and compressed, CT quantised to 0.1 HU,
+            about 4x smaller; :mod:`~maesil.data.cache.volumes`). A cache is read in whatever format
+            it holds.
+        prepare_data_per_node: Lightning's switch for multi-node jobs. ``False`` (default): the data
+            (cache, phantoms) lie on a file system all nodes share, so ``prepare_data`` runs once for the
+            whole job, on global rank 0, and every rank of every node waits for it. ``True``: each node
+            prepares its own copy (node-local ``cache_dir``), on its local rank 0.
         num_classes: label values must be in ``0..num_classes-1`` (checked for every label
             map in ``setup``); ``None``: the classes of a JSON manifest / ``dataset.json``, else
             any non-negative integer.
@@ -165,6 +173,8 @@ class VolumeDataModule(L.LightningDataModule):
         views: ViewSettings | None = None,
         exclude: list[str] | None = None,
         cache_dir: str | None = None,
+        cache_format: Literal["npy", "blosc2"] = "npy",
+        prepare_data_per_node: bool = False,
         num_classes: int | None = None,
         check_voxels: bool = True,
         phantom_count: int = 8,
@@ -202,6 +212,10 @@ class VolumeDataModule(L.LightningDataModule):
         self.label_probabilities = dict(label_probabilities) if label_probabilities else None
         self.exclude = tuple(exclude) if exclude is not None else DEFAULT_EXCLUDE
         self.cache_dir = cache_dir
+        if cache_format not in ("npy", "blosc2"):
+            raise ValueError(f"cache_format must be 'npy' or 'blosc2', got {cache_format!r}")
+        self.cache_format = cache_format
+        self.prepare_data_per_node = bool(prepare_data_per_node)
         self.num_classes = int(num_classes) if num_classes is not None else None
         self.check_voxels = bool(check_voxels)
         self.settings = PreprocessSettings(modality=modality, target_spacing=target_spacing,
@@ -277,6 +291,7 @@ class VolumeDataModule(L.LightningDataModule):
             data_dir=data_dir, task=self.task, preprocess=self.settings, superpatch_size=self.superpatch_size,
             batch_size=self.batch_size, samples_per_volume=self.samples_per_volume, num_workers=self.num_workers,
             seed=self.split_seed, exclude=self.exclude, classes=self.label_classes(), check_voxels=self.check_voxels,
+            cache_format=self.cache_format,
         )
         if is_cache(data_dir):
             return CacheBackend(settings, data_dir, source_dir=None)
@@ -290,8 +305,9 @@ class VolumeDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- lightning hooks
     def prepare_data(self) -> None:
-        """Rank 0 only, via Lightning: write the demo phantoms when ``data_dir`` is ``None``, and
-        prepare the cache when ``cache_dir`` is set (idempotent: unchanged subjects are skipped)."""
+        """Once per job (global rank 0; per node with ``prepare_data_per_node``), via Lightning, which
+        makes every rank wait for it: write the demo phantoms when ``data_dir`` is ``None``, and prepare
+        the cache when ``cache_dir`` is set (idempotent: unchanged subjects are skipped)."""
         if self.data_dir is None:
             from maesil.phantoms import default_workers, write_phantoms
 

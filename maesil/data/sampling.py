@@ -29,7 +29,8 @@ from ``(seed, epoch, index)``; the queue seeds one per visit of a subject from t
 Samplers
 --------
 :class:`ResumableSampler` is a ``DistributedSampler`` whose next pass can start part-way through the
-epoch (resuming a checkpoint) and that forwards ``set_epoch`` to whatever else depends on the epoch;
+epoch (resuming a checkpoint), that forwards ``set_epoch`` to whatever else depends on the epoch and
+that can shard whole groups of indices (the superpatches of one subject) over the ranks of all nodes;
 :class:`UnrepeatedSampler` shards indices over ranks without repeating any (prediction).
 """
 
@@ -40,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import ClassVar, Protocol
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
@@ -203,16 +205,48 @@ class ResumableSampler(DistributedSampler):
     epoch length and progress counters are unchanged. ``set_epoch`` (which Lightning calls on the
     training loader's sampler at every epoch start) is also passed to each of ``epoch_listeners``,
     e.g. a dataset whose superpatch locations depend on the epoch.
+
+    ``group_size`` > 1 shards groups instead of single indices: indices ``g * group_size ..
+    (g + 1) * group_size - 1`` form group ``g`` (a subject's superpatches in
+    :class:`~maesil.data.cache.reader.CachedPatchDataset`), the groups are shuffled (with ``seed`` and
+    the epoch, the same on every rank) and dealt to the ranks, and each rank shuffles the indices of its
+    groups. Each subject is then read by exactly one rank per epoch; when the ranks do not divide the
+    groups, the first few of the shuffled groups are dealt twice, so that every rank gets as many
+    (``DistributedSampler``'s rule; with ``drop_last`` the last few are left out instead).
     """
 
     _skip: int = 0
 
     def __init__(self, dataset: Sized, num_replicas: int | None = None, rank: int | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 epoch_listeners: Sequence[Callable[[int], None]] = ()) -> None:
+                 epoch_listeners: Sequence[Callable[[int], None]] = (), group_size: int = 1) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank,  # type: ignore[arg-type]
                          shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.epoch_listeners = list(epoch_listeners)
+        self.group_size = int(group_size)
+        if self.group_size < 1 or len(dataset) % self.group_size:
+            raise ValueError(f"group_size {group_size} must be >= 1 and divide the {len(dataset)} indices")
+        if self.group_size > 1:
+            groups = len(dataset) // self.group_size
+            per_rank = groups // self.num_replicas if drop_last else -(-groups // self.num_replicas)
+            self.num_samples = per_rank * self.group_size
+            self.total_size = self.num_samples * self.num_replicas
+
+    def _grouped(self) -> list[int]:
+        """This rank's indices of the epoch when sharding groups (see the class docstring)."""
+        size = self.group_size
+        count, per_rank = len(self.dataset) // size, self.num_samples // size  # type: ignore[arg-type]
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(count, generator=generator).tolist() if self.shuffle else list(range(count))
+        dealt = per_rank * self.num_replicas
+        while len(order) < dealt:
+            order += order[: dealt - len(order)]
+        mine = order[:dealt][self.rank::self.num_replicas]
+        indices = [g * size + k for g in mine for k in range(size)]
+        if self.shuffle:
+            indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        return indices
 
     def skip_once(self, count: int) -> None:
         """Drop the first ``count`` indices of the next pass (0: no skip)."""
@@ -226,7 +260,7 @@ class ResumableSampler(DistributedSampler):
             listener(int(epoch))
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        indices = list(super().__iter__()) if self.group_size == 1 else self._grouped()
         skip, self._skip = self._skip, 0
         return iter(indices[skip:])
 

@@ -16,6 +16,7 @@ from maesil.data.preprocess import MAESIL_HU_WINDOW, PreprocessSettings
 DATA_DEFAULTS: dict[str, Any] = {
     "data_dir": None,
     "cache_dir": None,
+    "cache_format": "npy",
     "modality": "ct",
     "target_spacing": 1.5,
     "hu_window": list(MAESIL_HU_WINDOW),

@@ -94,3 +94,25 @@ def test_unrepeated_sampler_shards_every_index_once() -> None:
     shards = [list(UnrepeatedSampler(range(7), num_replicas=3, rank=r)) for r in range(3)]
     assert shards == [[0, 3, 6], [1, 4], [2, 5]]
     assert [len(UnrepeatedSampler(range(7), num_replicas=3, rank=r)) for r in range(3)] == [3, 2, 2]
+
+
+@pytest.mark.parametrize("subjects, ranks", [(6, 2), (5, 2), (7, 3)])
+def test_grouped_sharding_gives_each_subject_to_one_rank(subjects: int, ranks: int) -> None:
+    from maesil.data.sampling import ResumableSampler
+
+    per_subject = 4
+    data = list(range(subjects * per_subject))
+    for epoch in (0, 1):
+        shards = []
+        for rank in range(ranks):
+            sampler = ResumableSampler(data, num_replicas=ranks, rank=rank, seed=3, group_size=per_subject)
+            sampler.set_epoch(epoch)
+            shards.append(list(sampler))
+            assert len(shards[-1]) == len(sampler) == -(-subjects // ranks) * per_subject
+        owners = [{i // per_subject for i in shard} for shard in shards]
+        for shard, mine in zip(shards, owners):  # whole subjects: all their superpatches, once each
+            assert sorted(shard) == sorted(g * per_subject + k for g in mine for k in range(per_subject))
+        assert set().union(*owners) == set(range(subjects))
+        repeated = sum(len(o) for o in owners) - subjects
+        assert repeated == -(-subjects // ranks) * ranks - subjects  # only the padding repeats a subject
+    assert shards[0] != sorted(shards[0])  # shuffled

@@ -58,6 +58,8 @@ class LoaderSettings:
         exclude: glob patterns of files that are not images.
         classes: the declared label values (``None``: any non-negative integer).
         check_voxels: read every voxel of every source file in the checks.
+        cache_format: how a prepared cache stores volumes (``"npy"`` or ``"blosc2"``,
+            :mod:`~maesil.data.cache.volumes`).
     """
 
     data_dir: Path
@@ -71,6 +73,7 @@ class LoaderSettings:
     exclude: tuple[str, ...]
     classes: list[int] | None
     check_voxels: bool
+    cache_format: str = "npy"
 
 
 def first_item(batch: list):

@@ -1,5 +1,6 @@
 """The prepared-cache back-end: volumes preprocessed once (``python -m maesil prepare`` or
-``prepare_data``), superpatches read out of memory-mapped ``.npy`` files in DataLoader workers.
+``prepare_data``), superpatches read out of memory-mapped ``.npy`` or chunked blosc2 files in DataLoader
+workers.
 
 Much faster than the TorchIO queue, and memory does not grow with the dataset. Patch locations come
 from the task's :class:`~maesil.data.sampling.SamplingPolicy`, seeded per item by ``(seed, epoch,
@@ -62,7 +63,8 @@ class CacheBackend(Backend):
         # Headers only: preparing reads every voxel anyway (NaN/Inf fail there), and the voxel checks of
         # unchanged subjects are answered from the index instead of re-reading them at every run.
         self.check_sources(records, read_voxels=False, warn_small=False)
-        report = prepare_cache(records, self.root, settings.preprocess, workers=max(1, settings.num_workers))
+        report = prepare_cache(records, self.root, settings.preprocess, workers=max(1, settings.num_workers),
+                               format=settings.cache_format)  # type: ignore[arg-type]
         if report.failed:
             raise DataError([f"{sid}: {message}" for sid, message in sorted(report.failed.items())],
                             header=f"{len(report.failed)} subject(s) could not be prepared into {self.root}")
@@ -111,8 +113,9 @@ class CacheBackend(Backend):
         )
         # The epoch seeds the superpatch locations: it must reach the dataset before the workers start.
         shards = {} if is_distributed() else {"num_replicas": 1, "rank": 0}
+        # Whole subjects per rank: each subject is read by one rank (of all nodes) per epoch.
         sampler = ResumableSampler(dataset, shuffle=True, seed=settings.seed, epoch_listeners=[dataset.set_epoch],
-                                   **shards)
+                                   group_size=settings.samples_per_volume, **shards)
         sampler.set_epoch(epoch)
         sampler.skip_once(skip)
         return DataLoader(
