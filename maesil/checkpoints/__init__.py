@@ -8,11 +8,16 @@ encoders, and writing checkpoints atomically.
 * :mod:`~maesil.checkpoints.transfer`: :func:`load_pretrained` with a :class:`LoadReport`.
 * :mod:`~maesil.checkpoints.export` and :mod:`~maesil.checkpoints.export_format`: :func:`export_encoder`,
   safetensors plus a JSON description of the architecture and preprocessing.
+* :mod:`~maesil.checkpoints.nnunet_format`, :mod:`~maesil.checkpoints.monai_format`: nnU-Net's and MONAI's
+  names for maesil's ResEnc U-Net and ViT; :mod:`~maesil.checkpoints.interop_export`: :func:`export_nnunet`
+  (nnssl checkpoint) and :func:`export_monai` (MONAI ``ViT`` state dict); :mod:`~maesil.checkpoints.foreign`:
+  nnssl / nnU-Net and MONAI weights renamed for :func:`load_pretrained`.
 * :mod:`~maesil.checkpoints.preprocessing`: :func:`check_preprocessing`, pretraining vs fine-tuning.
 * :mod:`~maesil.checkpoints.writing`: :class:`AtomicCheckpointIO`, :func:`check_resumable`.
 """
 
 from maesil.checkpoints.export import describe_architecture, export_encoder
+from maesil.checkpoints.interop_export import export_monai, export_nnunet
 from maesil.checkpoints.layouts import TransferLayout, identify_method, register_layout, registered_layouts
 from maesil.checkpoints.preprocessing import check_preprocessing
 from maesil.checkpoints.reading import (
@@ -45,6 +50,8 @@ __all__ = [
     "checkpoint_safe_globals",
     "describe_architecture",
     "export_encoder",
+    "export_monai",
+    "export_nnunet",
     "identify_method",
     "latest_last_checkpoint",
     "load_checkpoint_state",

@@ -70,10 +70,11 @@ def test_export_loads_into_residual_encoder_unet_and_agrees(preset: str, tmp_pat
     x = torch.randn(INPUT[preset])
     with torch.no_grad():
         stages = max_diff(ours.encoder(x), theirs.encoder(x))
-        theirs.decoder.seg_layers[-1].load_state_dict(ours.head.state_dict())  # the head is never exported
-        logits = float((ours(x) - theirs(x)).abs().max())
-    assert stages < 1e-5, stages
-    assert logits < 1e-5, logits
+        assert stages < 1e-5, stages
+        if preset == "cpu":  # the decoder's names and maths are the same code for every size: checked once
+            theirs.decoder.seg_layers[-1].load_state_dict(ours.head.state_dict())  # the head is never exported
+            logits = float((ours(x) - theirs(x)).abs().max())
+            assert logits < 1e-5, logits
 
 
 def test_encoder_only_export_and_nnunets_own_loader(tmp_path: Path) -> None:
@@ -121,9 +122,11 @@ def test_nnssl_checkpoint_loads_into_maesil_and_agrees(preset: str, tmp_path: Pa
     x = torch.randn(INPUT[preset])
     with torch.no_grad():
         stages = max_diff(ours.encoder(x), theirs.encoder(x))
-        ours.head.load_state_dict(theirs.decoder.seg_layers[-1].state_dict())
-        logits = float((ours(x) - theirs(x)).abs().max())
-    assert stages < 1e-5 and logits < 1e-5, (stages, logits)
+        assert stages < 1e-5, stages
+        if preset == "cpu":
+            ours.head.load_state_dict(theirs.decoder.seg_layers[-1].state_dict())
+            logits = float((ours(x) - theirs(x)).abs().max())
+            assert logits < 1e-5, logits
 
 
 def test_nnssl_stem_is_widened_to_the_models_channels(tmp_path: Path) -> None:
