@@ -178,7 +178,7 @@ def test_help_lists_every_registered_tool_with_its_description(capsys):
 
 
 @pytest.mark.parametrize("name", ["phantoms", "check-data", "prepare", "benchmark-recon", "export-encoder",
-                                  "compare-init", "sweep-local"])
+                                  "embed", "compare-init", "sweep-local"])
 def test_each_tool_has_its_own_help(name, capsys):
     from maesil.tools import TOOLS
 
