@@ -23,9 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
         "layout says which weights those are. EMA targets, projectors, predictors and "
         "pretraining-only decoders are left out. A JSON sidecar next to the output (enc.safetensors → enc.json) "
         "records the method, architecture and preprocessing. The checkpoint is read with weights_only=True: "
-        "files that would need arbitrary unpickling are refused.",
+        "files that would need arbitrary unpickling are refused. --format nnunet and --format monai write the "
+        "same weights for nnU-Net (an nnssl checkpoint) or MONAI (a ViT state dict); see the README.",
     )
-    parser.add_argument("checkpoint", type=Path, help="a maesil Lightning checkpoint (.ckpt)")
+    parser.add_argument("checkpoint", type=Path, help="a maesil Lightning checkpoint (.ckpt) or a maesil export")
     parser.add_argument("--format", choices=("maesil", "nnunet", "monai"), default="maesil",
                         help="maesil: safetensors for maesil's fine-tuning (default); nnunet: an nnssl checkpoint "
                         "(.pth, nnU-Net's ResidualEncoderUNet names plus the adaptation plan) for PGL, BYOL, S3D; "
