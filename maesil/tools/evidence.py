@@ -51,6 +51,7 @@ class Stage:
     command: list[str]
     done_when: Path  # the file whose presence (with the same command) means the stage ran
     group: str | None = None  # neighbouring stages of one group may run side by side (``--jobs``)
+    force_flag: str | None = None  # what makes the command redo work it would reuse (``--force``)
     seconds: float | None = None
     reused: bool = False
 
@@ -156,7 +157,8 @@ class EvidencePlan:
                 command += ["--trainer-config", *map(str, self.trainer_configs)]
             if self.overrides:
                 command += ["--set", *self.overrides]
-            stages.append(Stage(f"compare-init {method}", command, compare / "paired.csv", group="evaluate"))
+            stages.append(Stage(f"compare-init {method}", command, compare / "paired.csv", group="evaluate",
+                                force_flag="--force"))
         return stages
 
     def compare_dir(self, method: str) -> Path:
@@ -186,8 +188,8 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"== {stage.name}: {stage.display()}", flush=True)
             handle = open(log, "w")
-            process = subprocess.Popen(stage.command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                                       env=env)
+            command = [*stage.command, stage.force_flag] if force and stage.force_flag else stage.command
+            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
             running.append((stage, process, handle, log, time.perf_counter()))
         failures = []
         while running:  # each stage's own wall time, whichever of the batch ends first

@@ -104,18 +104,20 @@ def test_stages_run_in_order_and_a_done_stage_is_reused(tmp_path, monkeypatch, c
     plan = EvidencePlan(out=tmp_path / "evidence")
     marker = tmp_path / "count.txt"
     script = ("import sys, pathlib; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True); "
-              "p.write_text('x'); c = pathlib.Path(sys.argv[2]); c.write_text(c.read_text() + 'x' "
-              "if c.exists() else 'x')")
+              "p.write_text('x'); c = pathlib.Path(sys.argv[2]); c.write_text((c.read_text() if c.exists() else '') "
+              "+ 'x' + ('F' if '--forced' in sys.argv else ''))")
     fake = [Stage("one", [sys.executable, "-c", script, str(tmp_path / "a" / "done"), str(marker)], tmp_path / "a" / "done"),
-            Stage("two", [sys.executable, "-c", script, str(tmp_path / "b" / "done"), str(marker)], tmp_path / "b" / "done")]
-    monkeypatch.setattr(EvidencePlan, "stages", lambda self: [Stage(s.name, list(s.command), s.done_when) for s in fake])
+            Stage("two", [sys.executable, "-c", script, str(tmp_path / "b" / "done"), str(marker)], tmp_path / "b" / "done",
+                  force_flag="--forced")]
+    monkeypatch.setattr(EvidencePlan, "stages", lambda self: [Stage(s.name, list(s.command), s.done_when,
+                                                                    force_flag=s.force_flag) for s in fake])
     first = run_stages(plan)
     assert marker.read_text() == "xx" and all(not s.reused and s.seconds > 0 for s in first)
     second = run_stages(plan)
     assert marker.read_text() == "xx" and all(s.reused for s in second)
     assert json.loads((plan.out / "stages.json").read_text())["one"]["command"] == fake[0].command
-    run_stages(plan, force=True)
-    assert marker.read_text() == "xxxx"
+    run_stages(plan, force=True)  # every stage again, and a stage's own force flag passed on
+    assert marker.read_text() == "xxxxF"
 
 
 def test_a_failing_stage_stops_the_run_naming_the_stage_and_its_log(tmp_path, monkeypatch, capsys):
@@ -142,6 +144,8 @@ def test_the_plan_pretrains_the_autoencoders_for_maesils_steps_and_compares_both
         assert compare[compare.index("--checkpoints") + 1:compare.index("--checkpoints") + 3] == [
             str(plan.checkpoint(method)), "--train-count"]
         assert compare[compare.index("--out") + 1] == str(plan.compare_dir(method))
+    forced = {stage.name: stage.force_flag for stage in plan.stages()}  # --force reaches compare-init's own reuse
+    assert forced["compare-init maesil"] == "--force" and forced["pretrain maesil"] is None
 
 
 def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(tmp_path):
