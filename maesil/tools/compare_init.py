@@ -29,7 +29,11 @@ scoring, and how many scorings of the held-out set the run made), ``summary.csv`
 ``paired_seeds.csv`` (one row per pretrained run: its Dice, its scratch reference's and the difference),
 ``curves.csv`` (one row per run and scored step), ``compare_init.png`` (Dice per organ) and ``curves.png``
 (mean curve over seeds per arm, one panel per label count). The CSVs are rewritten after every run, seed by
-seed, so a stopped command leaves complete pairs behind; every table is printed at the end.
+seed, so a stopped command leaves complete pairs behind; every table is printed at the end. Each run's folder
+(``runs/<initialisation>_<mode>_n<count>_seed<seed>``) keeps its inputs and result in ``result.json``; a later
+call with the same ``--out`` reuses every run whose inputs (YAMLs and manifest by content, checkpoint by path,
+size and time, steps, seeds, overrides) are unchanged, so a stopped protocol resumes and more seeds cost only
+the new runs (``--force`` runs everything again).
 
 Each checkpoint picks its network from its method's transfer layout: a ViT encoder (MAESIL) is fine-tuned
 as UNETR with ``--unetr-config``, a U-Net (PGL, BYOL, S3D) with ``--unet-config``. The encoder's sizes are
@@ -246,19 +250,65 @@ class LearningCurve(Callback):
 @dataclass
 class RunResult:
     """One fine-tuning run: its final scores (``test/...``), its learning curve (ending with the final score)
-    and where its time went."""
+    and where its time went. ``reused``: read from the ``result.json`` of an earlier identical run."""
 
     metrics: dict[str, float]
     curve: list[tuple[int, float]]
     train_seconds: float  # fit without its validations (setup included)
     scoring_seconds: float  # every scoring of the held-out volumes: the curve's and the final one
     scorings: int
+    reused: bool = False
+
+
+#: File in a run's folder with its inputs and its :class:`RunResult`, written when the run has finished.
+RESULT_FILE = "result.json"
+
+
+def _file_fingerprint(path: Path | None) -> str | None:
+    """The path, size and modification time of a file: a checkpoint written again by a new pretraining run
+    is a different input."""
+    if path is None:
+        return None
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _text_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_inputs(arm: Initialisation, config: Path, manifest: Path, seed: int, steps: int, overrides: Sequence[str],
+               mode: str, curve_every: int | None, extra_configs: Sequence[Path]) -> dict:
+    """Everything a fine-tuning run's result depends on: the YAMLs and the manifest by content, the checkpoint
+    by path, size and time, and the protocol's numbers. A finished run with equal inputs is not run again."""
+    return {"initialisation": arm.name, "checkpoint": _file_fingerprint(arm.checkpoint),
+            "network_args": arm.network_args, "preset": arm.preset,
+            "configs": [_text_digest(path) for path in (config, *extra_configs)],
+            "manifest": _text_digest(manifest), "seed": seed, "steps": steps, "curve_every": curve_every or steps,
+            "mode": mode, "overrides": list(overrides)}
+
+
+def finished_run(run_dir: Path, inputs: dict) -> RunResult | None:
+    """The :class:`RunResult` stored in ``run_dir`` by a finished run with the same ``inputs``, else None."""
+    import json
+
+    path = run_dir / RESULT_FILE
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if stored.get("inputs") != json.loads(json.dumps(inputs)):
+        return None
+    return RunResult(stored["metrics"], [tuple(point) for point in stored["curve"]], stored["train_seconds"],
+                     stored["scoring_seconds"], stored["scorings"], reused=True)
 
 
 def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: int, steps: int,
                        out_dir: Path, overrides: Sequence[str] = (), cache_dir: Path | None = None,
                        mode: str = "finetune", curve_every: int | None = None, run_name: str | None = None,
-                       extra_configs: Sequence[Path] = ()) -> RunResult:
+                       extra_configs: Sequence[Path] = (), reuse: bool = True) -> RunResult:
     """One fine-tuning run through the same CLI users run, scored on the held-out volumes.
 
     The run validates on the held-out volumes every ``curve_every`` steps (default: after the last step only).
@@ -267,15 +317,21 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
     (``freeze_encoder``). ``extra_configs`` are composed after the family's YAML (e.g.
     ``experiments/trainer/gpu_bf16.yaml``), ``overrides`` after them. With ``cache_dir`` every run reads
     the volumes from one prepared cache (written by the first run), so the runs do not each decode and
-    resample the same volumes again.
+    resample the same volumes again. A finished run leaves its inputs and result in ``result.json``; with
+    ``reuse`` a run whose folder holds one with the same inputs (:func:`run_inputs`) is not run again, so a
+    stopped protocol resumes and a call with more seeds runs only the new ones.
     """
     import json
 
+    from maesil.files import atomic_write_bytes
     from maesil.lightning_cli import MaesilCLI
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     run_dir = out_dir / "runs" / (run_name or f"{slug(arm.name)}_seed{seed}")
+    inputs = run_inputs(arm, config, manifest, seed, steps, overrides, mode, curve_every, extra_configs)
+    if reuse and (done := finished_run(run_dir, inputs)) is not None:
+        return done
     args = [
         "--config", str(config),
         *[word for extra in extra_configs for word in ("--config", str(extra))],
@@ -313,8 +369,13 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
         metrics = {key: float(value) for key, value in scores.items()}
         points.append((int(cli.trainer.global_step), metrics.get("test/dice", math.nan)))
     tested = time.perf_counter() - fitted
-    return RunResult(metrics, points, train_seconds=fitted - started - curve.validation_seconds,
-                     scoring_seconds=curve.validation_seconds + tested, scorings=len(points))
+    result = RunResult(metrics, points, train_seconds=fitted - started - curve.validation_seconds,
+                       scoring_seconds=curve.validation_seconds + tested, scorings=len(points))
+    record = {"inputs": inputs, "metrics": result.metrics, "curve": result.curve,
+              "train_seconds": result.train_seconds, "scoring_seconds": result.scoring_seconds,
+              "scorings": result.scorings}
+    atomic_write_bytes(run_dir / RESULT_FILE, (json.dumps(record, indent=1) + "\n").encode())
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -565,6 +626,9 @@ def compare_init_command(argv: Sequence[str]) -> int:
                         "experiments/trainer/gpu_bf16.yaml")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run, e.g. data.init_args.num_workers=0")
+    parser.add_argument("--force", action="store_true",
+                        help="run every fine-tuning again (default: a run whose folder in --out holds the result of "
+                             "a finished run with the same inputs is reused)")
     parser.add_argument("--no-cache", action="store_true",
                         help="read the volumes from their files in every run instead of one prepared cache in "
                         "OUT/cache")
@@ -628,10 +692,11 @@ def compare_init_command(argv: Sequence[str]) -> int:
                                              cache_dir=None if args.no_cache else args.out / "cache", mode=mode,
                                              curve_every=curve_every,
                                              run_name=f"{slug(init.name)}_{mode}_n{count}_seed{seed}",
-                                             extra_configs=args.trainer_config)
+                                             extra_configs=args.trainer_config, reuse=not args.force)
                     print(f"   Dice {run.metrics.get('test/dice', math.nan):.3f}; {run.train_seconds:.0f} s training "
                           f"({run.train_seconds / args.steps:.2f} s/step, setup included), {run.scorings} scorings "
-                          f"of the held-out set in {run.scoring_seconds:.0f} s", flush=True)
+                          f"of the held-out set in {run.scoring_seconds:.0f} s"
+                          + (" (finished earlier with the same inputs: reused)" if run.reused else ""), flush=True)
                     results[arm].append(run.metrics)
                     curves[arm].append(run.curve)
                     rows.append({"initialisation": init.name, "family": init.family,

@@ -15,6 +15,8 @@ from maesil.tools.compare_init import (
     Initialisation,
     describe_checkpoint,
     fine_tune_and_test,
+    finished_run,
+    run_inputs,
     mean_std,
     paired_differences,
     paired_summary,
@@ -146,6 +148,28 @@ def test_compare_init_few_label_protocol_runs_every_count_mode_and_seed(tiny_ct_
                              common[common.index("--set") + 1:], mode="frozen", curve_every=2)
     assert [step for step, _ in run.curve] == [2, 3] and run.scorings == 2
     assert run.curve[-1][1] == run.metrics["test/dice"] and "test/dice_liver" in run.metrics
+    assert not run.reused
+
+    # A finished run is reused when its inputs are unchanged, and only then.
+    again = fine_tune_and_test(scratch, DEFAULT_UNET_CONFIG, out / "manifests" / "train1.csv", 0, 3,
+                               tmp_path / "one", common[common.index("--set") + 1:], mode="frozen", curve_every=2)
+    assert again.reused and again.metrics == run.metrics and again.curve == run.curve
+    inputs = run_inputs(scratch, DEFAULT_UNET_CONFIG, out / "manifests" / "train1.csv", 0, 3,
+                        common[common.index("--set") + 1:], "frozen", 2, ())
+    run_dir = tmp_path / "one" / "runs" / "scratch__unet__seed0"
+    assert finished_run(run_dir, inputs) is not None
+    for changed in ({"seed": 1}, {"steps": 4}, {"mode": "finetune"}, {"overrides": []}, {"configs": ["x"]}):
+        assert finished_run(run_dir, {**inputs, **changed}) is None, changed
+    assert finished_run(tmp_path / "nowhere", inputs) is None
+
+    # The whole protocol called again with the same --out: every run is reused, the tables are unchanged.
+    results_before = (out / "results.csv").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare-init", "--train-count", "1", "2", "--modes", "finetune", "frozen", "--curve-every", "1",
+              *common])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.count("reused") == 8
+    assert (out / "results.csv").read_text() == results_before
 
     with pytest.raises(SystemExit) as exit_info:
         main(["compare-init", "--train-count", "3", *common])
