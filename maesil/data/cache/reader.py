@@ -19,7 +19,7 @@ import torchio as tio
 from torch.utils.data import Dataset
 
 from maesil.data.cache.index import CacheIndex
-from maesil.data.cache.volumes import load_volume, read_box
+from maesil.data.cache.volumes import load_volume, preload_blosc2, read_box
 from maesil.data.collate import batch_buffer
 from maesil.data.sampling import LabelCentredPolicy, SamplingPolicy, UniformPolicy
 from maesil.data.records import DataError
@@ -199,6 +199,8 @@ class CachedPatchDataset(Dataset):
                 label_counts=entry.label_counts,
             ))
         self.items: list[_Item] = items
+        if any(item.image.endswith(".b2nd") for item in items):
+            preload_blosc2()  # before the DataLoader forks its workers, which then share the library's pages
 
     def __len__(self) -> int:
         return len(self.items) * self.samples_per_volume

@@ -37,7 +37,8 @@ from maesil.data.records import DataError
 from maesil.files import atomic_write, atomic_write_bytes
 
 __all__ = [
-    "BLOCKS", "CHUNKS", "FORMATS", "SUFFIXES", "VolumeFormat", "ct_levels", "load_volume", "read_box",
+    "BLOCKS", "CHUNKS", "FORMATS", "SUFFIXES", "VolumeFormat", "ct_levels", "load_volume", "preload_blosc2",
+    "read_box",
     "write_volume",
 ]
 
@@ -58,6 +59,11 @@ def ct_levels(hu_window: Sequence[float]) -> int:
     (at most 65,535, the range of ``uint16``)."""
     width = float(hu_window[1]) - float(hu_window[0])
     return int(min(65535, max(1, round(LEVELS_PER_HU * width))))
+
+
+def preload_blosc2() -> None:
+    """Import blosc2 now (e.g. before DataLoader workers are forked, so that they share its pages)."""
+    _blosc2()
 
 
 def _blosc2():
