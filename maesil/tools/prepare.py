@@ -72,7 +72,7 @@ def prepare_command(argv: Sequence[str]) -> int:
         Problem(str(by_id[sid].image) if sid in by_id else sid, message) for sid, message in report.failed.items()
     ]
     # what the DataModule would refuse when reading the cache (constant volumes, label values)
-    index = CacheIndex.load(out)
+    index = CacheIndex.load(out, check_files=True)
     prepared = [index.entries[r.subject_id] for r in usable if r.subject_id in index.entries]
     num_classes = options.get("num_classes")
     classes = list(range(num_classes)) if num_classes else declared_classes(data_dir)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from maesil.cli import main
+from maesil.data.cache import CacheIndex
 from tests.data.conftest import write_volume
 from tests.helpers import tiny_maesil_args
 
@@ -27,7 +28,7 @@ def test_prepare_is_idempotent(flat_ct_dir: Path, tmp_path: Path, capsys) -> Non
     code, out = _run(capsys, *args)
     assert code == 0 and "4 prepared, 0 unchanged" in out
     index = json.loads((cache / "index.json").read_text())
-    assert index["settings"]["target_spacing"] == [3.0, 3.0, 3.0] and len(index["subjects"]) == 4
+    assert index["settings"]["target_spacing"] == [3.0, 3.0, 3.0] and len(CacheIndex.load(cache)) == 4
     code, out = _run(capsys, *args)
     assert code == 0 and "0 prepared, 4 unchanged" in out
     source = flat_ct_dir / "case_002.nii.gz"
@@ -64,3 +65,24 @@ def test_prepare_from_config_then_fit_from_cache(tiny_ct_dir: Path, tmp_path: Pa
     MaesilCLI(args=["fit", *tiny_maesil_args(tiny_ct_dir, run_dir, max_steps=2),
                     "--data.init_args.cache_dir", str(cache), "--data.init_args.num_workers", "1"])
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_prepare_format_blosc2_from_the_flag_and_upgrades_a_version_1_index(flat_ct_dir: Path, tmp_path: Path,
+                                                                             capsys) -> None:
+    from maesil.data.cache.index import SUBJECTS_TABLE, read_subjects
+
+    cache = tmp_path / "cache"
+    args = (str(flat_ct_dir), "--out", str(cache), "--target-spacing", "3", "--workers", "1", "--no-progress")
+    code, out = _run(capsys, *args, "--format", "blosc2")
+    assert code == 0 and "4 prepared, 0 unchanged" in out
+    assert len(list(cache.glob("subjects/*/image.b2nd"))) == 4 and not list(cache.glob("subjects/*/image.npy"))
+    # an index of version 1 (entries inline in index.json) is upgraded without preparing again
+    header = json.loads((cache / "index.json").read_text())
+    header.update(version=1, subjects=read_subjects(cache, header))
+    (cache / "index.json").write_text(json.dumps(header))
+    (cache / SUBJECTS_TABLE).unlink()
+    code, out = _run(capsys, *args, "--format", "blosc2")
+    assert code == 0 and "0 prepared, 4 unchanged" in out and len(CacheIndex.load(cache)) == 4
+    code, out = _run(capsys, *args)  # npy (the default): every subject is stored again
+    assert code == 0 and "4 prepared, 0 unchanged" in out
+    assert len(list(cache.glob("subjects/*/image.npy"))) == 4 and not list(cache.glob("subjects/*/image.b2nd"))

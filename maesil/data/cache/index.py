@@ -1,25 +1,40 @@
-"""The index of a prepared cache: what ``index.json`` records about each subject, and the checks a
-training run answers from it alone.
+"""The index of a prepared cache: what it records about each subject, and the checks a training run
+answers from it alone.
 
 Layout of a cache folder::
 
-    index.json                          # see below
+    index.json                          # format, version, preprocessing settings (see below)
+    index.sqlite                        # one row per subject: its entry (see below)
     subjects/<id>/image.npy             # float32 (X, Y, Z), C order, preprocessed, *not* padded
     subjects/<id>/label.npy             # uint8 (int16/int32 if the values need it), same grid
     subjects/<id>/label_points.npz      # per label value: up to 4096 voxel coordinates (N, 3)
 
-``index.json`` is ``{"format": "maesil-cache", "version": 1, "settings": PreprocessSettings.to_dict(),
-"subjects": {subject_id: entry}}`` where an entry holds the relative file paths, the preprocessed
-``shape``/``spacing``/``affine``, the ``original_shape``/``original_spacing``/``original_affine``,
-the ``source`` (image, label, series_uid and a fingerprint of the files), intensity ``stats`` of the
+(or ``image.b2nd``/``label.b2nd``, chunked and compressed: :mod:`~maesil.data.cache.volumes`).
+
+``index.json`` is ``{"format": "maesil-cache", "version": 2, "settings": PreprocessSettings.to_dict(),
+"subjects": "index.sqlite"}``. The SQLite file has one table ``subjects(subject_id TEXT PRIMARY KEY,
+entry TEXT)`` whose ``entry`` is a JSON object with the relative file paths, the preprocessed
+``shape``/``spacing``/``affine``, the ``original_shape``/``original_spacing``/``original_affine``, the
+``source`` (image, label, series_uid and a fingerprint of the files), intensity ``stats`` of the
 preprocessed image (min, max, mean, std, foreground_fraction), ``label_values``/``label_counts`` and
-the manifest ``split``.
+the manifest ``split``. (Version 1 kept ``{subject_id: entry}`` inline in ``index.json``; ``prepare``
+upgrades such a cache without preparing its subjects again.)
+
+Why SQLite: opening the index reads the settings and the subject ids only, and an entry is parsed when
+it is asked for, so opening a cache of 50,000 subjects takes a fraction of a second and a few MB where
+the same index as one JSON document took seconds and over a GB to parse (figures: docs/data.md,
+``benchmarks/index_scale.py``). It is in Python's standard library, and it is opened read-only and
+``immutable`` (no locks, which network file systems handle badly): ``prepare`` writes a new file and
+renames it over the old one, so a reader sees one whole index or the other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +46,14 @@ from maesil.data.records import DataError, Problem
 
 __all__ = [
     "CACHE_FORMAT", "CACHE_VERSION", "INDEX_NAME", "SUBJECTS_DIR", "CacheEntry", "CacheIndex", "CacheSource",
-    "CacheStats", "cache_problems", "is_cache", "read_index_json",
+    "CacheStats", "SUBJECTS_TABLE", "cache_problems", "is_cache", "read_index_json", "read_subjects",
+    "write_subjects",
 ]
 
 CACHE_FORMAT = "maesil-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 INDEX_NAME = "index.json"
+SUBJECTS_TABLE = "index.sqlite"
 SUBJECTS_DIR = "subjects"
 
 
@@ -134,13 +151,65 @@ class CacheEntry:
         )
 
 
-class CacheIndex:
-    """A prepared cache folder: its settings and subjects, read from ``index.json``.
+class _Entries(Mapping):
+    """The subjects of an index, read from its SQLite file when asked for (ids are loaded at open)."""
 
-    Use :meth:`load`; it checks the format, the version and that every indexed file exists.
+    def __init__(self, root: Path, database: Path, ids: list[str]) -> None:
+        self.root, self.database, self.ids = root, database, ids
+        self._known = set(ids)
+        self._connection: sqlite3.Connection | None = None
+
+    def __getstate__(self) -> dict:  # a connection is not picklable; each process opens its own
+        return {**self.__dict__, "_connection": None}
+
+    def _query(self, sql: str, *args: Any) -> list[tuple]:
+        try:
+            if self._connection is None:
+                self._connection = open_subjects(self.database)
+            return self._connection.execute(sql, args).fetchall()
+        except sqlite3.Error as error:
+            raise DataError(f"{self.database}: unreadable cache index ({error}); run `prepare` again") from None
+
+    def _entry(self, subject_id: str, text: str) -> CacheEntry:
+        try:
+            return CacheEntry.from_json(subject_id, self.root, json.loads(text))
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(f"{self.database}: invalid entry for subject {subject_id!r} ({error!r})") from error
+
+    def __getitem__(self, subject_id: str) -> CacheEntry:
+        rows = self._query("SELECT entry FROM subjects WHERE subject_id = ?", subject_id) \
+            if subject_id in self._known else []
+        if not rows:
+            raise KeyError(subject_id)
+        return self._entry(subject_id, rows[0][0])
+
+    def __contains__(self, subject_id: object) -> bool:
+        return subject_id in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def values(self) -> Iterator[CacheEntry]:  # type: ignore[override]
+        """Every entry, in subject id order, in one pass over the table."""
+        return (self._entry(sid, text) for sid, text in
+                self._query("SELECT subject_id, entry FROM subjects ORDER BY subject_id"))
+
+    def items(self) -> Iterator[tuple[str, CacheEntry]]:  # type: ignore[override]
+        return ((entry.subject_id, entry) for entry in self.values())
+
+
+class CacheIndex:
+    """A prepared cache folder: its settings and subjects (``entries``, a mapping subject id ->
+    :class:`CacheEntry`, in id order; an entry is read from the index when asked for).
+
+    Use :meth:`load`; it checks the format and the version; with ``check_files`` also that every indexed
+    file exists (a stat per file: for large caches, leave it to the reads, which name a missing file).
     """
 
-    def __init__(self, root: Path, settings: PreprocessSettings, entries: dict[str, CacheEntry]) -> None:
+    def __init__(self, root: Path, settings: PreprocessSettings, entries: Mapping[str, CacheEntry]) -> None:
         self.root = root
         self.settings = settings
         self.entries = entries
@@ -155,28 +224,27 @@ class CacheIndex:
             raise DataError(f"{self.root / INDEX_NAME}: no subject {subject_id!r} in this cache") from None
 
     @classmethod
-    def load(cls, cache_dir: str | Path) -> CacheIndex:
-        """Read and check ``cache_dir/index.json``; raises ``DataError`` naming the problem path."""
+    def load(cls, cache_dir: str | Path, check_files: bool = False) -> CacheIndex:
+        """Open ``cache_dir``'s index; raises ``DataError`` naming the problem path (and subject)."""
         root = Path(cache_dir).expanduser().absolute()
         path = root / INDEX_NAME
         data = read_index_json(path)
+        if data["version"] != CACHE_VERSION:
+            raise DataError(f"{path}: cache version {data['version']} is not supported by this reader (expected"
+                            f" {CACHE_VERSION}); run `python -m maesil prepare` on it again to upgrade it")
         try:
             settings = PreprocessSettings.from_dict(data["settings"])
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"{path}: invalid preprocessing settings ({error})") from error
-        entries: dict[str, CacheEntry] = {}
-        missing: list[str] = []
-        for subject_id, raw in data["subjects"].items():
-            try:
-                entry = CacheEntry.from_json(subject_id, root, raw)
-            except (KeyError, TypeError, ValueError) as error:
-                raise DataError(f"{path}: invalid entry for subject {subject_id!r} ({error!r})") from error
-            for file in (entry.image_path, entry.label_path, entry.label_points_path):
-                if file is not None and not file.is_file():
-                    missing.append(f"{file}: indexed file of subject {subject_id!r} is missing")
-            entries[subject_id] = entry
-        if missing:
-            raise DataError(missing, header=f"Cache {root} is incomplete; run `prepare` again")
+        database = root / SUBJECTS_TABLE
+        entries = _Entries(root, database, _read_ids(database))
+        if check_files:
+            missing = [f"{file}: indexed file of subject {entry.subject_id!r} is missing"
+                       for entry in entries.values()
+                       for file in (entry.image_path, entry.label_path, entry.label_points_path)
+                       if file is not None and not file.is_file()]
+            if missing:
+                raise DataError(missing, header=f"Cache {root} is incomplete; run `prepare` again")
         return cls(root, settings, entries)
 
     def require_settings(self, settings: PreprocessSettings) -> None:
@@ -187,7 +255,6 @@ class CacheIndex:
                 f"{self.root}: the cache was prepared with {self.settings.to_dict()}, but this run asks for"
                 f" {settings.to_dict()}; prepare another cache (or re-run prepare with --force)"
             )
-
 
 def is_cache(path: str | Path) -> bool:
     """Whether ``path`` is a prepared cache folder (holds an ``index.json``)."""
@@ -239,9 +306,58 @@ def read_index_json(path: Path) -> dict:
         raise DataError(f"{path}: unreadable cache index ({error})") from error
     if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
         raise DataError(f"{path}: not a maesil cache index (expected \"format\": \"{CACHE_FORMAT}\")")
-    if data.get("version") != CACHE_VERSION:
+    if data.get("version") not in (1, CACHE_VERSION):
         raise DataError(f"{path}: cache version {data.get('version')!r} is not supported "
                         f"(expected {CACHE_VERSION}); prepare the cache again")
-    if not isinstance(data.get("subjects"), dict) or not isinstance(data.get("settings"), dict):
-        raise DataError(f"{path}: invalid cache index (\"settings\" and \"subjects\" must be objects)")
+    subjects = dict if data["version"] == 1 else str
+    if not isinstance(data.get("subjects"), subjects) or not isinstance(data.get("settings"), dict):
+        raise DataError(f"{path}: invalid cache index (\"settings\" must be an object, \"subjects\" "
+                        f"{'an object' if subjects is dict else 'the name of the SQLite file'})")
     return data
+
+
+def open_subjects(database: Path) -> sqlite3.Connection:
+    """A read-only connection to the subjects table (``immutable``: no locks; the file is only ever
+    replaced whole)."""
+    if not database.is_file():
+        raise DataError(f"{database}: the cache index's subject table is missing; run `prepare` again")
+    return sqlite3.connect(f"{database.as_uri()}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+
+
+def _read_ids(database: Path) -> list[str]:
+    try:
+        with contextlib.closing(open_subjects(database)) as connection:
+            return [row[0] for row in connection.execute("SELECT subject_id FROM subjects ORDER BY subject_id")]
+    except sqlite3.Error as error:
+        raise DataError(f"{database}: unreadable cache index ({error}); run `prepare` again") from None
+
+
+def read_subjects(root: Path, data: dict) -> dict[str, dict]:
+    """The JSON entries of every subject of the cache at ``root`` whose ``index.json`` holds ``data``
+    (version 1: inline; version 2: the SQLite table)."""
+    if data["version"] == 1:
+        return dict(data["subjects"])
+    database = root / SUBJECTS_TABLE
+    try:
+        with contextlib.closing(open_subjects(database)) as connection:
+            return {sid: json.loads(text) for sid, text in connection.execute("SELECT subject_id, entry FROM subjects")}
+    except (sqlite3.Error, ValueError) as error:
+        raise DataError(f"{database}: unreadable cache index ({error}); run `prepare` again") from None
+
+
+def write_subjects(path: Path, subjects: dict[str, dict]) -> None:
+    """Write the SQLite subjects table to ``path`` whole (a temporary file renamed over it)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        with contextlib.closing(sqlite3.connect(temporary)) as connection:
+            connection.execute("PRAGMA journal_mode = OFF")
+            connection.execute("CREATE TABLE subjects (subject_id TEXT PRIMARY KEY, entry TEXT NOT NULL)")
+            connection.executemany("INSERT INTO subjects VALUES (?, ?)",
+                                   ((k, json.dumps(subjects[k], allow_nan=False)) for k in sorted(subjects)))
+            connection.commit()
+        with open(temporary, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

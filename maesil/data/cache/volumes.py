@@ -20,12 +20,13 @@ The ``.b2nd`` layout, and why:
 * **a CRC-32 of every compressed chunk** is kept in the array's metadata and checked when a read
   touches that chunk: a corrupt or truncated file stops with an error naming it, never a silent patch.
 
-Files are written whole through :func:`maesil.files.atomic_write_bytes` (compressed in memory, then
-renamed into place), so an interrupted ``prepare`` never leaves a half-written volume behind.
+Files are written whole to a temporary file (compressed in memory, checksummed, fsynced) and renamed into
+place, so an interrupted ``prepare`` never leaves a half-written volume behind.
 """
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,10 +99,21 @@ def write_volume(path: str | Path, array: np.ndarray, format: VolumeFormat, leve
     chunks = tuple(min(c, s) for c, s in zip(CHUNKS, array.shape))
     blocks = tuple(min(b, c) for b, c in zip(BLOCKS, chunks))
     cparams = blosc2.CParams(codec=blosc2.Codec.LZ4HC, clevel=5, filters=[blosc2.Filter.SHUFFLE], nthreads=1)
-    stored = blosc2.asarray(np.ascontiguousarray(array), chunks=chunks, blocks=blocks, cparams=cparams)
-    crcs = [zlib.crc32(stored.schunk.get_chunk(n)) for n in range(stored.schunk.nchunks)]
-    stored.vlmeta[_META] = {"levels": None if levels is None else int(levels), "crc32": crcs}
-    return atomic_write_bytes(path, stored.to_cframe())
+    frame = blosc2.asarray(np.ascontiguousarray(array), chunks=chunks, blocks=blocks, cparams=cparams).to_cframe()
+    # The checksums are taken from the written file: an in-memory array encodes all-zero chunks differently.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        atomic_write_bytes(temporary, frame)
+        stored = blosc2.open(str(temporary), mode="a")
+        crcs = [zlib.crc32(stored.schunk.get_chunk(n)) for n in range(stored.schunk.nchunks)]
+        stored.vlmeta[_META] = {"levels": None if levels is None else int(levels), "crc32": crcs}
+        del stored
+        with open(temporary, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def _open_b2nd(path: Path):

@@ -32,7 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from maesil.data.cache.index import CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, SUBJECTS_DIR, read_index_json
+from maesil.data.cache.index import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    INDEX_NAME,
+    SUBJECTS_DIR,
+    SUBJECTS_TABLE,
+    read_index_json,
+    read_subjects,
+    write_subjects,
+)
 from maesil.data.cache.volumes import FORMATS, SUFFIXES, VolumeFormat, ct_levels, write_volume
 from maesil.data.io import subject_from_record
 from maesil.data.preprocess import LoadVolume, PreprocessSettings, foreground_mask
@@ -281,8 +290,9 @@ class PrepareReport:
 
 
 def _write_index(path: Path, settings: PreprocessSettings, subjects: dict[str, dict]) -> None:
-    data = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": settings.to_dict(),
-            "subjects": {k: subjects[k] for k in sorted(subjects)}}
+    """The subjects table, then ``index.json`` (each replaced whole; layout: :mod:`~maesil.data.cache.index`)."""
+    write_subjects(path.with_name(SUBJECTS_TABLE), subjects)
+    data = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": settings.to_dict(), "subjects": SUBJECTS_TABLE}
     text = json.dumps(data, indent=1, allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
@@ -295,6 +305,7 @@ def _existing_subjects(path: Path, settings: PreprocessSettings, force: bool) ->
     try:
         data = read_index_json(path)
         cached = PreprocessSettings.from_dict(data["settings"])
+        subjects = read_subjects(path.parent, data)
     except (DataError, KeyError, TypeError, ValueError) as error:
         if force:
             return {}
@@ -305,7 +316,7 @@ def _existing_subjects(path: Path, settings: PreprocessSettings, force: bool) ->
             f"{path}: this cache was prepared with other settings ({cached.to_dict()}, now "
             f"{settings.to_dict()}); use another --out, or pass --force to rebuild this cache"
         )
-    return dict(data["subjects"])
+    return subjects
 
 
 def _unchanged(entry: dict, record: SubjectRecord, fingerprint: dict, root: Path, format: VolumeFormat) -> bool:

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from maesil.data.cache import CACHE_FORMAT, CacheIndex, cache_problems
+from maesil.data.cache import CACHE_FORMAT, CACHE_VERSION, CacheIndex, cache_problems
+from maesil.data.cache.index import SUBJECTS_TABLE, read_subjects, write_subjects
 from maesil.data.records import DataError
+
+from .conftest import SETTINGS
 
 
 def test_load_rejects_missing_or_invalid_caches(prepared, tmp_path: Path) -> None:
@@ -26,8 +29,55 @@ def test_load_rejects_missing_or_invalid_caches(prepared, tmp_path: Path) -> Non
     broken = Path(shutil.copytree(out, tmp_path / "broken"))
     entry = next(iter(CacheIndex.load(broken).entries.values()))
     entry.label_path.unlink()
+    CacheIndex.load(broken)  # files are not looked at when opening (the read names a missing one) ...
     with pytest.raises(DataError, match=str(entry.label_path)):
-        CacheIndex.load(broken)
+        CacheIndex.load(broken, check_files=True)  # ... unless asked to
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_a_damaged_subject_table_stops_the_open_naming_it(prepared, tmp_path: Path, damage: str) -> None:
+    out, _, _ = prepared
+    cache = Path(shutil.copytree(out, tmp_path / "cache"))
+    table = cache / SUBJECTS_TABLE
+    if damage == "truncated":
+        table.write_bytes(table.read_bytes()[:table.stat().st_size // 2])
+    elif damage == "garbage":
+        table.write_bytes(b"not a database" * 100)
+    else:
+        table.unlink()
+    with pytest.raises(DataError, match=f"{table}: "):
+        CacheIndex.load(cache)
+
+
+def test_an_invalid_entry_is_named_with_its_subject(tmp_path: Path) -> None:
+    (tmp_path / "index.json").write_text(json.dumps({"format": CACHE_FORMAT, "version": CACHE_VERSION,
+                                                     "settings": SETTINGS.to_dict(), "subjects": SUBJECTS_TABLE}))
+    write_subjects(tmp_path / SUBJECTS_TABLE, {"case_7": {"image": "subjects/case_7/image.b2nd"}})
+    index = CacheIndex.load(tmp_path)
+    assert list(index.entries) == ["case_7"] and "case_7" in index.entries and "case_8" not in index.entries
+    with pytest.raises(DataError, match=rf"{tmp_path / SUBJECTS_TABLE}: invalid entry for subject 'case_7'"):
+        index["case_7"]
+    with pytest.raises(DataError, match="no subject 'case_8'"):
+        index["case_8"]
+
+
+def test_an_index_of_50000_subjects_opens_without_reading_the_entries(prepared, tmp_path: Path) -> None:
+    """A synthetic index (no volumes): opening reads the ids; an entry is parsed when asked for."""
+    import pickle
+
+    out, _, _ = prepared
+    template = read_subjects(out, {"version": CACHE_VERSION})
+    entry = next(iter(template.values()))
+    subjects = {f"s{i:05d}": {**entry, "image": f"subjects/s{i:05d}/image.b2nd", "shape": [i % 97 + 1, 2, 3]}
+                for i in range(50_000)}
+    shutil.copy(out / "index.json", tmp_path / "index.json")
+    write_subjects(tmp_path / SUBJECTS_TABLE, subjects)
+    index = CacheIndex.load(tmp_path)
+    assert len(index) == 50_000 and next(iter(index.entries)) == "s00000"
+    assert index["s49999"].shape == (49999 % 97 + 1, 2, 3)
+    assert index["s49999"].image_path == tmp_path / "subjects/s49999/image.b2nd"
+    # what a DataLoader worker receives: the ids, no connection and no parsed entry
+    assert len(pickle.dumps(index.entries)) < 50_000 * 20
 
 
 def test_cache_problems_from_the_index(prepared) -> None:

@@ -18,6 +18,7 @@ from maesil.data.cache import (
     load_cached_subject,
     prepare_cache,
 )
+from maesil.data.cache.index import read_subjects
 from maesil.data.io import subject_from_record
 from maesil.data.preprocess import PreprocessSettings
 from maesil.data.records import DataError, SubjectRecord
@@ -55,7 +56,8 @@ def test_index_json_fields(prepared) -> None:
     assert is_cache(out) and not is_cache(out / "subjects")
     data = json.loads((out / "index.json").read_text())
     assert data["format"] == CACHE_FORMAT and data["version"] == CACHE_VERSION
-    assert data["settings"] == SETTINGS.to_dict()
+    assert data["settings"] == SETTINGS.to_dict() and data["subjects"] == "index.sqlite"
+    data["subjects"] = read_subjects(out, data)
     entry = data["subjects"][records[0].subject_id]
     assert set(entry) >= {"image", "label", "label_points", "shape", "spacing", "affine", "original_shape",
                           "original_spacing", "original_affine", "source", "stats", "label_values", "split"}
