@@ -169,7 +169,7 @@ class Segmentation(MethodModule):
         return self.net.encoder
 
     def setup(self, stage: str) -> None:
-        """The base checks (task, superpatch), then the DataModule's classes; loads ``pretrained`` for ``fit``."""
+        """The base checks (task, superpatch), then the DataModule's classes."""
         super().setup(stage)
         spec = self.data_spec
         declared = spec.num_classes if spec is not None else None
@@ -180,8 +180,13 @@ class Segmentation(MethodModule):
         # The DataModule checked every label map against its declared classes in its setup; only data
         # without declared classes is checked batch by batch (a device sync per step).
         self._check_batch_labels = declared is None
-        if stage == "fit" and self.hparams.pretrained and self.trainer.ckpt_path is None:
+
+    def on_fit_start(self) -> None:
+        """Loads ``pretrained`` unless the run resumes: ``trainer.ckpt_path`` is known from here on, not in
+        ``setup``, and the run's own checkpoint has been restored already (its weights win)."""
+        if self.hparams.pretrained and self.trainer.ckpt_path is None:
             self.load_pretrained_weights()
+        super().on_fit_start()
 
     def load_pretrained_weights(self) -> None:
         """Loads ``pretrained`` into the network (not when resuming: the run's checkpoint wins), prints

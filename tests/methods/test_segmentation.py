@@ -118,7 +118,7 @@ def test_fine_tune_from_pgl_then_predict_in_original_geometry(tiny_ct_dir, tiny_
         assert set(np.unique(np.asarray(b.dataobj)).tolist()) <= set(range(8))
 
 
-def test_frozen_encoder_does_not_move_during_decoder_warmup(tiny_ct_dir, tiny_pgl_checkpoint, tmp_path):
+def test_frozen_encoder_does_not_move_during_decoder_warmup(tiny_ct_dir, tiny_pgl_checkpoint, tmp_path, capsys):
     run_dir = tmp_path / "frozen"
     args = tiny_finetune_args(tiny_ct_dir, run_dir, max_steps=2, pretrained=tiny_pgl_checkpoint)
     main(["fit", *args])  # 2 steps, inside the demo's 30 decoder-only steps (EncoderWarmup)
@@ -132,6 +132,12 @@ def test_frozen_encoder_does_not_move_during_decoder_warmup(tiny_ct_dir, tiny_pg
         if key.startswith("net.decoder.") and not torch.equal(value, pgl[f"backbone.{key[len('net.'):]}"]):
             decoder_moved = True
     assert decoder_moved
+
+    # A resumed run takes its own checkpoint's weights and does not load the pretrained ones again.
+    capsys.readouterr()
+    resume = tiny_finetune_args(tiny_ct_dir, run_dir, max_steps=3, pretrained=tiny_pgl_checkpoint)
+    main(["fit", *resume, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+    assert "pretrained weights from" not in capsys.readouterr().out
 
 
 def test_class_count_mismatch_with_the_datamodule_fails_at_setup():

@@ -156,7 +156,7 @@ def test_compare_init_few_label_protocol_runs_every_count_mode_and_seed(tiny_ct_
     assert again.reused and again.metrics == run.metrics and again.curve == run.curve
     inputs = run_inputs(scratch, DEFAULT_UNET_CONFIG, out / "manifests" / "train1.csv", 0, 3,
                         common[common.index("--set") + 1:], "frozen", 2, ())
-    run_dir = tmp_path / "one" / "runs" / "scratch__unet__seed0"
+    run_dir = tmp_path / "one" / "runs" / "scratch__unet_seed0"
     assert finished_run(run_dir, inputs) is not None
     for changed in ({"seed": 1}, {"steps": 4}, {"mode": "finetune"}, {"overrides": []}, {"configs": ["x"]}):
         assert finished_run(run_dir, {**inputs, **changed}) is None, changed
