@@ -46,7 +46,7 @@ from maesil.data.records import DataError, Problem
 
 __all__ = [
     "CACHE_FORMAT", "CACHE_VERSION", "INDEX_NAME", "SUBJECTS_DIR", "CacheEntry", "CacheIndex", "CacheSource",
-    "CacheStats", "SUBJECTS_TABLE", "cache_problems", "is_cache", "read_index_json", "read_subjects",
+    "CacheStats", "SUBJECTS_TABLE", "SubjectTable", "cache_problems", "is_cache", "read_index_json", "read_subjects",
     "write_subjects",
 ]
 
@@ -151,18 +151,22 @@ class CacheEntry:
         )
 
 
-class _Entries(Mapping):
-    """The subjects of an index, read from its SQLite file when asked for (ids are loaded at open)."""
+class SubjectTable:
+    """The subjects table of a cache (``index.sqlite``), addressed by subject id or row number.
 
-    def __init__(self, root: Path, database: Path, ids: list[str]) -> None:
-        self.root, self.database, self.ids = root, database, ids
-        self._known = set(ids)
+    Picklable and small: what a DataLoader worker keeps of the index is this (two paths); each process
+    opens its own read-only connection when it first reads.
+    """
+
+    def __init__(self, root: Path, database: Path) -> None:
+        self.root, self.database = root, database
         self._connection: sqlite3.Connection | None = None
 
-    def __getstate__(self) -> dict:  # a connection is not picklable; each process opens its own
+    def __getstate__(self) -> dict:  # a connection is not picklable
         return {**self.__dict__, "_connection": None}
 
-    def _query(self, sql: str, *args: Any) -> list[tuple]:
+    def query(self, sql: str, *args: Any) -> list[tuple]:
+        """The rows of ``sql``; ``DataError`` naming the file if it cannot be read."""
         try:
             if self._connection is None:
                 self._connection = open_subjects(self.database)
@@ -170,18 +174,48 @@ class _Entries(Mapping):
         except sqlite3.Error as error:
             raise DataError(f"{self.database}: unreadable cache index ({error}); run `prepare` again") from None
 
-    def _entry(self, subject_id: str, text: str) -> CacheEntry:
+    def parse(self, subject_id: str, text: str) -> CacheEntry:
+        """The :class:`CacheEntry` of a row's JSON; ``DataError`` naming the subject if it is invalid."""
         try:
             return CacheEntry.from_json(subject_id, self.root, json.loads(text))
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"{self.database}: invalid entry for subject {subject_id!r} ({error!r})") from error
 
+    def entry(self, row: int) -> CacheEntry:
+        """The entry at row number ``row`` (see :meth:`rows`)."""
+        found = self.query("SELECT subject_id, entry FROM subjects WHERE rowid = ?", int(row))
+        if not found:
+            raise DataError(f"{self.database}: no row {row} (the index changed while it was read?)")
+        return self.parse(*found[0])
+
+    def rows(self, subject_ids: Sequence[str]) -> np.ndarray:
+        """The row numbers of ``subject_ids`` (int64), in their order; ``DataError`` for unknown ids."""
+        known = dict(self.query("SELECT subject_id, rowid FROM subjects"))
+        missing = [sid for sid in subject_ids if sid not in known]
+        if missing:
+            raise DataError(f"{self.database}: no subject {missing[0]!r} in this cache"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return np.array([known[sid] for sid in subject_ids], dtype=np.int64)
+
+    def unlabeled(self, rows: np.ndarray) -> list[int]:
+        """Those of ``rows`` whose subject has no label map."""
+        without = {row for row, in self.query("SELECT rowid FROM subjects WHERE json_extract(entry, '$.label') IS NULL")}
+        return [int(row) for row in rows if int(row) in without]
+
+
+class _Entries(Mapping):
+    """The subjects of an index, read from its table when asked for (ids are loaded at open)."""
+
+    def __init__(self, table: SubjectTable, ids: list[str]) -> None:
+        self.table, self.ids = table, ids
+        self._known = set(ids)
+
     def __getitem__(self, subject_id: str) -> CacheEntry:
-        rows = self._query("SELECT entry FROM subjects WHERE subject_id = ?", subject_id) \
+        rows = self.table.query("SELECT entry FROM subjects WHERE subject_id = ?", subject_id) \
             if subject_id in self._known else []
         if not rows:
             raise KeyError(subject_id)
-        return self._entry(subject_id, rows[0][0])
+        return self.table.parse(subject_id, rows[0][0])
 
     def __contains__(self, subject_id: object) -> bool:
         return subject_id in self._known
@@ -194,8 +228,8 @@ class _Entries(Mapping):
 
     def values(self) -> Iterator[CacheEntry]:  # type: ignore[override]
         """Every entry, in subject id order, in one pass over the table."""
-        return (self._entry(sid, text) for sid, text in
-                self._query("SELECT subject_id, entry FROM subjects ORDER BY subject_id"))
+        return (self.table.parse(sid, text) for sid, text in
+                self.table.query("SELECT subject_id, entry FROM subjects ORDER BY subject_id"))
 
     def items(self) -> Iterator[tuple[str, CacheEntry]]:  # type: ignore[override]
         return ((entry.subject_id, entry) for entry in self.values())
@@ -209,10 +243,11 @@ class CacheIndex:
     file exists (a stat per file: for large caches, leave it to the reads, which name a missing file).
     """
 
-    def __init__(self, root: Path, settings: PreprocessSettings, entries: Mapping[str, CacheEntry]) -> None:
+    def __init__(self, root: Path, settings: PreprocessSettings, table: SubjectTable, ids: list[str]) -> None:
         self.root = root
         self.settings = settings
-        self.entries = entries
+        self.table = table
+        self.entries: Mapping[str, CacheEntry] = _Entries(table, ids)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -237,7 +272,8 @@ class CacheIndex:
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"{path}: invalid preprocessing settings ({error})") from error
         database = root / SUBJECTS_TABLE
-        entries = _Entries(root, database, _read_ids(database))
+        table = SubjectTable(root, database)
+        entries = _Entries(table, _read_ids(database))
         if check_files:
             missing = [f"{file}: indexed file of subject {entry.subject_id!r} is missing"
                        for entry in entries.values()
@@ -245,7 +281,7 @@ class CacheIndex:
                        if file is not None and not file.is_file()]
             if missing:
                 raise DataError(missing, header=f"Cache {root} is incomplete; run `prepare` again")
-        return cls(root, settings, entries)
+        return cls(root, settings, table, entries.ids)
 
     def require_settings(self, settings: PreprocessSettings) -> None:
         """Raise ``DataError`` unless the cache was prepared with ``settings`` (a run never reads voxels

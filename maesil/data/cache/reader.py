@@ -179,31 +179,48 @@ class CachedPatchDataset(Dataset):
         self.policy = policy
         self.seed = int(seed)
         self.epoch = 0
-        needs_labels = self.with_label or policy.requires_labels
-        mri = index.settings.modality == "mri"
-        items = []
-        for subject_id in subject_ids:
-            entry = index[subject_id]
-            if needs_labels and entry.label_path is None:
-                raise DataError(f"{entry.source.image}: subject {subject_id!r} has no label in the cache "
-                                f"{index.root}")
-            items.append(_Item(
-                subject_id=subject_id,
-                image=str(entry.image_path),
-                label=str(entry.label_path) if needs_labels else None,
-                points=str(entry.label_points_path) if needs_labels else None,
-                shape=tuple(int(s) for s in entry.shape),  # type: ignore[arg-type]
-                image_fill=float(entry.stats.min) if mri else 0.0,
-                label_fill=int(min(entry.label_values)) if mri and entry.label_values else 0,
-                label_values=entry.label_values,
-                label_counts=entry.label_counts,
-            ))
-        self.items: list[_Item] = items
-        if any(item.image.endswith(".b2nd") for item in items):
+        self._needs_labels = self.with_label or policy.requires_labels
+        self._mri = index.settings.modality == "mri"
+        # What each worker receives: the table's path and 8 bytes per subject; a subject's entry is read
+        # from the index when one of its patches is (the last few are kept).
+        self._table = index.table
+        self._rows = index.table.rows(subject_ids)
+        self._items: dict[int, _Item] = {}
+        if self._needs_labels:
+            unlabeled = index.table.unlabeled(self._rows)
+            if unlabeled:
+                header = None if len(unlabeled) == 1 else f"{len(unlabeled)} subjects have no label in the cache"
+                raise DataError([f"{e.source.image}: subject {e.subject_id!r} has no label in the cache {index.root}"
+                                 for e in map(index.table.entry, unlabeled[:20])], header=header)
+        if len(self._rows) and self._item(0).image.endswith(".b2nd"):
             preload_blosc2()  # before the DataLoader forks its workers, which then share the library's pages
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_items": {}}
+
+    def _item(self, k: int) -> _Item:
+        """What reading subject ``k`` (of ``subject_ids``) needs, from its index entry."""
+        item = self._items.get(k)
+        if item is None:
+            entry = self._table.entry(int(self._rows[k]))
+            item = _Item(
+                subject_id=entry.subject_id,
+                image=str(entry.image_path),
+                label=str(entry.label_path) if self._needs_labels else None,
+                points=str(entry.label_points_path) if self._needs_labels else None,
+                shape=tuple(int(s) for s in entry.shape),  # type: ignore[arg-type]
+                image_fill=float(entry.stats.min) if self._mri else 0.0,
+                label_fill=int(min(entry.label_values)) if self._mri and entry.label_values else 0,
+                label_values=entry.label_values,
+                label_counts=entry.label_counts,
+            )
+            if len(self._items) >= 64:
+                self._items.clear()
+            self._items[k] = item
+        return item
+
     def __len__(self) -> int:
-        return len(self.items) * self.samples_per_volume
+        return len(self._rows) * self.samples_per_volume
 
     def set_epoch(self, epoch: int) -> None:
         """Draw new locations: item ``i`` of epoch ``e`` uses the seed ``[seed, e, i]``."""
@@ -213,7 +230,7 @@ class CachedPatchDataset(Dataset):
         """Subject, start (in the padded volume) and front padding of item ``i``."""
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} patches")
-        item = self.items[i // self.samples_per_volume]
+        item = self._item(i // self.samples_per_volume)
         rng = np.random.default_rng([self.seed, self.epoch, i])
         patch = np.array(self.superpatch_size)
         shape = np.array(item.shape)

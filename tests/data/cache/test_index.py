@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from maesil.data.cache import CACHE_FORMAT, CACHE_VERSION, CacheIndex, cache_problems
+from maesil.data.cache import CACHE_FORMAT, CACHE_VERSION, CachedPatchDataset, CacheIndex, cache_problems
 from maesil.data.cache.index import SUBJECTS_TABLE, read_subjects, write_subjects
 from maesil.data.records import DataError
 
@@ -76,8 +76,13 @@ def test_an_index_of_50000_subjects_opens_without_reading_the_entries(prepared, 
     assert len(index) == 50_000 and next(iter(index.entries)) == "s00000"
     assert index["s49999"].shape == (49999 % 97 + 1, 2, 3)
     assert index["s49999"].image_path == tmp_path / "subjects/s49999/image.b2nd"
-    # what a DataLoader worker receives: the ids, no connection and no parsed entry
-    assert len(pickle.dumps(index.entries)) < 50_000 * 20
+    # what a DataLoader worker receives: the table's path and 8 bytes per subject, no parsed entry
+    dataset = CachedPatchDataset(index, list(index.entries)[::-1], 16, samples_per_volume=2)
+    assert len(dataset) == 100_000 and len(pickle.dumps(dataset)) < 8 * 50_000 + 4096
+    worker = pickle.loads(pickle.dumps(dataset))
+    with pytest.raises(DataError, match=f"subject 's49999': {tmp_path / 'subjects/s49999/image.b2nd'}: cached"
+                                        " volume is missing"):
+        worker[0]  # the synthetic index has no volumes
 
 
 def test_cache_problems_from_the_index(prepared) -> None:
