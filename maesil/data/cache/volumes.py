@@ -164,14 +164,31 @@ def read_box(path: str | Path, src: Sequence[slice], out: np.ndarray) -> None:
         return
     volume, meta = _open_b2nd(path)
     _check_chunks(volume, meta, path, src)
+    values = _buffer(tuple(sl.stop - sl.start for sl in src), volume.dtype)
     try:
-        values = volume[src]
+        volume.get_slice_numpy(values, ([sl.start for sl in src], [sl.stop for sl in src]))
     except Exception as error:  # noqa: BLE001 - a damaged chunk fails to decompress
         raise DataError(f"{path}: corrupt blosc2 volume ({type(error).__name__}: {error}); run `prepare` again") from None
     if meta["levels"] is None:
         out[...] = values
     else:  # a division, correctly rounded: count / levels is the float32 nearest to it, levels / levels is 1
         np.divide(values, np.float32(meta["levels"]), out=out, casting="unsafe")
+
+
+_buffers: dict[tuple, np.ndarray] = {}
+
+
+def _buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A scratch array of ``shape`` reused by this process's superpatch reads (a read allocates nothing, so a
+    worker's heap does not fragment over an epoch); a few shapes of at most 2²² voxels are kept."""
+    if int(np.prod(shape)) > 2**22:  # whole volumes (validation): not kept
+        return np.empty(shape, dtype=dtype)
+    key = (shape, np.dtype(dtype).str)
+    if key not in _buffers:
+        if len(_buffers) >= 4:
+            _buffers.clear()
+        _buffers[key] = np.empty(shape, dtype=dtype)
+    return _buffers[key]
 
 
 def _open_npy(path: Path) -> np.ndarray:
