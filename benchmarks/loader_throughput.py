@@ -181,6 +181,25 @@ def _cache_loader(args: argparse.Namespace, volumes: int, cache_dir: Path):
                       collate_fn=collate_patches)
 
 
+def read_cost(args: argparse.Namespace, volumes: int, reads: int = 24, rounds: int = 3) -> dict[str, float]:
+    """Milliseconds per superpatch read by ``CachedPatchDataset`` in this one process (no DataLoader), the
+    ``.npy`` and the blosc2 cache taking turns, so that both see the same load of a shared machine."""
+    from maesil.data.cache import CachedPatchDataset, CacheIndex
+
+    ids = [r.subject_id for r in _records(Path(args.data_dir), volumes)]
+    datasets = {m: CachedPatchDataset(CacheIndex.load(getattr(args, LOADERS[m][1])), ids, args.patch,
+                                      args.samples_per_volume) for m in ("npy", "blosc2")}
+    total = dict.fromkeys(datasets, 0.0)
+    step = max(1, len(datasets["npy"]) // reads)
+    for _ in range(rounds):
+        for method, dataset in datasets.items():
+            start = time.perf_counter()
+            for i in range(0, step * reads, step):
+                dataset[i]
+            total[method] += time.perf_counter() - start
+    return {m: t / (rounds * reads) * 1e3 for m, t in total.items()}
+
+
 def measure(args: argparse.Namespace, method: str, volumes: int, memory: bool) -> dict:
     """Superpatches/s after ``args.warmup`` batches and over the whole epoch; with ``memory`` the
     epoch's peak memory instead (sampling costs CPU, so throughput runs do not sample)."""
@@ -332,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     if "npy" in rates and "blosc2" in rates:
         print(f"blosc2 / .npy: {rates['blosc2']['rate'] / rates['npy']['rate']:.2f}x the superpatches/s with "
               f"{args.workers} workers (target >= 1)")
+        cost = read_cost(args, args.volumes)
+        print(f"one superpatch read in one process (no DataLoader; the two caches taking turns): .npy "
+              f"{cost['npy']:.1f} ms, blosc2 {cost['blosc2']:.1f} ms")
 
     memory = [m for m in methods if not (m == "queue" and args.no_queue_memory)]
     print("\npeak memory over one epoch, sampled every 20 ms (MiB; PSS counts pages shared by the forked"
