@@ -30,7 +30,7 @@ import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -129,8 +129,41 @@ def _open_b2nd(path: Path):
     return volume, meta
 
 
-def _check_chunks(volume, meta: dict, path: Path, src: Sequence[slice]) -> None:
-    """Compare the CRC-32 of every chunk the box ``src`` touches with the stored one."""
+class _OpenVolume(NamedTuple):
+    """A ``.b2nd`` volume opened by this process, with the chunks whose checksum it has verified."""
+
+    volume: Any
+    meta: dict
+    verified: set[int]
+
+
+#: Volumes opened by this process: (pid, path, size, mtime_ns) -> _OpenVolume. The file's size and time are in
+#: the key, so a volume that ``prepare`` rewrote (or that was truncated) is opened and checked afresh; the pid,
+#: so that a worker never uses a handle opened before it was forked.
+_opened: dict[tuple, _OpenVolume] = {}
+_MAX_OPEN = 64
+
+
+def _opened_volume(path: Path) -> _OpenVolume:
+    """The volume at ``path``, opened once per process and file version (an open parses the frame's metadata,
+    which a superpatch read should not repeat)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"{path}: cached volume is missing; run `prepare` again") from None
+    key = (os.getpid(), str(path), stat.st_size, stat.st_mtime_ns)
+    entry = _opened.get(key)
+    if entry is None:
+        if len(_opened) >= _MAX_OPEN:
+            _opened.clear()
+        volume, meta = _open_b2nd(path)
+        entry = _opened[key] = _OpenVolume(volume, meta, set())
+    return entry
+
+
+def _check_chunks(volume, meta: dict, path: Path, src: Sequence[slice], verified: set[int] | None = None) -> None:
+    """Compare the CRC-32 of every chunk the box ``src`` touches with the stored one; chunks in ``verified``
+    (checked earlier in this open of the same file version) are not fetched again, and checked ones join it."""
     grid = [-(-s // c) for s, c in zip(volume.shape, volume.chunks)]
     ranges = [range(sl.start // c, -(-sl.stop // c)) for sl, c in zip(src, volume.chunks)]
     crcs = meta["crc32"]
@@ -138,6 +171,8 @@ def _check_chunks(volume, meta: dict, path: Path, src: Sequence[slice]) -> None:
         for j in ranges[1]:
             for k in ranges[2]:
                 n = (i * grid[1] + j) * grid[2] + k
+                if verified is not None and n in verified:
+                    continue
                 try:
                     ok = n < len(crcs) and zlib.crc32(volume.schunk.get_chunk(n)) == crcs[n]
                 except Exception:  # noqa: BLE001 - an unreadable chunk is a corrupt one
@@ -145,6 +180,8 @@ def _check_chunks(volume, meta: dict, path: Path, src: Sequence[slice]) -> None:
                 if not ok:
                     raise DataError(f"{path}: chunk {n} (voxels from {tuple(x * c for x, c in zip((i, j, k), volume.chunks))})"
                                     " is corrupt (checksum mismatch); run `prepare` again")
+                if verified is not None:
+                    verified.add(n)
 
 
 def read_box(path: str | Path, src: Sequence[slice], out: np.ndarray) -> None:
@@ -162,8 +199,8 @@ def read_box(path: str | Path, src: Sequence[slice], out: np.ndarray) -> None:
         out[...] = volume[src]
         del volume
         return
-    volume, meta = _open_b2nd(path)
-    _check_chunks(volume, meta, path, src)
+    volume, meta, verified = _opened_volume(path)
+    _check_chunks(volume, meta, path, src, verified)
     values = _buffer(tuple(sl.stop - sl.start for sl in src), volume.dtype)
     try:
         volume.get_slice_numpy(values, ([sl.start for sl in src], [sl.stop for sl in src]))
