@@ -17,8 +17,9 @@ The ``.b2nd`` layout, and why:
   the smallest integer type that holds their values (``uint8`` mostly).
 * **LZ4HC level 5 with byte shuffle.** Decompresses as fast as LZ4 and compresses about a fifth
   better on CT; ZSTD compresses better still but decompresses 3-4x slower, which would bound the loader.
-* **a CRC-32 of every compressed chunk** is kept in the array's metadata and checked when a read
-  touches that chunk: a corrupt or truncated file stops with an error naming it, never a silent patch.
+* **a CRC-32 of every compressed chunk** is kept in the array's metadata and checked the first time a
+  process reads that chunk of that file version (size and modification time; a volume is opened once per
+  process and version): a corrupt or truncated file stops with an error naming it, never a silent patch.
 
 Files are written whole to a temporary file (compressed in memory, checksummed, fsynced) and renamed into
 place, so an interrupted ``prepare`` never leaves a half-written volume behind.
