@@ -29,7 +29,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,7 +172,7 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
     record_path = plan.out / "stages.json"
     previous = {} if force or not record_path.exists() else json.loads(record_path.read_text())
     stages = plan.stages()
-    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    env = stage_environment(os.environ, jobs)
     pending = []
     for stage in stages:
         earlier = previous.get(stage.name)
@@ -212,6 +212,16 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
         if failures:
             raise RuntimeError("\n".join(failures))
     return stages
+
+
+def stage_environment(environ: Mapping[str, str], jobs: int, cores: int | None = None) -> dict[str, str]:
+    """The environment of every stage: W&B off unless asked for, and with ``jobs`` stages side by side each
+    gets its share of the cores as torch threads (``OMP_NUM_THREADS``), unless the caller set it: torch's
+    default of one thread per core in every stage would oversubscribe the machine ``jobs`` times over."""
+    env = {**environ, "WANDB_MODE": environ.get("WANDB_MODE", "disabled")}
+    if jobs > 1 and "OMP_NUM_THREADS" not in environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (cores or os.cpu_count() or 1) // jobs))
+    return env
 
 
 def _batches(stages: Sequence[Stage], jobs: int) -> list[list[Stage]]:

@@ -16,6 +16,7 @@ from maesil.tools.evidence import (
     _batches,
     evidence_command,
     run_stages,
+    stage_environment,
     write_summary,
 )
 
@@ -200,3 +201,12 @@ def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys):
         evidence_command(["--out", str(tmp_path / "e"), "--set", "trainer.max_steps"])
     assert "KEY=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_stages_side_by_side_share_the_cores_unless_the_caller_chose_the_threads():
+    assert stage_environment({}, jobs=1, cores=8) == {"WANDB_MODE": "disabled"}
+    assert stage_environment({}, jobs=2, cores=8)["OMP_NUM_THREADS"] == "4"
+    assert stage_environment({}, jobs=6, cores=16)["OMP_NUM_THREADS"] == "2"
+    assert stage_environment({}, jobs=4, cores=2)["OMP_NUM_THREADS"] == "1"
+    assert stage_environment({"OMP_NUM_THREADS": "3", "WANDB_MODE": "offline"}, jobs=2, cores=8) == {
+        "OMP_NUM_THREADS": "3", "WANDB_MODE": "offline"}
