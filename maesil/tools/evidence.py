@@ -172,7 +172,6 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
     record_path = plan.out / "stages.json"
     previous = {} if force or not record_path.exists() else json.loads(record_path.read_text())
     stages = plan.stages()
-    env = stage_environment(os.environ, jobs)
     pending = []
     for stage in stages:
         earlier = previous.get(stage.name)
@@ -181,18 +180,21 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
             print(f"== {stage.name}: done earlier ({stage.done_when}), reused", flush=True)
         else:
             pending.append(stage)
-    for batch in _batches(pending, max(1, jobs)):
-        running = []
-        for stage in batch:
-            log = plan.out / "logs" / f"{stage.name.replace(' ', '_')}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            print(f"== {stage.name}: {stage.display()}", flush=True)
-            handle = open(log, "w")
-            command = [*stage.command, stage.force_flag] if force and stage.force_flag else stage.command
-            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
-            running.append((stage, process, handle, log, time.perf_counter()))
-        failures = []
-        while running:  # each stage's own wall time, whichever of the batch ends first
+    for group in _groups(pending):
+        waiting, running, failures = list(group), [], []
+        env = stage_environment(os.environ, min(max(1, jobs), len(group)))
+        while waiting or running:  # a pool: the next stage of the group starts as soon as one ends
+            while waiting and not failures and len(running) < max(1, jobs):
+                stage = waiting.pop(0)
+                log = plan.out / "logs" / f"{stage.name.replace(' ', '_')}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                print(f"== {stage.name}: {stage.display()}", flush=True)
+                handle = open(log, "w")
+                command = [*stage.command, stage.force_flag] if force and stage.force_flag else stage.command
+                process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
+                running.append((stage, process, handle, log, time.perf_counter()))
+            if failures and not running:
+                break
             finished = [entry for entry in running if entry[1].poll() is not None]
             if not finished:
                 time.sleep(0.2)
@@ -202,7 +204,7 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
             stage, process, handle, log, started = entry
             code = process.returncode
             handle.close()
-            stage.seconds = time.perf_counter() - started
+            stage.seconds = time.perf_counter() - started  # each stage's own wall time
             if code != 0 or not stage.done_when.exists():
                 failures.append(f"stage '{stage.name}' failed (exit {code}): {stage.display()}\nits output: {log}")
                 continue
@@ -215,25 +217,27 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
 
 
 def stage_environment(environ: Mapping[str, str], jobs: int, cores: int | None = None) -> dict[str, str]:
-    """The environment of every stage: W&B off unless asked for, and with ``jobs`` stages side by side each
-    gets its share of the cores as torch threads (``OMP_NUM_THREADS``), unless the caller set it: torch's
-    default of one thread per core in every stage would oversubscribe the machine ``jobs`` times over."""
+    """The environment of a stage: W&B off unless asked for, and with ``jobs`` stages side by side each gets
+    its share of the cores as torch threads (``OMP_NUM_THREADS``), unless the caller set it: torch's default
+    of one thread per core in every stage would oversubscribe the machine ``jobs`` times over. A stage that
+    runs alone keeps every core."""
     env = {**environ, "WANDB_MODE": environ.get("WANDB_MODE", "disabled")}
     if jobs > 1 and "OMP_NUM_THREADS" not in environ:
         env["OMP_NUM_THREADS"] = str(max(1, (cores or os.cpu_count() or 1) // jobs))
     return env
 
 
-def _batches(stages: Sequence[Stage], jobs: int) -> list[list[Stage]]:
-    """Consecutive stages of one group in batches of at most ``jobs``; a stage without a group alone."""
-    batches: list[list[Stage]] = []
+def _groups(stages: Sequence[Stage]) -> list[list[Stage]]:
+    """Consecutive stages of one group together (they may run side by side); a stage without a group alone.
+    A group starts only when the one before it has ended, so evaluation never starts beside a pretraining it
+    reads."""
+    groups: list[list[Stage]] = []
     for stage in stages:
-        if (stage.group is not None and batches and batches[-1][-1].group == stage.group
-                and len(batches[-1]) < jobs):
-            batches[-1].append(stage)
+        if stage.group is not None and groups and groups[-1][-1].group == stage.group:
+            groups[-1].append(stage)
         else:
-            batches.append([stage])
-    return batches
+            groups.append([stage])
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------------- summary

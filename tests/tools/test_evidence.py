@@ -13,7 +13,7 @@ from maesil.tools.evidence import (
     PRETRAIN_DIR,
     EvidencePlan,
     Stage,
-    _batches,
+    _groups,
     evidence_command,
     run_stages,
     stage_environment,
@@ -173,13 +173,9 @@ def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(t
 
 def test_stages_of_one_group_run_side_by_side_up_to_jobs_and_the_first_pretraining_alone(tmp_path, monkeypatch):
     stages = EvidencePlan(out=tmp_path).stages()
-    assert [[s.name for s in batch] for batch in _batches(stages, 3)] == [
-        ["pretrain maesil"], ["pretrain ae", "pretrain vae", "pretrain vqvae"], ["pretrain s3d", "held-out phantoms"],
-        ["recon", "compare-init maesil", "compare-init s3d"]]
-    # the evaluation never starts beside a pretraining it reads, however many jobs
-    assert [[s.name for s in batch] for batch in _batches(stages, 10)][2] == [
-        "recon", "compare-init maesil", "compare-init s3d"]
-    assert all(len(batch) == 1 for batch in _batches(stages, 1))
+    assert [[s.name for s in group] for group in _groups(stages)] == [
+        ["pretrain maesil"], ["pretrain ae", "pretrain vae", "pretrain vqvae", "pretrain s3d", "held-out phantoms"],
+        ["recon", "compare-init maesil", "compare-init s3d"]]  # evaluation never beside a pretraining it reads
 
     # Two stages that each wait for the other's file can only finish side by side.
     script = ("import sys, pathlib, time; mine, other = map(pathlib.Path, sys.argv[1:]); mine.write_text('x'); "
@@ -191,6 +187,31 @@ def test_stages_of_one_group_run_side_by_side_up_to_jobs_and_the_first_pretraini
     monkeypatch.setattr(EvidencePlan, "stages", lambda self: fake)
     done = run_stages(EvidencePlan(out=tmp_path / "evidence"), jobs=2)
     assert all(stage.seconds is not None and not stage.reused for stage in done)
+
+
+def test_the_next_stage_of_a_group_starts_as_soon_as_one_ends(tmp_path, monkeypatch):
+    # "long" can only end once "third" has written its file; with 2 jobs "third" starts when "short" ends.
+    wait = ("import sys, pathlib, time; other = pathlib.Path(sys.argv[1]); mine = pathlib.Path(sys.argv[2]); "
+            "deadline = time.time() + 20\nwhile not other.exists() and time.time() < deadline: time.sleep(0.05)\n"
+            "mine.write_text('x'); sys.exit(0 if other.exists() else 3)")
+    write = "import sys, pathlib; pathlib.Path(sys.argv[1]).write_text('x')"
+    long, short, third = tmp_path / "long", tmp_path / "short", tmp_path / "third"
+    fake = [Stage("long", [sys.executable, "-c", wait, str(third), str(long)], long, group="g"),
+            Stage("short", [sys.executable, "-c", write, str(short)], short, group="g"),
+            Stage("third", [sys.executable, "-c", write, str(third)], third, group="g")]
+    monkeypatch.setattr(EvidencePlan, "stages", lambda self: fake)
+    done = run_stages(EvidencePlan(out=tmp_path / "evidence"), jobs=2)
+    assert all(stage.seconds is not None for stage in done) and long.exists()
+
+
+def test_a_failure_starts_no_further_stage_of_its_group(tmp_path, monkeypatch):
+    never = tmp_path / "never"
+    fake = [Stage("bad", [sys.executable, "-c", "import sys; sys.exit(4)"], tmp_path / "bad", group="g"),
+            Stage("next", [sys.executable, "-c", f"open({str(never)!r}, 'w')"], never, group="g")]
+    monkeypatch.setattr(EvidencePlan, "stages", lambda self: fake)
+    with pytest.raises(RuntimeError, match="stage 'bad' failed \\(exit 4\\)"):
+        run_stages(EvidencePlan(out=tmp_path / "evidence"), jobs=1)
+    assert not never.exists()
 
 
 def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys):
