@@ -100,6 +100,32 @@ def test_a_corrupt_chunk_fails_only_the_reads_that_touch_it(tmp_path: Path) -> N
         read_box(path, (slice(30, 94), slice(30, 90), slice(30, 70)), np.empty((64, 60, 40), np.float32))
 
 
+def test_a_process_keeps_few_volumes_open_and_checks_a_chunk_once_per_file_version(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    import zlib
+
+    from maesil.data.cache import volumes
+
+    monkeypatch.setattr(volumes, "_opened", type(volumes._opened)())
+    monkeypatch.setattr(volumes, "_verified", {})
+    checked, crc32 = [], zlib.crc32
+    monkeypatch.setattr(volumes.zlib, "crc32", lambda data: checked.append(1) or crc32(data))
+    paths = [write_volume(tmp_path / f"v{i}.b2nd", _stored((70, 70, 70), seed=i), "blosc2", levels=LEVELS)
+             for i in range(volumes._MAX_OPEN + 3)]
+    box, out = (slice(0, 64),) * 3, np.empty((64, 64, 64), np.float32)
+    checked.clear()  # the writes computed theirs
+    for path in paths:
+        read_box(path, box, out)
+    assert len(volumes._opened) == volumes._MAX_OPEN  # the least recently read were closed
+    assert len(checked) == len(paths)  # one chunk per read
+    read_box(paths[0], box, out)  # closed, opened again: its chunk is not checked again
+    assert len(checked) == len(paths) and len(volumes._opened) == volumes._MAX_OPEN
+    assert np.abs(out - _stored((70, 70, 70), seed=0)[:64, :64, :64]).max() <= STEP / 2 + 1e-7
+    _corrupt_chunk(paths[1], 0)  # a new file version (size or time): opened and checked afresh
+    with pytest.raises(DataError, match="chunk 0 .* is corrupt"):
+        read_box(paths[1], box, out)
+
+
 def _break(path: Path, how: str) -> None:
     if how == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
