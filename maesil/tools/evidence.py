@@ -50,7 +50,7 @@ class Stage:
     name: str
     command: list[str]
     done_when: Path  # the file whose presence (with the same command) means the stage ran
-    group: str | None = None  # neighbouring stages of one group may run side by side (``--jobs``)
+    needs: tuple[str, ...] = ()  # the stages whose outputs it reads: it starts only once they are done
     force_flag: str | None = None  # what makes the command redo work it would reuse (``--force``)
     seconds: float | None = None
     reused: bool = False
@@ -133,20 +133,20 @@ class EvidencePlan:
             if self.pretrain_cache is not None:
                 command += ["--data.init_args.cache_dir", str(self.pretrain_cache)]
             command += override_arguments(self.overrides)
-            # The first run writes the training phantoms (and the pretraining cache); the others may then run
-            # beside each other.
+            # The first run writes the training phantoms (and the pretraining cache) the others read.
             stages.append(Stage(f"pretrain {method}", command, run_dir / "summary.json",
-                                group="pretrain" if index > 0 else None))
+                                needs=("pretrain maesil",) if index > 0 else ()))
         heldout = self.out / "heldout_phantoms"
         stages.append(Stage("held-out phantoms", [*python, "phantoms", "--out", str(heldout), "--count", "2",
-                                                  "--seed", "100"], heldout / "images", group="pretrain"))
+                                                  "--seed", "100"], heldout / "images"))
         recon = self.out / "recon"
         stages.append(Stage("recon", [*python, "benchmark-recon", "--data", str(heldout), "--out", str(recon),
                                       "--protocol", "both", "--checkpoints",
                                       *[str(self.checkpoint(m)) for m in ("maesil", *RECON_BASELINES)]],
-                            recon / "results.csv", group="evaluate"))
+                            recon / "results.csv",
+                            needs=("held-out phantoms", *[f"pretrain {m}" for m in ("maesil", *RECON_BASELINES)])))
         # One compare-init per pretrained network (MAESIL -> UNETR, the CNN method -> U-Net), each with its own
-        # scratch baseline, so that the two may run side by side.
+        # scratch baseline; each starts as soon as its checkpoint is there.
         for method in ("maesil", self.cnn_method):
             compare = self.compare_dir(method)
             command = [*python, "compare-init", "--out", str(compare), "--checkpoints", str(self.checkpoint(method)),
@@ -157,8 +157,8 @@ class EvidencePlan:
                 command += ["--trainer-config", *map(str, self.trainer_configs)]
             if self.overrides:
                 command += ["--set", *self.overrides]
-            stages.append(Stage(f"compare-init {method}", command, compare / "paired.csv", group="evaluate",
-                                force_flag="--force"))
+            stages.append(Stage(f"compare-init {method}", command, compare / "paired.csv",
+                                needs=(f"pretrain {method}",), force_flag="--force"))
         return stages
 
     def compare_dir(self, method: str) -> Path:
@@ -166,40 +166,55 @@ class EvidencePlan:
 
 
 def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[Stage]:
-    """Runs the plan's stages in order (skipping those done with the same command), up to ``jobs`` neighbouring
-    concurrent stages at a time; stops after the first failure with the stage, its command and its log named."""
+    """Runs the plan's stages (skipping those done with the same command), up to ``jobs`` at a time: a stage
+    starts, in the plan's order, as soon as the stages it needs are done and a slot is free. After the first
+    failure no stage starts; the running ones finish, and the error names each failed stage, its command and
+    its log."""
     plan.out.mkdir(parents=True, exist_ok=True)
     record_path = plan.out / "stages.json"
     previous = {} if force or not record_path.exists() else json.loads(record_path.read_text())
     stages = plan.stages()
-    pending = []
+    done: set[str] = set()
+    waiting: list[Stage] = []
     for stage in stages:
         earlier = previous.get(stage.name)
-        if earlier and earlier.get("command") == stage.command and stage.done_when.exists():
+        # Reused only if every stage it reads was reused too: a stage whose input was made again runs again.
+        if (earlier and earlier.get("command") == stage.command and stage.done_when.exists()
+                and all(need in done for need in stage.needs)):
             stage.seconds, stage.reused = earlier.get("seconds"), True
+            done.add(stage.name)
             print(f"== {stage.name}: done earlier ({stage.done_when}), reused", flush=True)
         else:
-            pending.append(stage)
-    for group in _groups(pending):
-        waiting, running, failures = list(group), [], []
-        env = stage_environment(os.environ, min(max(1, jobs), len(group)))
-        while waiting or running:  # a pool: the next stage of the group starts as soon as one ends
-            while waiting and not failures and len(running) < max(1, jobs):
-                stage = waiting.pop(0)
-                log = plan.out / "logs" / f"{stage.name.replace(' ', '_')}.log"
-                log.parent.mkdir(parents=True, exist_ok=True)
-                print(f"== {stage.name}: {stage.display()}", flush=True)
-                handle = open(log, "w")
-                command = [*stage.command, stage.force_flag] if force and stage.force_flag else stage.command
-                process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
-                running.append((stage, process, handle, log, time.perf_counter()))
-            if failures and not running:
-                break
-            finished = [entry for entry in running if entry[1].poll() is not None]
-            if not finished:
-                time.sleep(0.2)
-                continue
-            entry = finished[0]
+            waiting.append(stage)
+    running: list[tuple] = []
+    failures: list[str] = []
+    jobs = max(1, jobs)
+    while waiting or running:
+        ready = [stage for stage in waiting if all(need in done for need in stage.needs)]
+        if failures:
+            ready = []
+        elif not ready and not running:
+            raise RuntimeError("stages wait for stages that never run: "
+                               + ", ".join(f"{stage.name} (needs {', '.join(stage.needs)})" for stage in waiting))
+        # Each stage's share of the cores is fixed when it starts: all of them when it runs alone.
+        side_by_side = min(jobs, len(running) + len(ready))
+        for stage in ready[: jobs - len(running)]:
+            waiting.remove(stage)
+            log = plan.out / "logs" / f"{stage.name.replace(' ', '_')}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"== {stage.name}: {stage.display()}", flush=True)
+            handle = open(log, "w")
+            command = [*stage.command, stage.force_flag] if force and stage.force_flag else stage.command
+            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                       env=stage_environment(os.environ, side_by_side))
+            running.append((stage, process, handle, log, time.perf_counter()))
+        if failures and not running:
+            break
+        finished = [entry for entry in running if entry[1].poll() is not None]
+        if not finished:
+            time.sleep(0.2)
+            continue
+        for entry in finished:
             running.remove(entry)
             stage, process, handle, log, started = entry
             code = process.returncode
@@ -208,11 +223,12 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
             if code != 0 or not stage.done_when.exists():
                 failures.append(f"stage '{stage.name}' failed (exit {code}): {stage.display()}\nits output: {log}")
                 continue
+            done.add(stage.name)
             print(f"   {stage.name}: {stage.seconds:.0f} s", flush=True)
             previous[stage.name] = {"command": stage.command, "seconds": stage.seconds}
             record_path.write_text(json.dumps(previous, indent=2) + "\n")
-        if failures:
-            raise RuntimeError("\n".join(failures))
+    if failures:
+        raise RuntimeError("\n".join(failures))
     return stages
 
 
@@ -225,19 +241,6 @@ def stage_environment(environ: Mapping[str, str], jobs: int, cores: int | None =
     if jobs > 1 and "OMP_NUM_THREADS" not in environ:
         env["OMP_NUM_THREADS"] = str(max(1, (cores or os.cpu_count() or 1) // jobs))
     return env
-
-
-def _groups(stages: Sequence[Stage]) -> list[list[Stage]]:
-    """Consecutive stages of one group together (they may run side by side); a stage without a group alone.
-    A group starts only when the one before it has ended, so evaluation never starts beside a pretraining it
-    reads."""
-    groups: list[list[Stage]] = []
-    for stage in stages:
-        if stage.group is not None and groups and groups[-1][-1].group == stage.group:
-            groups[-1].append(stage)
-        else:
-            groups.append([stage])
-    return groups
 
 
 # ----------------------------------------------------------------------------------------------------- summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,6 @@ from maesil.tools.evidence import (
     PRETRAIN_DIR,
     EvidencePlan,
     Stage,
-    _groups,
     evidence_command,
     run_stages,
     stage_environment,
@@ -171,43 +171,64 @@ def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(t
                                          "--jobs 4")
 
 
-def test_stages_of_one_group_run_side_by_side_up_to_jobs_and_the_first_pretraining_alone(tmp_path, monkeypatch):
-    stages = EvidencePlan(out=tmp_path).stages()
-    assert [[s.name for s in group] for group in _groups(stages)] == [
-        ["pretrain maesil"], ["pretrain ae", "pretrain vae", "pretrain vqvae", "pretrain s3d", "held-out phantoms"],
-        ["recon", "compare-init maesil", "compare-init s3d"]]  # evaluation never beside a pretraining it reads
+def test_each_stage_needs_exactly_the_stages_whose_outputs_it_reads(tmp_path):
+    needs = {stage.name: set(stage.needs) for stage in EvidencePlan(out=tmp_path, cnn_method="pgl").stages()}
+    assert needs == {
+        "pretrain maesil": set(),  # writes the training phantoms the other pretraining runs read
+        **{f"pretrain {m}": {"pretrain maesil"} for m in ("ae", "vae", "vqvae", "pgl")},
+        "held-out phantoms": set(),
+        "recon": {"held-out phantoms", "pretrain maesil", "pretrain ae", "pretrain vae", "pretrain vqvae"},
+        "compare-init maesil": {"pretrain maesil"}, "compare-init pgl": {"pretrain pgl"}}
+
+
+def test_a_stage_starts_only_after_what_it_needs_and_reruns_when_that_reran(tmp_path, monkeypatch):
+    slow = ("import sys, pathlib, time; time.sleep(0.5); pathlib.Path(sys.argv[1]).write_text('x')")
+    check = ("import sys, pathlib; ok = pathlib.Path(sys.argv[1]).exists(); "
+             "pathlib.Path(sys.argv[2]).write_text('x') if ok else sys.exit(5)")
+    a, b = tmp_path / "a", tmp_path / "b"
+    fake = [Stage("a", [sys.executable, "-c", slow, str(a)], a),
+            Stage("b", [sys.executable, "-c", check, str(a), str(b)], b, needs=("a",))]
+    monkeypatch.setattr(EvidencePlan, "stages", lambda self: [dataclasses.replace(stage) for stage in fake])
+    out = tmp_path / "evidence"
+    run_stages(EvidencePlan(out=out), jobs=2)  # "b" would exit 5 if it started beside "a"
+    assert [stage.reused for stage in run_stages(EvidencePlan(out=out), jobs=2)] == [True, True]
+    record = json.loads((out / "stages.json").read_text())
+    record["a"]["command"] = ["changed"]
+    (out / "stages.json").write_text(json.dumps(record))
+    assert [stage.reused for stage in run_stages(EvidencePlan(out=out), jobs=2)] == [False, False]
+
 
     # Two stages that each wait for the other's file can only finish side by side.
     script = ("import sys, pathlib, time; mine, other = map(pathlib.Path, sys.argv[1:]); mine.write_text('x'); "
               "deadline = time.time() + 20\nwhile not other.exists() and time.time() < deadline: time.sleep(0.05)\n"
               "sys.exit(0 if other.exists() else 3)")
     a, b = tmp_path / "a", tmp_path / "b"
-    fake = [Stage("one", [sys.executable, "-c", script, str(a), str(b)], a, group="g"),
-            Stage("two", [sys.executable, "-c", script, str(b), str(a)], b, group="g")]
+    fake = [Stage("one", [sys.executable, "-c", script, str(a), str(b)], a),
+            Stage("two", [sys.executable, "-c", script, str(b), str(a)], b)]
     monkeypatch.setattr(EvidencePlan, "stages", lambda self: fake)
     done = run_stages(EvidencePlan(out=tmp_path / "evidence"), jobs=2)
     assert all(stage.seconds is not None and not stage.reused for stage in done)
 
 
-def test_the_next_stage_of_a_group_starts_as_soon_as_one_ends(tmp_path, monkeypatch):
+def test_the_next_stage_starts_as_soon_as_one_ends(tmp_path, monkeypatch):
     # "long" can only end once "third" has written its file; with 2 jobs "third" starts when "short" ends.
     wait = ("import sys, pathlib, time; other = pathlib.Path(sys.argv[1]); mine = pathlib.Path(sys.argv[2]); "
             "deadline = time.time() + 20\nwhile not other.exists() and time.time() < deadline: time.sleep(0.05)\n"
             "mine.write_text('x'); sys.exit(0 if other.exists() else 3)")
     write = "import sys, pathlib; pathlib.Path(sys.argv[1]).write_text('x')"
     long, short, third = tmp_path / "long", tmp_path / "short", tmp_path / "third"
-    fake = [Stage("long", [sys.executable, "-c", wait, str(third), str(long)], long, group="g"),
-            Stage("short", [sys.executable, "-c", write, str(short)], short, group="g"),
-            Stage("third", [sys.executable, "-c", write, str(third)], third, group="g")]
+    fake = [Stage("long", [sys.executable, "-c", wait, str(third), str(long)], long),
+            Stage("short", [sys.executable, "-c", write, str(short)], short),
+            Stage("third", [sys.executable, "-c", write, str(third)], third)]
     monkeypatch.setattr(EvidencePlan, "stages", lambda self: fake)
     done = run_stages(EvidencePlan(out=tmp_path / "evidence"), jobs=2)
     assert all(stage.seconds is not None for stage in done) and long.exists()
 
 
-def test_a_failure_starts_no_further_stage_of_its_group(tmp_path, monkeypatch):
+def test_a_failure_starts_no_further_stage(tmp_path, monkeypatch):
     never = tmp_path / "never"
-    fake = [Stage("bad", [sys.executable, "-c", "import sys; sys.exit(4)"], tmp_path / "bad", group="g"),
-            Stage("next", [sys.executable, "-c", f"open({str(never)!r}, 'w')"], never, group="g")]
+    fake = [Stage("bad", [sys.executable, "-c", "import sys; sys.exit(4)"], tmp_path / "bad"),
+            Stage("next", [sys.executable, "-c", f"open({str(never)!r}, 'w')"], never, needs=("bad",))]
     monkeypatch.setattr(EvidencePlan, "stages", lambda self: fake)
     with pytest.raises(RuntimeError, match="stage 'bad' failed \\(exit 4\\)"):
         run_stages(EvidencePlan(out=tmp_path / "evidence"), jobs=1)
