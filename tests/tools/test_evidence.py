@@ -34,9 +34,9 @@ def write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
 
 
 def recon_row(method: str, protocol: str, psnr: float, ssim: float, masked: tuple[float, float] | None = None,
-              kind: str | None = None) -> dict:
+              kind: str | None = None, region: str = "none") -> dict:
     row = {"method": method, "protocol": protocol, "class": kind or method, "params": 1000000, "psnr_mean": psnr,
-           "psnr_std": 0.1, "ssim_mean": ssim, "ssim_std": 0.01}
+           "psnr_std": 0.1, "ssim_mean": ssim, "ssim_std": 0.01, "masked_region": region}
     if masked:
         row.update(psnr_masked_mean=masked[0], psnr_masked_std=0.1, ssim_masked_mean=masked[1], ssim_masked_std=0.01)
     return row
@@ -46,10 +46,10 @@ def recon_row(method: str, protocol: str, psnr: float, ssim: float, masked: tupl
 def outputs(tmp_path) -> EvidencePlan:
     plan = EvidencePlan(out=tmp_path / "evidence", seeds=[0, 1])
     write_rows(plan.out / "recon" / "results.csv", RECON_FIELDS, [
-        recon_row("MAESIL", "inpaint", 20.0, 0.6, masked=(17.0, 0.40)),
-        recon_row("mean fill", "inpaint", 15.0, 0.5, masked=(12.0, 0.20), kind="fill"),
-        recon_row("blur fill", "inpaint", 19.0, 0.7, masked=(16.0, 0.45), kind="fill"),
-        recon_row("AE", "inpaint", 21.0, 0.7),
+        recon_row("MAESIL", "inpaint", 20.0, 0.6, masked=(17.0, 0.40), region="own"),
+        recon_row("mean fill", "inpaint", 15.0, 0.5, masked=(12.0, 0.20), kind="fill", region="filled"),
+        recon_row("blur fill", "inpaint", 19.0, 0.7, masked=(16.0, 0.45), kind="fill", region="filled"),
+        recon_row("AE", "inpaint", 21.0, 0.7, masked=(21.5, 0.75), region="reference"),
         recon_row("MAESIL", "paper", 25.0, 0.80),
         recon_row("AE", "paper", 21.0, 0.85),
         recon_row("VAE", "paper", 15.0, 0.30),
@@ -91,6 +91,8 @@ def test_summary_states_each_claim_with_the_figures_that_decide_it(outputs):
     assert "`inpaint`: MAESIL beats blur fill in psnr_masked: **holds** (17.000 vs 16.000)" in text
     assert "`inpaint`: MAESIL beats blur fill in ssim_masked: **does not hold** (0.400 vs 0.450)" in text
     assert "`inpaint`: MAESIL beats AE" not in text  # the autoencoders are read under `paper`, fills under `inpaint`
+    assert "| AE | 1.00 M | 21.500 ± 0.100 † | 0.750 ± 0.010 † |" in text  # it saw the voxels it is scored on
+    assert "| MAESIL | 1.00 M | 17.000 ± 0.100 | 0.400 ± 0.010 |" in text and "† an autoencoder sees" in text
     assert ("maesil beats scratch (unetr) by ≥ 2 Dice points on average with 1 labelled volume(s), positive in every "
             "seed: **holds** (+3.1 points, 2/2 seeds positive)") in text
     assert "s3d beats scratch (unet) by ≥ 2 Dice points" in text and "**does not hold** (+2.5 points, 1/2" in text
