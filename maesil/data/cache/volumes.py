@@ -18,8 +18,8 @@ The ``.b2nd`` layout, and why:
 * **LZ4HC level 5 with byte shuffle.** Decompresses as fast as LZ4 and compresses about a fifth
   better on CT; ZSTD compresses better still but decompresses 3-4x slower, which would bound the loader.
 * **a CRC-32 of every compressed chunk** is kept in the array's metadata and checked the first time a
-  process reads that chunk of that file version (size and modification time; a volume is opened once per
-  process and version): a corrupt or truncated file stops with an error naming it, never a silent patch.
+  process reads that chunk of that file version (size and modification time; a process keeps its most
+  recently read volumes open): a corrupt or truncated file stops with an error naming it, never a silent patch.
 
 Files are written whole to a temporary file (compressed in memory, checksummed, fsynced) and renamed into
 place, so an interrupted ``prepare`` never leaves a half-written volume behind.
@@ -173,9 +173,9 @@ def _opened_volume(path: Path) -> _OpenVolume:
     return entry
 
 
-def _check_chunks(volume, meta: dict, path: Path, src: Sequence[slice], verified: set[int] | None = None) -> None:
+def _check_chunks(volume, meta: dict, path: Path, src: Sequence[slice], verified: set[int]) -> None:
     """Compare the CRC-32 of every chunk the box ``src`` touches with the stored one; chunks in ``verified``
-    (checked earlier in this open of the same file version) are not fetched again, and checked ones join it."""
+    (checked earlier in this process, same file version) are not fetched again, and checked ones join it."""
     grid = [-(-s // c) for s, c in zip(volume.shape, volume.chunks)]
     ranges = [range(sl.start // c, -(-sl.stop // c)) for sl, c in zip(src, volume.chunks)]
     crcs = meta["crc32"]
@@ -183,7 +183,7 @@ def _check_chunks(volume, meta: dict, path: Path, src: Sequence[slice], verified
         for j in ranges[1]:
             for k in ranges[2]:
                 n = (i * grid[1] + j) * grid[2] + k
-                if verified is not None and n in verified:
+                if n in verified:
                     continue
                 try:
                     ok = n < len(crcs) and zlib.crc32(volume.schunk.get_chunk(n)) == crcs[n]
@@ -192,8 +192,7 @@ def _check_chunks(volume, meta: dict, path: Path, src: Sequence[slice], verified
                 if not ok:
                     raise DataError(f"{path}: chunk {n} (voxels from {tuple(x * c for x, c in zip((i, j, k), volume.chunks))})"
                                     " is corrupt (checksum mismatch); run `prepare` again")
-                if verified is not None:
-                    verified.add(n)
+                verified.add(n)
 
 
 def read_box(path: str | Path, src: Sequence[slice], out: np.ndarray) -> None:
@@ -255,7 +254,7 @@ def load_volume(path: str | Path) -> np.ndarray:
     path = Path(path)
     if path.suffix == ".npy":
         return np.array(_open_npy(path))
-    volume, meta = _open_b2nd(path)
+    volume, meta, _ = _opened_volume(path)  # the handle read_box uses: opened once
     dtype = np.float32 if meta["levels"] is not None else volume.dtype
     out = np.empty(volume.shape, dtype=dtype)
     read_box(path, tuple(slice(0, s) for s in volume.shape), out)
