@@ -148,6 +148,27 @@ def describe_checkpoint(path: Path) -> Initialisation:
                      f"(it handles checkpoints of {', '.join(sorted(transferable_layouts()))})")
 
 
+def config_preset(config: Path) -> str | None:
+    """The ``model.init_args.preset`` a fine-tuning YAML sets, None when it sets none (or is unreadable here; the
+    CLI reports a broken YAML when the run starts)."""
+    import yaml
+
+    try:
+        document = yaml.safe_load(Path(config).read_text()) or {}
+        preset = ((document.get("model") or {}).get("init_args") or {}).get("preset")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return preset if isinstance(preset, str) else None
+
+
+def without_config_preset(arm: Initialisation, config: Path) -> Initialisation:
+    """``arm`` with its preset dropped when the fine-tuning YAML sets the same one: the run is the same, so its
+    recorded inputs are too, and a scratch run made without a checkpoint is reused by a call with one."""
+    if arm.preset is not None and arm.preset == config_preset(config):
+        return Initialisation(arm.name, arm.family, arm.checkpoint, dict(arm.network_args), None)
+    return arm
+
+
 # ------------------------------------------------------------------------------------------------ data
 def write_phantom_manifest(folder: Path, train_count: int, test_count: int, seed: int) -> Path:
     """Writes ``train_count + test_count`` phantoms and a manifest with a fixed train/test split."""
@@ -668,9 +689,9 @@ def compare_init_command(argv: Sequence[str]) -> int:
         scratch.append(Initialisation(f"scratch ({family})", family, None,
                                       network_args=dict(like.network_args) if like else {},
                                       preset=like.preset if like else None))
-    arms = scratch + arms
-    class_names = [name for label, name in sorted(ORGAN_LABELS.items()) if label > 0]
     configs = {"unet": args.unet_config, "unetr": args.unetr_config}
+    arms = [without_config_preset(arm, configs[arm.family]) for arm in scratch + arms]
+    class_names = [name for label, name in sorted(ORGAN_LABELS.items()) if label > 0]
     results: dict[Arm, list[dict[str, float]]] = defaultdict(list)
     curves: dict[Arm, list[list[tuple[int, float]]]] = defaultdict(list)
     rows, curve_rows = [], []

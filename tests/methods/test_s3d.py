@@ -67,7 +67,7 @@ def logged(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_ct_dir, tmp_path_factory) -> Path:
-    """24 steps of the demo config (SGD, Nesterov 0.99, poly) shrunk to the tiny preset; validation every 12."""
+    """24 steps of the demo config (AdamW, warm-up, cosine) shrunk to the tiny preset; validation every 12."""
     run_dir = tmp_path_factory.mktemp("s3d") / "run"
     main(["fit", *tiny_s3d_args(tiny_ct_dir, run_dir, max_steps=24, val_every=12)])
     return run_dir

@@ -13,6 +13,7 @@ from maesil.tools.compare_init import (
     PAIRED_SEED_FIELDS,
     Arm,
     Initialisation,
+    config_preset,
     describe_checkpoint,
     fine_tune_and_test,
     finished_run,
@@ -22,6 +23,7 @@ from maesil.tools.compare_init import (
     paired_summary,
     paired_table,
     summary_table,
+    without_config_preset,
 )
 
 
@@ -212,3 +214,21 @@ def test_describe_checkpoint_refuses_a_method_without_encoder(tmp_path):
     with pytest.raises(ValueError, match="a VAE checkpoint has no encoder compare-init can fine-tune") as info:
         describe_checkpoint(vae)
     assert "BYOL, MAESIL, PGL, S3D" in str(info.value)
+
+
+def test_a_preset_equal_to_the_yaml_is_not_an_input_so_scratch_runs_are_shared(tmp_path):
+    assert config_preset(DEFAULT_UNET_CONFIG) == "cpu"
+    # A scratch arm sized like a `cpu` checkpoint runs the YAML's own network: same inputs as one made without.
+    like_checkpoint = without_config_preset(Initialisation("scratch (unet)", "unet", None, preset="cpu"),
+                                            DEFAULT_UNET_CONFIG)
+    plain = Initialisation("scratch (unet)", "unet", None)
+    manifest = tmp_path / "train1.csv"
+    manifest.write_text("image,label,split\n")
+    assert like_checkpoint.preset is None
+    assert (run_inputs(like_checkpoint, DEFAULT_UNET_CONFIG, manifest, 0, 3, [], "finetune", None, ())
+            == run_inputs(plain, DEFAULT_UNET_CONFIG, manifest, 0, 3, [], "finetune", None, ()))
+    # Another preset changes the network, so it stays an input.
+    assert without_config_preset(Initialisation("s", "unet", None, preset="tiny"), DEFAULT_UNET_CONFIG).preset == "tiny"
+    unreadable = tmp_path / "missing.yaml"
+    assert config_preset(unreadable) is None
+    assert without_config_preset(Initialisation("s", "unet", None, preset="cpu"), unreadable).preset == "cpu"
