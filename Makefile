@@ -53,7 +53,10 @@ benchmark: $(STAMP)
 
 # MAESIL against AE, VAE, VQ-VAE and S3D: each *_demo.yaml trained for the same RECON_STEPS on the built-in
 # phantoms (same superpatches and DataModule), then scored by benchmark-recon on two phantoms none of them saw.
+# benchmark-recon scores every model on one superpatch grid, so all train at RECON_SUPERPATCH (S3D's demo YAML
+# is 48³, the others 64³).
 RECON_STEPS ?= 400
+RECON_SUPERPATCH ?= 64
 RECON_METHODS ?= maesil ae vae vqvae s3d
 RECON_DIR ?= runs/recon_benchmark
 recon-benchmark: $(STAMP)
@@ -61,7 +64,7 @@ recon-benchmark: $(STAMP)
 	for method in $(RECON_METHODS); do \
 	  WANDB_MODE=$${WANDB_MODE:-disabled} $(PY) -m maesil fit --config experiments/pretrain/$${method}_demo.yaml \
 	    --trainer.max_steps $(RECON_STEPS) --trainer.val_check_interval $(RECON_STEPS) \
-	    --trainer.default_root_dir $(RECON_DIR)/$$method || exit 1; \
+	    --data.init_args.superpatch_size $(RECON_SUPERPATCH) --trainer.default_root_dir $(RECON_DIR)/$$method || exit 1; \
 	done
 	$(PY) -m maesil benchmark-recon --data data_cache/heldout_phantoms --out $(RECON_DIR)/results \
 	  --checkpoints $(foreach m,$(RECON_METHODS),$(RECON_DIR)/$(m)/checkpoints/last.ckpt)
