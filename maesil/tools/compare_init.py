@@ -56,7 +56,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -165,7 +165,7 @@ def without_config_preset(arm: Initialisation, config: Path) -> Initialisation:
     """``arm`` with its preset dropped when the fine-tuning YAML sets the same one: the run is the same, so its
     recorded inputs are too, and a scratch run made without a checkpoint is reused by a call with one."""
     if arm.preset is not None and arm.preset == config_preset(config):
-        return Initialisation(arm.name, arm.family, arm.checkpoint, dict(arm.network_args), None)
+        return replace(arm, preset=None)
     return arm
 
 
