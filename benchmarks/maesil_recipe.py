@@ -36,7 +36,7 @@ VARIANTS: dict[str, list[str]] = {
     "decoder_depth_4": ["--model.init_args.decoder_depth", "4"],
     "decoder_width_384": ["--model.init_args.decoder_embed_dim", "384", "--model.init_args.decoder_num_heads", "8"],
     "encoder_depth_3": ["--model.init_args.depth", "3"],
-    "prepared_cache": ["--data.init_args.cache_dir", str(REPO_ROOT / "data_cache/phantoms_prepared")],
+    "torchio_queue": ["--data.init_args.cache_dir", "null"],  # the source files through the TorchIO queue
     "batch_8": ["--data.init_args.batch_size", "8"],
     "batch_2": ["--data.init_args.batch_size", "2"],
     "random_mask": ["--model.init_args.masking", "random", "--model.init_args.mask_ratio", "0.75"],

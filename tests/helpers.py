@@ -12,9 +12,11 @@ TINY_SPACING = (4.0, 4.0, 8.0)
 
 
 def tiny_data_overrides(data_dir: Path) -> list[str]:
-    """DataModule arguments for the tiny phantoms: 32³ superpatches at 4 mm, 2 per batch, no worker processes."""
+    """DataModule arguments for the tiny phantoms: 32³ superpatches at 4 mm, 2 per batch, no worker processes,
+    read through the TorchIO queue (a YAML's prepared ``cache_dir`` would be written outside the test's folder)."""
     return [
         "--data.init_args.data_dir", str(data_dir),
+        "--data.init_args.cache_dir", "null",
         "--data.init_args.superpatch_size", "32",
         "--data.init_args.target_spacing", "4.0",
         "--data.init_args.num_workers", "0",

@@ -121,8 +121,8 @@ class ReconstructionMetrics(nn.Module):
     """Accumulates PSNR and SSIM of reconstructions against their inputs over a validation epoch.
 
     PSNR pools the squared error of all voxels seen (dataset PSNR, not a mean of per-patch PSNRs).
-    SSIM is the mean of the 3D SSIM map (Gaussian window 11, σ 1.5) over all voxels, or over masked
-    voxels only. The torchmetrics states synchronise across DDP processes.
+    SSIM is the mean of the 3D SSIM map (Gaussian window 11, σ 1.5; torchmetrics' numbers, computed by
+    :func:`ssim_map_3d`) over all voxels, or over masked voxels only. The torchmetrics states synchronise across DDP processes.
 
     Each superpatch is scored in units of its data range (:func:`normalise_intensities`) with range 1:
     the same numbers as scoring with that range (PSNR and SSIM are scale-invariant given the range), and
@@ -155,9 +155,12 @@ class ReconstructionMetrics(nn.Module):
         of the inputs decides the data range when none was fixed."""
         reconstruction, target = normalise_intensities(reconstruction, target, self.data_range, modality)
         self.psnr.update(reconstruction, target)
-        _, ssim_map = structural_similarity_index_measure(
-            reconstruction, target, data_range=1.0, return_full_image=True
-        )
+        if target.ndim == 5:  # the separable window: the same map, about 5x faster on a CPU (ssim_map_3d)
+            ssim_map = ssim_map_3d(reconstruction, target, data_range=1.0, sigma=1.5)
+        else:
+            _, ssim_map = structural_similarity_index_measure(
+                reconstruction, target, data_range=1.0, return_full_image=True
+            )
         self.ssim.update(ssim_map)
         if mask is not None:
             mask = mask.expand_as(target)

@@ -66,3 +66,18 @@ def test_separable_ssim_map_refuses_other_shapes():
 
     with pytest.raises(ValueError, match=r"\(B, C, X, Y, Z\)"):
         ssim_map_3d(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8))
+
+
+def test_metric_ssim_is_torchmetrics_mean_ssim_over_all_and_masked_voxels():
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    generator = torch.Generator().manual_seed(1)
+    target = torch.rand(2, 1, 20, 18, 16, generator=generator)
+    reconstruction = (target + 0.3 * torch.randn(target.shape, generator=generator)).clamp(0, 1)
+    mask = torch.rand(target.shape, generator=generator) > 0.6
+    metrics = ReconstructionMetrics()
+    metrics.update(reconstruction, target, mask)
+    result = metrics.compute()
+    _, expected = structural_similarity_index_measure(reconstruction, target, data_range=1.0, return_full_image=True)
+    assert float(result["ssim"]) == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert float(result["ssim_masked"]) == pytest.approx(float(expected[mask].mean()), abs=1e-5)
