@@ -122,7 +122,8 @@ class ReconstructionMetrics(nn.Module):
 
     PSNR pools the squared error of all voxels seen (dataset PSNR, not a mean of per-patch PSNRs).
     SSIM is the mean of the 3D SSIM map (Gaussian window 11, σ 1.5; torchmetrics' numbers, computed by
-    :func:`ssim_map_3d`) over all voxels, or over masked voxels only. The torchmetrics states synchronise across DDP processes.
+    :func:`ssim_map_3d`) over all voxels, or over masked voxels only. The torchmetrics states synchronise
+    across DDP processes.
 
     Each superpatch is scored in units of its data range (:func:`normalise_intensities`) with range 1:
     the same numbers as scoring with that range (PSNR and SSIM are scale-invariant given the range), and
