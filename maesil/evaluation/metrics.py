@@ -26,7 +26,6 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
 Modality = Literal["ct", "mri"]
@@ -156,12 +155,7 @@ class ReconstructionMetrics(nn.Module):
         of the inputs decides the data range when none was fixed."""
         reconstruction, target = normalise_intensities(reconstruction, target, self.data_range, modality)
         self.psnr.update(reconstruction, target)
-        if target.ndim == 5:  # the separable window: the same map, about 5x faster on a CPU (ssim_map_3d)
-            ssim_map = ssim_map_3d(reconstruction, target, data_range=1.0, sigma=1.5)
-        else:
-            _, ssim_map = structural_similarity_index_measure(
-                reconstruction, target, data_range=1.0, return_full_image=True
-            )
+        ssim_map = ssim_map_3d(reconstruction, target, data_range=1.0, sigma=1.5)  # torchmetrics' map, ~5x faster
         self.ssim.update(ssim_map)
         if mask is not None:
             mask = mask.expand_as(target)
