@@ -300,27 +300,59 @@ def _text_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def yaml_network_sizes(family: str, config: Path) -> dict:
+    """The network sizes the fine-tuning YAML's preset sets (``{}`` when it names none or an unknown one)."""
+    from maesil.models.unet import UNET_PRESETS
+    from maesil.models.unetr import UNETR_PRESETS
+
+    presets = {"unet": UNET_PRESETS, "unetr": UNETR_PRESETS}.get(family, {})
+    return dict(presets.get(config_preset(config) or "", {}))
+
+
+def _same_value(a: object, b: object) -> bool:
+    """Equal, with tuples and lists alike (a preset stores tuples, a checkpoint's JSON lists)."""
+    def plain(value: object) -> object:
+        return list(value) if isinstance(value, tuple) else value
+
+    return plain(a) == plain(b)
+
+
+def beyond_yaml(network_args: dict, yaml_sizes: dict) -> dict:
+    """``network_args`` without the entries the YAML's preset already sets to the same value: an exported
+    encoder that states its sizes and a checkpoint that names the preset describe the same network, so their
+    scratch runs are the same run."""
+    return {key: value for key, value in network_args.items()
+            if key not in yaml_sizes or not _same_value(yaml_sizes[key], value)}
+
+
 def run_inputs(arm: Initialisation, config: Path, manifest: Path, seed: int, steps: int, overrides: Sequence[str],
                mode: str, curve_every: int | None, extra_configs: Sequence[Path]) -> dict:
     """Everything a fine-tuning run's result depends on: the YAMLs and the manifest by content, the checkpoint
-    by path, size and time, and the protocol's numbers. A finished run with equal inputs is not run again."""
+    by path, size and time, the network sizes beyond the YAML's own, and the protocol's numbers. A finished run
+    with equal inputs is not run again."""
     return {"initialisation": arm.name, "checkpoint": _file_fingerprint(arm.checkpoint),
-            "network_args": arm.network_args, "preset": arm.preset,
+            "network_args": beyond_yaml(arm.network_args, yaml_network_sizes(arm.family, config)),
+            "preset": arm.preset,
             "configs": [_text_digest(path) for path in (config, *extra_configs)],
             "manifest": _text_digest(manifest), "seed": seed, "steps": steps, "curve_every": curve_every or steps,
             "mode": mode, "overrides": list(overrides)}
 
 
-def finished_run(run_dir: Path, inputs: dict) -> RunResult | None:
-    """The :class:`RunResult` stored in ``run_dir`` by a finished run with the same ``inputs``, else None."""
+def finished_run(run_dir: Path, inputs: dict, yaml_sizes: dict | None = None) -> RunResult | None:
+    """The :class:`RunResult` stored in ``run_dir`` by a finished run with the same ``inputs``, else None.
+
+    ``yaml_sizes`` (:func:`yaml_network_sizes`) also drops the stored sizes the YAML sets, so a run recorded
+    with them spelt out is found by a call that leaves them to the YAML."""
     import json
 
     path = run_dir / RESULT_FILE
     try:
         stored = json.loads(path.read_text())
-    except (OSError, ValueError):
+        recorded = dict(stored["inputs"])
+        recorded["network_args"] = beyond_yaml(dict(recorded.get("network_args") or {}), yaml_sizes or {})
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    if stored.get("inputs") != json.loads(json.dumps(inputs)):
+    if recorded != json.loads(json.dumps(inputs)):
         return None
     return RunResult(stored["metrics"], [tuple(point) for point in stored["curve"]], stored["train_seconds"],
                      stored["scoring_seconds"], stored["scorings"], reused=True)
@@ -351,7 +383,7 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     run_dir = out_dir / "runs" / (run_name or f"{slug(arm.name)}_seed{seed}")
     inputs = run_inputs(arm, config, manifest, seed, steps, overrides, mode, curve_every, extra_configs)
-    if reuse and (done := finished_run(run_dir, inputs)) is not None:
+    if reuse and (done := finished_run(run_dir, inputs, yaml_network_sizes(arm.family, config))) is not None:
         return done
     args = [
         "--config", str(config),

@@ -24,6 +24,7 @@ from maesil.tools.compare_init import (
     paired_table,
     summary_table,
     without_config_preset,
+    yaml_network_sizes,
 )
 
 
@@ -214,6 +215,41 @@ def test_describe_checkpoint_refuses_a_method_without_encoder(tmp_path):
     with pytest.raises(ValueError, match="a VAE checkpoint has no encoder compare-init can fine-tune") as info:
         describe_checkpoint(vae)
     assert "BYOL, MAESIL, PGL, S3D" in str(info.value)
+
+
+def test_sizes_spelt_out_as_the_yaml_sets_them_are_not_an_input_so_scratch_runs_are_shared(tmp_path):
+    import json
+
+    from maesil.models.unet import UNET_PRESETS
+
+    # An exported encoder states its sizes (lists, from JSON); the YAML's `cpu` preset sets the same ones.
+    cpu = UNET_PRESETS["cpu"]
+    spelt_out = {key: list(cpu[key]) for key in ("features", "blocks_per_stage", "strides")}
+    assert yaml_network_sizes("unet", DEFAULT_UNET_CONFIG) == cpu
+    manifest = tmp_path / "train1.csv"
+    manifest.write_text("image,label,split\n")
+
+    def inputs(network_args: dict) -> dict:
+        arm = Initialisation("scratch (unet)", "unet", None, network_args=network_args)
+        return run_inputs(arm, DEFAULT_UNET_CONFIG, manifest, 0, 3, [], "finetune", None, ())
+
+    assert inputs(spelt_out) == inputs({})
+    # A size the YAML does not set stays an input.
+    wider = {**spelt_out, "features": [32, 64, 128, 256]}
+    assert inputs(wider)["network_args"] == {"features": [32, 64, 128, 256]}
+    # A run recorded with the sizes spelt out is found by a call that leaves them to the YAML, and not by one
+    # that asks for another network.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recorded = {**inputs({}), "network_args": spelt_out}
+    (run_dir / "result.json").write_text(json.dumps({"inputs": recorded, "metrics": {"test/dice": 0.5},
+                                                     "curve": [[3, 0.5]], "train_seconds": 1.0,
+                                                     "scoring_seconds": 1.0, "scorings": 1}))
+    sizes = yaml_network_sizes("unet", DEFAULT_UNET_CONFIG)
+    assert finished_run(run_dir, inputs({}), sizes).metrics == {"test/dice": 0.5}
+    assert finished_run(run_dir, inputs(wider), sizes) is None
+    # Without the YAML's sizes only the same spelling matches.
+    assert finished_run(run_dir, inputs({})) is None
 
 
 def test_a_preset_equal_to_the_yaml_is_not_an_input_so_scratch_runs_are_shared(tmp_path):
