@@ -26,7 +26,7 @@ from maesil.checkpoints.reading import (
     checkpoint_safe_globals,
     load_checkpoint_state,
 )
-from maesil.checkpoints.transfer import LoadReport, load_pretrained, remap_state_dict
+from maesil.checkpoints.transfer import LoadReport, has_trained_decoder, load_pretrained, remap_state_dict
 from maesil.checkpoints.writing import (
     AtomicCheckpointIO,
     CheckpointWriteError,
@@ -52,6 +52,7 @@ __all__ = [
     "export_encoder",
     "export_monai",
     "export_nnunet",
+    "has_trained_decoder",
     "identify_method",
     "latest_last_checkpoint",
     "load_checkpoint_state",

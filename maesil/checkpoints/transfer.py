@@ -7,6 +7,11 @@ TransferLayout`), copies what matches and returns a :class:`LoadReport` (loaded 
 shape-mismatched keys) that it also logs. It fails when nothing matches, instead of fine-tuning from
 scratch unnoticed.
 
+Only the encoder is loaded unless ``decoder=True``: a U-Net decoder that a method pretrained (PGL, S3D) stays
+in the checkpoint and the downstream decoder keeps its initialisation. nnssl's fine-tuning loads the encoder
+and stem only for the same networks, and here the pretrained decoders cost Dice in few-label fine-tuning
+(docs/evidence.md). ``decoder=True`` loads them, as the S3D paper describes its transfer.
+
 The EMA target networks of BYOL-style methods (``target_*`` keys) are never loaded: the online network is
 the one the papers transfer.
 """
@@ -27,7 +32,8 @@ from maesil.checkpoints.foreign import maesil_names
 from maesil.checkpoints.layouts import identify_method, layout_name, method_layouts, transferable_layouts
 from maesil.checkpoints.reading import ACCEPTED_FORMATS, CheckpointError, load_checkpoint_state
 
-__all__ = ["LoadReport", "is_ema_key", "load_pretrained", "no_layout_error", "remap_state_dict"]
+__all__ = ["LoadReport", "has_trained_decoder", "is_ema_key", "load_pretrained", "no_layout_error",
+           "remap_state_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,7 @@ class LoadReport:
         unexpected: renamed checkpoint keys the model does not have.
         shape_mismatched: ``(model key, checkpoint shape, model shape)`` of keys skipped for their shape.
         ignored: checkpoint keys outside the mapping (other heads, EMA ``target_*`` networks, ...).
+        decoder_left_out: checkpoint keys of a pretrained U-Net decoder not loaded (``decoder=False``).
         metadata: the file's metadata (:func:`~maesil.checkpoints.load_checkpoint_state`), e.g. for
             :func:`~maesil.checkpoints.check_preprocessing`.
     """
@@ -95,6 +102,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     shape_mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    decoder_left_out: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def summary(self, examples: int = 5) -> str:
@@ -118,6 +126,9 @@ class LoadReport:
             f"  ignored checkpoint keys outside the mapping: {len(self.ignored)}"
             + (f" (incl. {ema} EMA target_* keys, never loaded)" if ema else ""),
         ]
+        if self.decoder_left_out:
+            lines.append(f"  pretrained decoder left out: {len(self.decoder_left_out)} tensors (the encoder only is "
+                         "transferred; transfer_decoder: true loads the decoder too)")
         return "\n".join(lines)
 
 
@@ -182,6 +193,22 @@ def _auto_candidates(
     return candidates
 
 
+def _decoder_sources(mapping: Mapping[str, str]) -> tuple[str, ...]:
+    """The checkpoint prefixes that ``mapping`` sends to the downstream decoder."""
+    return tuple(source for source, target in mapping.items() if target.startswith("decoder."))
+
+
+def has_trained_decoder(state: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> bool:
+    """True when a checkpoint holds a U-Net decoder its method pretrained (PGL, S3D, or an export carrying
+    one): what ``load_pretrained(..., decoder=True)`` would load on top of the encoder."""
+    if is_export(metadata):
+        sources = _decoder_sources(EXPORTED_PREFIXES)
+    else:
+        layout = method_layouts().get(identify_method(state, metadata) or "")
+        sources = _decoder_sources(layout.prefixes) if layout is not None else ()
+    return bool(sources) and any(key.startswith(sources) and not is_ema_key(key) for key in state)
+
+
 def _shape_error(path: Path, report: LoadReport, what: str = "") -> CheckpointError:
     """Names the first mismatching keys with both shapes; nothing has been loaded."""
     details = "; ".join(f"{k}: checkpoint {c} vs model {m}" for k, c, m in report.shape_mismatched[:5])
@@ -194,6 +221,7 @@ def load_pretrained(
     path: str | Path,
     mapping: dict[str, str] | None = None,
     strict_shapes: bool = False,
+    decoder: bool | None = False,
 ) -> LoadReport:
     """Copies pretrained tensors into ``model`` and reports what matched.
 
@@ -209,14 +237,19 @@ def load_pretrained(
             keys matching no prefix are ignored. None: the layout of the checkpoint's method (every
             transferring layout when the method is unknown), keeping the one that loads the most tensors.
         strict_shapes: raise on a shape mismatch instead of skipping (and reporting) the tensor.
+        decoder: also load the U-Net decoder the method pretrained (PGL, S3D, an export that carries one);
+            an error when there is none. False: the encoder only; the checkpoint's decoder keys are reported
+            as left out. None: the decoder wherever the checkpoint has one (continued pretraining). Ignored
+            with an explicit ``mapping``, which says exactly what loads.
 
     Returns:
         The :class:`LoadReport`, also logged at INFO level.
 
     Raises:
         CheckpointError (a ValueError): nothing matched (the message shows checkpoint and model keys), a
-            method whose checkpoints hold no transferable encoder, or a shape mismatch with ``strict_shapes``;
-            also every error of :func:`~maesil.checkpoints.load_checkpoint_state`.
+            method whose checkpoints hold no transferable encoder, a shape mismatch with ``strict_shapes``, or
+            ``decoder=True`` for a checkpoint without a pretrained decoder that fits; also every error of
+            :func:`~maesil.checkpoints.load_checkpoint_state`.
     """
     path = Path(path)
     state, metadata = load_checkpoint_state(path)
@@ -227,6 +260,11 @@ def load_pretrained(
         candidates = [(foreign.layout, dict(EXPORTED_PREFIXES)), (f"{foreign.layout} (bare encoder)", {"encoder.": ""})]
     else:
         candidates = [("custom", dict(mapping))] if mapping is not None else _auto_candidates(path, state, metadata)
+    left_out: dict[str, tuple[str, ...]] = {}
+    if mapping is None and decoder is False:  # the encoder only: the decoder prefixes leave the layouts
+        left_out = {name: _decoder_sources(candidate) for name, candidate in candidates}
+        candidates = [(name, {s: t for s, t in candidate.items() if s not in left_out[name]})
+                      for name, candidate in candidates]
     best: tuple[LoadReport, dict[str, Tensor]] | None = None
     for name, candidate in candidates:
         plan = _plan(state, model_shapes, candidate, str(path), name)
@@ -234,6 +272,10 @@ def load_pretrained(
             best = plan
     assert best is not None
     report, to_load = best
+    if sources := left_out.get(report.layout):
+        left = {k for k in report.ignored if k.startswith(sources) and not is_ema_key(k)}
+        report.decoder_left_out = [k for k in report.ignored if k in left]
+        report.ignored = [k for k in report.ignored if k not in left]
     if foreign is not None:
         report.ignored = foreign.ignored + report.ignored
     if foreign is not None and report.shape_mismatched:  # another network: its shapes say more than "no match"
@@ -250,6 +292,12 @@ def load_pretrained(
         )
     if strict_shapes and report.shape_mismatched:
         raise _shape_error(path, report)
+    if decoder is True and mapping is None and not any(key.startswith("decoder.") for key in report.loaded):
+        raise CheckpointError(
+            f"{path}: decoder=True (transfer_decoder: true), but the checkpoint holds no pretrained U-Net decoder "
+            f"that fits the model (layout {report.layout!r}; PGL and S3D checkpoints have one, MAESIL, SelfMedMAE "
+            f"and BYOL transfer their encoder only). Nothing was loaded."
+        )
     result = model.load_state_dict(to_load, strict=False)
     if result.unexpected_keys:  # cannot happen: only model keys are loaded
         raise RuntimeError(f"unexpected keys while loading {path}: {result.unexpected_keys[:5]}")

@@ -333,7 +333,7 @@ class MethodModule(L.LightningModule):
         if not sources:
             raise ValueError(f"{type(self).__name__} has no encoder to continue pretraining from {path}.")
         owner = sources[0].removesuffix("encoder.").rstrip(".")
-        report = load_pretrained(self.get_submodule(owner) if owner else self, path)
+        report = load_pretrained(self.get_submodule(owner) if owner else self, path, decoder=None)
         self.after_pretrained_load()
         if attached_trainer(self) is not None:  # load_pretrained has logged it; a run prints it as fine-tuning does
             self.print(f"continued pretraining from {path}:\n{report.summary()}")

@@ -20,7 +20,8 @@ The original code was never released; this is maesil's design, each choice state
   at each aligned voxel, and the reverse, averaged (symmetric), then averaged over scales with equal
   weights. The target (EMA) network follows BYOL (:mod:`maesil.methods.bootstrap`).
 * **What transfers.** The whole U-Net (encoder and decoder) learns, unlike global BYOL, whose pooled
-  loss trains only the encoder.
+  loss trains only the encoder. Fine-tuning loads the encoder; the pretrained decoder only with
+  ``transfer_decoder: true`` (it costs Dice in few-label fine-tuning here, docs/evidence.md).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class PGL(BootstrapModule):
             nnssl and MONAI included); not when resuming with ``--ckpt_path``.
     """
 
-    #: The online U-Net, encoder and decoder, transfers. Recognised by its projector: one 1×1×1 conv MLP per
+    #: The online U-Net: encoder, and decoder on request (``transfer_decoder``). Recognised by its projector: one 1×1×1 conv MLP per
     #: decoder scale (``projector.0.0.weight``).
     transfer_layout: ClassVar[TransferLayout | None] = TransferLayout(
         prefixes={"backbone.encoder.": "encoder.", "backbone.decoder.": "decoder."},

@@ -98,7 +98,8 @@ class S3D(ReconstructionEvaluationHooks, MethodModule):
 
     accepted_tasks = ("reconstruct",)
 
-    #: Encoder and decoder transfer; the mask tokens and densify convs are pretraining-only (and recognise it).
+    #: The encoder transfers, the decoder on request (``transfer_decoder``); the mask tokens and densify convs are
+    #: pretraining-only (and recognise it).
     transfer_layout: ClassVar[TransferLayout | None] = TransferLayout(
         prefixes={"net.encoder.": "encoder.", "net.decoder.": "decoder."},
         network="resenc",

@@ -9,8 +9,9 @@ window, superpatch) is compared with this run's and every mismatch is warned abo
 * ``architecture: unetr``: :class:`~maesil.models.unetr.UNETR` on maesil's ``ViTEncoder3D``: MAESIL and
   SelfMedMAE checkpoints transfer their encoder. Layer-wise learning-rate decay (``layer_decay``, 0.75 in
   SelfMedMAE) scales block ``i`` of ``L`` by ``decay^(L − i)``; the decoder gets the full rate.
-* ``architecture: unet``: :class:`~maesil.models.unet.ResEncUNet`. PGL and S3D checkpoints transfer encoder
-  and decoder, BYOL the encoder.
+* ``architecture: unet``: :class:`~maesil.models.unet.ResEncUNet`. PGL, S3D and BYOL checkpoints transfer the
+  encoder; ``transfer_decoder: true`` also loads the U-Net decoder PGL and S3D pretrained (left out by default,
+  as nnssl's fine-tuning does: here it costs Dice, docs/evidence.md).
 
 Training patches come from the DataModule's ``task: segment`` (label-centred). Loss: MONAI's
 ``DiceCELoss`` (softmax, one-hot targets). Validation and test run over whole volumes: a TorchIO
@@ -82,6 +83,8 @@ class Segmentation(MethodModule):
         in_channels: image channels.
         pretrained: checkpoint or exported encoder to start from; ``None`` trains from scratch.
         pretrained_mapping: explicit ``{checkpoint prefix: model prefix}``; ``None`` detects the layout.
+        transfer_decoder: also load the U-Net decoder a PGL or S3D checkpoint pretrained (``architecture: unet``;
+            an error for a checkpoint without one). False: the encoder only, the decoder starts at random.
         layer_decay: layer-wise lr decay of the ViT encoder (UNETR only; ``None``: no decay).
         freeze_encoder: keep the encoder (pretrained or random) fixed: no gradient, not in the optimizer, always
             in eval mode; the decoder and head train.
@@ -111,6 +114,7 @@ class Segmentation(MethodModule):
         in_channels: int = 1,
         pretrained: str | None = None,
         pretrained_mapping: dict[str, str] | None = None,
+        transfer_decoder: bool = False,
         layer_decay: float | None = None,
         freeze_encoder: bool = False,
         class_names: list[str] | None = None,
@@ -140,6 +144,9 @@ class Segmentation(MethodModule):
         if layer_decay is not None and architecture != "unetr":
             warnings.warn("layer_decay applies to the ViT encoder of architecture 'unetr' only; ignored",
                           UserWarning, stacklevel=2)
+        if transfer_decoder and architecture != "unet":
+            raise ValueError(f"transfer_decoder applies to architecture 'unet' (a PGL or S3D U-Net decoder); no method "
+                             f"pretrains the decoder of {architecture!r}")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         if blend not in ("hann", "average"):
@@ -194,7 +201,8 @@ class Segmentation(MethodModule):
         from maesil.checkpoints import check_preprocessing, load_pretrained
 
         path = self.hparams.pretrained
-        report = load_pretrained(self.net, path, mapping=self.hparams.pretrained_mapping)
+        report = load_pretrained(self.net, path, mapping=self.hparams.pretrained_mapping,
+                                 decoder=bool(self.hparams.get("transfer_decoder", False)))
         self.pretrained_report = report
         self.print(f"pretrained weights from {path}:\n{report.summary()}")
         spec = self.data_spec

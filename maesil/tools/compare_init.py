@@ -84,6 +84,7 @@ class Initialisation:
     checkpoint: Path | None
     network_args: dict = field(default_factory=dict)
     preset: str | None = None
+    trained_decoder: bool = False  # the checkpoint holds a pretrained U-Net decoder (PGL, S3D)
 
 
 class Arm(NamedTuple):
@@ -123,7 +124,7 @@ def describe_checkpoint(path: Path) -> Initialisation:
     A ViT encoder is fine-tuned as UNETR, a U-Net encoder as the ResEnc U-Net, with the sizes of an export's
     ``architecture`` or of the checkpoint's hyperparameters.
     """
-    from maesil.checkpoints import identify_method, load_checkpoint_state
+    from maesil.checkpoints import has_trained_decoder, identify_method, load_checkpoint_state
     from maesil.checkpoints.layouts import transferable_layouts
 
     state, metadata = load_checkpoint_state(path)
@@ -143,7 +144,8 @@ def describe_checkpoint(path: Path) -> Initialisation:
         return Initialisation(name, "unetr", path, network_args=args)
     if network == "resenc":
         args = {key: list(source[key]) for key in _UNET_ARGS if source.get(key) is not None}
-        return Initialisation(name, "unet", path, network_args=args, preset=source.get("unet_preset"))
+        return Initialisation(name, "unet", path, network_args=args, preset=source.get("unet_preset"),
+                              trained_decoder=has_trained_decoder(state, metadata))
     raise ValueError(f"{path}: a {method or 'unknown'} checkpoint has no encoder compare-init can fine-tune "
                      f"(it handles checkpoints of {', '.join(sorted(transferable_layouts()))})")
 
@@ -329,13 +331,18 @@ def run_inputs(arm: Initialisation, config: Path, manifest: Path, seed: int, ste
                mode: str, curve_every: int | None, extra_configs: Sequence[Path]) -> dict:
     """Everything a fine-tuning run's result depends on: the YAMLs and the manifest by content, the checkpoint
     by path, size and time, the network sizes beyond the YAML's own, and the protocol's numbers. A finished run
-    with equal inputs is not run again."""
-    return {"initialisation": arm.name, "checkpoint": _file_fingerprint(arm.checkpoint),
-            "network_args": beyond_yaml(arm.network_args, yaml_network_sizes(arm.family, config)),
-            "preset": arm.preset,
-            "configs": [_text_digest(path) for path in (config, *extra_configs)],
-            "manifest": _text_digest(manifest), "seed": seed, "steps": steps, "curve_every": curve_every or steps,
-            "mode": mode, "overrides": list(overrides)}
+    with equal inputs is not run again. A checkpoint with a pretrained decoder also records that fine-tuning
+    leaves it out (``transfer_decoder`` false unless an override sets it): runs recorded before the decoder was
+    left out by default loaded it, and are not reused."""
+    inputs = {"initialisation": arm.name, "checkpoint": _file_fingerprint(arm.checkpoint),
+              "network_args": beyond_yaml(arm.network_args, yaml_network_sizes(arm.family, config)),
+              "preset": arm.preset,
+              "configs": [_text_digest(path) for path in (config, *extra_configs)],
+              "manifest": _text_digest(manifest), "seed": seed, "steps": steps, "curve_every": curve_every or steps,
+              "mode": mode, "overrides": list(overrides)}
+    if arm.trained_decoder:
+        inputs["pretrained_decoder"] = "loaded only if transfer_decoder is set"
+    return inputs
 
 
 def finished_run(run_dir: Path, inputs: dict, yaml_sizes: dict | None = None) -> RunResult | None:

@@ -115,7 +115,10 @@ def test_nnssl_checkpoint_loads_into_maesil_and_agrees(preset: str, tmp_path: Pa
     torch.save({"network_weights": theirs.state_dict(), "nnssl_adaptation_plan": plan,
                 "optimizer_state": {}, "current_epoch": 3}, path)  # fmt: skip
     ours = resenc_unet(preset, out_channels=2).eval()
-    report = load_pretrained(ours, path)
+    encoder_only = load_pretrained(resenc_unet(preset, out_channels=2), path)  # the default, as nnssl fine-tunes
+    assert all(k.startswith(("decoder.", "head.")) for k in encoder_only.missing)
+    assert encoder_only.decoder_left_out and all(k.startswith("decoder.") for k in encoder_only.decoder_left_out)
+    report = load_pretrained(ours, path, decoder=True)
     assert report.layout == "nnssl" and report.missing == ["head.weight", "head.bias"]
     assert report.unexpected == [] and report.shape_mismatched == []
     assert any(".all_modules." in k for k in report.ignored) and any(".seg_layers." in k for k in report.ignored)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from maesil.checkpoints import export_encoder, identify_method, load_checkpoint_state, load_pretrained
+from maesil.checkpoints import (CheckpointError, export_encoder, has_trained_decoder, identify_method,
+                               load_checkpoint_state, load_pretrained)
 from maesil.models.unet import ResEncUNet, resenc_unet
 from maesil.models.vit3d import ViTEncoder3D
 from tests.checkpoints.tiny_runs import ViTSegmenter, raw_state, with_prefix
@@ -108,9 +109,16 @@ def test_auto_layout_on_a_pgl_checkpoint_never_loads_the_ema_target(pgl_ckpt: Pa
 
     model = ResEncUNet(in_channels=1, out_channels=3, features=(4, 8, 16), blocks_per_stage=(1, 1, 1),
                        strides=(1, 2, 2))  # the "tiny" preset  # fmt: skip
-    report = load_pretrained(model, pgl_ckpt)
+    decoder_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("decoder.")}
+    report = load_pretrained(model, pgl_ckpt)  # the default: the encoder only
     assert report.layout == "pgl"
-    assert sorted(report.loaded) == sorted(online)
+    assert sorted(report.loaded) == sorted(k for k in online if k.startswith("encoder."))
+    assert sorted(report.decoder_left_out) == sorted(k for k in state if k.startswith("backbone.decoder."))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in decoder_before.items())
+    assert "pretrained decoder left out: " in report.summary()
+
+    report = load_pretrained(model, pgl_ckpt, decoder=True)
+    assert sorted(report.loaded) == sorted(online) and report.decoder_left_out == []
     assert any(k.startswith("decoder.") for k in report.loaded)
     assert report.missing == ["head.weight", "head.bias"] and report.unexpected == []
     for key, value in online.items():
@@ -132,7 +140,26 @@ def test_auto_layout_on_a_byol_checkpoint_loads_the_encoder_only(byol_ckpt: Path
     assert torch.equal(model.decoder.stages[0][0].conv.weight, decoder_before)  # untrained decoder not loaded
 
 
-def test_s3d_checkpoint_transfers_encoder_and_decoder(tmp_path: Path) -> None:
+def test_a_decoder_requested_from_a_checkpoint_without_a_trained_one_raises_and_loads_nothing(
+        byol_ckpt: Path) -> None:
+    model = resenc_unet("tiny", out_channels=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"{byol_ckpt.name}: decoder=True .* no pretrained U-Net decoder"):
+        load_pretrained(model, byol_ckpt, decoder=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_which_checkpoints_hold_a_trained_decoder(pgl_ckpt: Path, byol_ckpt: Path, maesil_ckpt: Path,
+                                                   tmp_path: Path) -> None:
+    def holds(path: Path) -> bool:
+        return has_trained_decoder(*load_checkpoint_state(path))
+
+    assert holds(pgl_ckpt) and not holds(byol_ckpt) and not holds(maesil_ckpt)
+    assert holds(export_encoder(pgl_ckpt, tmp_path / "with.safetensors"))
+    assert not holds(export_encoder(pgl_ckpt, tmp_path / "without.safetensors", with_decoder=False))
+
+
+def test_s3d_checkpoint_transfers_its_decoder_on_request_and_exports_it(tmp_path: Path) -> None:
     from maesil.methods.s3d import S3D
 
     torch.manual_seed(0)
@@ -140,7 +167,10 @@ def test_s3d_checkpoint_transfers_encoder_and_decoder(tmp_path: Path) -> None:
     path = tmp_path / "s3d.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     model = resenc_unet("tiny", out_channels=3)
-    report = load_pretrained(model, path)
+    encoder_only = load_pretrained(resenc_unet("tiny", out_channels=3), path)
+    assert all(k.startswith(("decoder.", "head.")) for k in encoder_only.missing)
+    assert encoder_only.decoder_left_out and all(k.startswith("net.decoder.") for k in encoder_only.decoder_left_out)
+    report = load_pretrained(model, path, decoder=True)
     assert report.layout == "s3d"
     assert report.missing == ["head.weight", "head.bias"] and report.unexpected == []
     assert any(k.startswith("net.mask_tokens.") for k in report.ignored)

@@ -57,6 +57,7 @@ def test_fit_loads_pretrained_once(tiny_ct_dir: Path, tmp_path: Path, capsys) ->
     main(["fit", *args])
     out = capsys.readouterr().out
     assert f"continued pretraining from {source}" in out and "layout 'pgl'" in out
+    assert "pretrained decoder left out" not in out  # the pretext task continues with its own decoder
     state = raw_state(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert any(k.startswith("backbone.encoder.") for k in state)
     main(["fit", *[a if a != "1" else "2" for a in args], "--ckpt_path", "last"])

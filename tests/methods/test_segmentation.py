@@ -95,6 +95,7 @@ def test_fine_tune_from_pgl_then_predict_in_original_geometry(tiny_ct_dir, tiny_
     main(["fit", *tiny_finetune_args(tiny_ct_dir, run_dir, pretrained=tiny_pgl_checkpoint)])
     out = capsys.readouterr().out
     assert "pretrained weights from" in out and "loaded" in out
+    assert "pretrained decoder left out" in out  # the default transfers PGL's encoder only
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     pgl = torch.load(tiny_pgl_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     dice = metric(run_dir, "val/dice")
@@ -121,7 +122,8 @@ def test_fine_tune_from_pgl_then_predict_in_original_geometry(tiny_ct_dir, tiny_
 def test_frozen_encoder_does_not_move_during_decoder_warmup(tiny_ct_dir, tiny_pgl_checkpoint, tmp_path, capsys):
     run_dir = tmp_path / "frozen"
     args = tiny_finetune_args(tiny_ct_dir, run_dir, max_steps=2, pretrained=tiny_pgl_checkpoint)
-    main(["fit", *args])  # 2 steps, inside the demo's 30 decoder-only steps (EncoderWarmup)
+    # 2 steps, inside the demo's 30 decoder-only steps (EncoderWarmup), from PGL's encoder and decoder
+    main(["fit", *args, "--model.init_args.transfer_decoder", "true"])
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     pgl = torch.load(tiny_pgl_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     encoder = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.encoder.")}
@@ -138,6 +140,11 @@ def test_frozen_encoder_does_not_move_during_decoder_warmup(tiny_ct_dir, tiny_pg
     resume = tiny_finetune_args(tiny_ct_dir, run_dir, max_steps=3, pretrained=tiny_pgl_checkpoint)
     main(["fit", *resume, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
     assert "pretrained weights from" not in capsys.readouterr().out
+
+
+def test_transfer_decoder_is_refused_for_unetr():
+    with pytest.raises(ValueError, match="transfer_decoder applies to architecture 'unet'"):
+        Segmentation(num_classes=3, architecture="unetr", preset="tiny", superpatch_size=32, transfer_decoder=True)
 
 
 def test_class_count_mismatch_with_the_datamodule_fails_at_setup():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 
 import pytest
 
@@ -199,6 +200,8 @@ def test_describe_checkpoint_takes_the_network_from_the_transfer_layout(tmp_path
     unet = describe_checkpoint(PGL_V0_1)
     assert unet.family == "unet" and unet.preset == "cpu" and unet.network_args == {"features": [4, 8, 16, 16]}
 
+    assert unet.trained_decoder and not vit.trained_decoder
+
     exported = describe_checkpoint(export_encoder(MAESIL_V0_1, tmp_path / "vit.safetensors"))
     assert exported.family == "unetr" and exported.network_args == vit.network_args
     exported = describe_checkpoint(export_encoder(PGL_V0_1, tmp_path / "unet.safetensors"))
@@ -268,3 +271,27 @@ def test_a_preset_equal_to_the_yaml_is_not_an_input_so_scratch_runs_are_shared(t
     unreadable = tmp_path / "missing.yaml"
     assert config_preset(unreadable) is None
     assert without_config_preset(Initialisation("s", "unet", None, preset="cpu"), unreadable).preset == "cpu"
+
+
+def test_runs_that_loaded_a_pretrained_decoder_are_not_reused_by_the_encoder_only_default(tmp_path):
+    import json
+
+    from tests.checkpoints.test_old_format import PGL_V0_1
+
+    manifest = tmp_path / "train1.csv"
+    manifest.write_text("image,label,split\n")
+    pgl = describe_checkpoint(PGL_V0_1)
+    encoder_only = replace(pgl, trained_decoder=False)  # e.g. exported with --no-decoder
+
+    def inputs(arm: Initialisation) -> dict:
+        return run_inputs(arm, DEFAULT_UNET_CONFIG, manifest, 0, 3, [], "finetune", None, ())
+
+    assert "pretrained_decoder" in inputs(pgl) and "pretrained_decoder" not in inputs(encoder_only)
+    # A run recorded before the decoder was left out by default (no such input) loaded it: not the same run.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text(json.dumps({"inputs": inputs(encoder_only), "metrics": {"test/dice": 0.5},
+                                                     "curve": [[3, 0.5]], "train_seconds": 1.0,
+                                                     "scoring_seconds": 1.0, "scorings": 1}))
+    assert finished_run(run_dir, inputs(encoder_only)) is not None
+    assert finished_run(run_dir, inputs(pgl)) is None

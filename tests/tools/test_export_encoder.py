@@ -52,7 +52,7 @@ def test_pgl_export_end_to_end(pgl_ckpt: Path, tmp_path: Path, capsys) -> None:
     assert f"sidecar: {sidecar}" in stdout
 
     model = resenc_unet("tiny", out_channels=3)
-    report = load_pretrained(model, out)
+    report = load_pretrained(model, out, decoder=True)
     assert report.layout == "exported" and report.missing == ["head.weight", "head.bias"]
     for key, value in online.items():
         assert torch.equal(model.state_dict()[key], value), key
