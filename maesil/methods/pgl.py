@@ -74,8 +74,8 @@ class PGL(BootstrapModule):
             nnssl and MONAI included); not when resuming with ``--ckpt_path``.
     """
 
-    #: The online U-Net: encoder, and decoder on request (``transfer_decoder``). Recognised by its projector: one 1×1×1 conv MLP per
-    #: decoder scale (``projector.0.0.weight``).
+    #: The online U-Net: encoder, and decoder on request (``transfer_decoder``). Recognised by its projector:
+    #: one 1×1×1 conv MLP per decoder scale (``projector.0.0.weight``).
     transfer_layout: ClassVar[TransferLayout | None] = TransferLayout(
         prefixes={"backbone.encoder.": "encoder.", "backbone.decoder.": "decoder."},
         network="resenc",

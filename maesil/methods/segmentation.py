@@ -202,7 +202,7 @@ class Segmentation(MethodModule):
 
         path = self.hparams.pretrained
         report = load_pretrained(self.net, path, mapping=self.hparams.pretrained_mapping,
-                                 decoder=bool(self.hparams.get("transfer_decoder", False)))
+                                 decoder=self.hparams.transfer_decoder)
         self.pretrained_report = report
         self.print(f"pretrained weights from {path}:\n{report.summary()}")
         spec = self.data_spec

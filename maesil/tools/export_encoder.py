@@ -20,11 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m maesil export-encoder",
         description="Export the pretrained encoder of a maesil checkpoint (e.g. MAESIL, PGL, BYOL, S3D) as "
         "safetensors, with its U-Net decoder for methods that train one (e.g. PGL, S3D): the method's transfer "
-        "layout says which weights those are (fine-tuning loads that decoder only with transfer_decoder: true). EMA targets, projectors, predictors and "
-        "pretraining-only decoders are left out. A JSON sidecar next to the output (enc.safetensors → enc.json) "
-        "records the method, architecture and preprocessing. The checkpoint is read with weights_only=True: "
-        "files that would need arbitrary unpickling are refused. --format nnunet and --format monai write the "
-        "same weights for nnU-Net (an nnssl checkpoint) or MONAI (a ViT state dict); see the README.",
+        "layout says which weights those are (fine-tuning loads that decoder only with transfer_decoder: true). "
+        "EMA targets, projectors, predictors and pretraining-only decoders are left out. A JSON sidecar next to "
+        "the output (enc.safetensors → enc.json) records the method, architecture and preprocessing. The "
+        "checkpoint is read with weights_only=True: files that would need arbitrary unpickling are refused. "
+        "--format nnunet and --format monai write the same weights for nnU-Net (an nnssl checkpoint) or MONAI "
+        "(a ViT state dict); see the README.",
     )
     parser.add_argument("checkpoint", type=Path, help="a maesil Lightning checkpoint (.ckpt) or a maesil export")
     parser.add_argument("--format", choices=("maesil", "nnunet", "monai"), default="maesil",
