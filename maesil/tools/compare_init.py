@@ -50,12 +50,15 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import multiprocessing
+import os
 import statistics
 import sys
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -438,6 +441,63 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
     return result
 
 
+def _worker_threads(threads: int) -> None:
+    """Pool initialiser: this worker's share of the cores as torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _fine_tune_logged(log: Path, arguments: dict) -> RunResult:
+    """:func:`fine_tune_and_test` in a pool worker, its output in ``log`` (runs side by side would interleave)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "w") as handle:
+        # At the descriptors, not only sys.stdout: logging handlers keep the streams they were made with.
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+        try:
+            return fine_tune_and_test(**arguments)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def worker_threads(jobs: int, environ: Mapping[str, str] = os.environ, cores: int | None = None) -> int:
+    """Torch threads per run with ``jobs`` runs side by side: an equal share of the command's threads (its
+    ``OMP_NUM_THREADS`` if set, else every core); torch's default of every core in every run would
+    oversubscribe the machine ``jobs`` times over."""
+    budget = environ.get("OMP_NUM_THREADS", "")
+    threads = int(budget) if budget.isdigit() and int(budget) > 0 else (cores or os.cpu_count() or 1)
+    return max(1, threads // max(1, jobs))
+
+
+def run_side_by_side(planned: Sequence[tuple[int, dict]], jobs: int, log_name: str = "fit.log"):
+    """Yields each planned run's :class:`RunResult` in plan order, running up to ``jobs`` at a time in spawned
+    processes. ``planned`` holds (label count, :func:`fine_tune_and_test` arguments). The first run of each
+    label count runs alone: it adds that count's volumes to the shared cache, which the others then read."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_threads,
+                             initargs=(worker_threads(jobs),)) as pool:
+        futures: list[Future] = []
+        primed: set[int] = set()
+        for count, arguments in planned:
+            log = arguments["out_dir"] / "runs" / arguments["run_name"] / log_name
+            future = pool.submit(_fine_tune_logged, log, arguments)
+            if count not in primed and arguments.get("cache_dir") is not None:
+                primed.add(count)
+                future.result()  # raises here, before the others start, if the first run fails
+            futures.append(future)
+        for future in futures:
+            yield future.result()
+
+
 # ------------------------------------------------------------------------------------------------ tables
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     finite = [v for v in values if not math.isnan(v)]
@@ -692,11 +752,15 @@ def compare_init_command(argv: Sequence[str]) -> int:
     parser.add_argument("--no-cache", action="store_true",
                         help="read the volumes from their files in every run instead of one prepared cache in "
                         "OUT/cache")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="fine-tuning runs at a time (default 1; more where one run leaves the machine idle, "
+                        "e.g. a GPU): each in its own process with its share of the cores, its output in its "
+                        "folder's fit.log")
     parser.add_argument("--out", type=Path, default=Path("runs/compare_init"))
     args = parser.parse_args(list(argv))
     counts = sorted(set(args.train_count))
-    if min(counts) < 1 or args.test_count < 1 or args.steps < 1:
-        parser.error("--train-count, --test-count and --steps must be >= 1")
+    if min(counts) < 1 or args.test_count < 1 or args.steps < 1 or args.jobs < 1:
+        parser.error("--train-count, --test-count, --steps and --jobs must be >= 1")
     curve_every = args.curve_every if args.curve_every is not None else max(1, args.steps // 5)
     if not 1 <= curve_every <= args.steps:
         parser.error(f"--curve-every must be in 1..--steps ({args.steps}), got {curve_every}")
@@ -740,32 +804,39 @@ def compare_init_command(argv: Sequence[str]) -> int:
     # Ascending counts: each count's manifest adds subjects to the shared cache, none is prepared twice. Within
     # a count, seed by seed: after each seed every arm has a run to be paired with, and the tables, rewritten
     # after every run, already hold complete pairs if the command is stopped.
-    for count in counts:
-        for seed in args.seeds:
-            for mode in modes:
-                for init in arms:
-                    arm = Arm(init.name, mode, count)
-                    print(f"== [{len(rows) + 1}/{total}] {init.name}, {mode}, {count} labelled, seed {seed}: "
-                          f"{args.steps} steps", flush=True)
-                    run = fine_tune_and_test(init, configs[init.family], manifests[count], seed, args.steps,
-                                             args.out, args.set,
-                                             cache_dir=None if args.no_cache else args.out / "cache", mode=mode,
-                                             curve_every=curve_every,
-                                             run_name=f"{slug(init.name)}_{mode}_n{count}_seed{seed}",
-                                             extra_configs=args.trainer_config, reuse=not args.force)
-                    print(f"   Dice {run.metrics.get('test/dice', math.nan):.3f}; {run.train_seconds:.0f} s training "
-                          f"({run.train_seconds / args.steps:.2f} s/step, setup included), {run.scorings} scorings "
-                          f"of the held-out set in {run.scoring_seconds:.0f} s"
-                          + (" (finished earlier with the same inputs: reused)" if run.reused else ""), flush=True)
-                    results[arm].append(run.metrics)
-                    curves[arm].append(run.curve)
-                    rows.append({"initialisation": init.name, "family": init.family,
-                                 "checkpoint": str(init.checkpoint or ""), "mode": mode, "train_count": count,
-                                 "seed": seed, **run.metrics, "train_seconds": round(run.train_seconds, 2),
-                                 "scoring_seconds": round(run.scoring_seconds, 2), "scorings": run.scorings})
-                    curve_rows += [{"initialisation": init.name, "mode": mode, "train_count": count, "seed": seed,
-                                    "step": step, "dice": dice} for step, dice in run.curve]
-                    table, pairs = write_tables(args.out, rows, curve_rows, results, class_names)
+    planned = [(count, seed, mode, init) for count in counts for seed in args.seeds for mode in modes
+               for init in arms]
+    arguments = [dict(arm=init, config=configs[init.family], manifest=manifests[count], seed=seed, steps=args.steps,
+                      out_dir=args.out, overrides=args.set,
+                      cache_dir=None if args.no_cache else args.out / "cache", mode=mode, curve_every=curve_every,
+                      run_name=f"{slug(init.name)}_{mode}_n{count}_seed{seed}", extra_configs=args.trainer_config,
+                      reuse=not args.force)
+                 for count, seed, mode, init in planned]
+    if args.jobs > 1:
+        print(f"== {total} runs, {args.jobs} at a time; each run's output in its folder's fit.log", flush=True)
+        finished = run_side_by_side([(item[0], kwargs) for item, kwargs in zip(planned, arguments)], args.jobs)
+    else:
+        finished = (fine_tune_and_test(**kwargs) for kwargs in arguments)
+    for index, (count, seed, mode, init) in enumerate(planned):
+        arm = Arm(init.name, mode, count)
+        heading = f"{init.name}, {mode}, {count} labelled, seed {seed}: {args.steps} steps"
+        if args.jobs == 1:
+            print(f"== [{index + 1}/{total}] {heading}", flush=True)
+        run = next(finished)
+        print(f"{'   ' if args.jobs == 1 else f'== [{index + 1}/{total}] {heading}: '}"
+              f"Dice {run.metrics.get('test/dice', math.nan):.3f}; {run.train_seconds:.0f} s training "
+              f"({run.train_seconds / args.steps:.2f} s/step, setup included), {run.scorings} scorings "
+              f"of the held-out set in {run.scoring_seconds:.0f} s"
+              + (" (finished earlier with the same inputs: reused)" if run.reused else ""), flush=True)
+        results[arm].append(run.metrics)
+        curves[arm].append(run.curve)
+        rows.append({"initialisation": init.name, "family": init.family,
+                     "checkpoint": str(init.checkpoint or ""), "mode": mode, "train_count": count,
+                     "seed": seed, **run.metrics, "train_seconds": round(run.train_seconds, 2),
+                     "scoring_seconds": round(run.scoring_seconds, 2), "scorings": run.scorings})
+        curve_rows += [{"initialisation": init.name, "mode": mode, "train_count": count, "seed": seed,
+                        "step": step, "dice": dice} for step, dice in run.curve]
+        table, pairs = write_tables(args.out, rows, curve_rows, results, class_names)
     elapsed = time.perf_counter() - started
 
     picture = plot(results, class_names, args.out / "compare_init.png")

@@ -89,6 +89,7 @@ class EvidencePlan:
     trainer_configs: list[Path] = field(default_factory=list)  # composed after each YAML, e.g. gpu_bf16.yaml
     overrides: list[str] = field(default_factory=list)  # KEY=VALUE for every training run
     pretrain_cache: Path | None = None  # a prepared cache every pretraining run reads (written by the first)
+    finetune_jobs: int = 1  # compare-init --jobs: fine-tuning runs at a time in each compare-init stage
 
     def display(self, jobs: int = 1) -> str:
         """The ``python -m maesil evidence`` command line of this plan."""
@@ -110,6 +111,8 @@ class EvidencePlan:
             words += ["--set", *self.overrides]
         if self.pretrain_cache is not None:
             words += ["--pretrain-cache", _relative(str(self.pretrain_cache))]
+        if self.finetune_jobs > 1:
+            words += ["--finetune-jobs", str(self.finetune_jobs)]
         if jobs > 1:
             words += ["--jobs", str(jobs)]
         return " ".join(words)
@@ -157,6 +160,8 @@ class EvidencePlan:
                 command += ["--trainer-config", *map(str, self.trainer_configs)]
             if self.overrides:
                 command += ["--set", *self.overrides]
+            if self.finetune_jobs > 1:
+                command += ["--jobs", str(self.finetune_jobs)]
             stages.append(Stage(f"compare-init {method}", command, compare / "paired.csv",
                                 needs=(f"pretrain {method}",), force_flag="--force"))
         return stages
@@ -431,12 +436,15 @@ def evidence_command(argv: Sequence[str]) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="pretraining runs at a time after the first (default 1; more where one run leaves "
                         "the machine idle, e.g. a GPU)")
+    parser.add_argument("--finetune-jobs", type=int, default=1,
+                        help="fine-tuning runs at a time in each compare-init stage (its --jobs; default 1)")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even those done earlier")
     parser.add_argument("--summary-only", action="store_true", help="only rewrite summary.md from the outputs there")
     args = parser.parse_args(list(argv))
     if (any(s < 1 for s in args.train_count) or (args.pretrain_steps or 1) < 1 or (args.cnn_steps or 1) < 1
-            or args.finetune_steps < 1 or args.jobs < 1):
-        parser.error("--train-count, --pretrain-steps, --cnn-steps, --finetune-steps and --jobs must be >= 1")
+            or args.finetune_steps < 1 or args.jobs < 1 or args.finetune_jobs < 1):
+        parser.error("--train-count, --pretrain-steps, --cnn-steps, --finetune-steps, --jobs and --finetune-jobs "
+                     "must be >= 1")
     if not all(map(is_override, args.set)):
         parser.error(f"--set takes KEY=VALUE items, got {args.set}")
     missing = [str(path) for path in args.trainer_config if not path.is_file()]
@@ -446,7 +454,8 @@ def evidence_command(argv: Sequence[str]) -> int:
                         pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
                         train_counts=args.train_count, modes=args.modes, cnn_steps=args.cnn_steps,
                         trainer_configs=[path.resolve() for path in args.trainer_config], overrides=args.set,
-                        pretrain_cache=args.pretrain_cache.resolve() if args.pretrain_cache else None)
+                        pretrain_cache=args.pretrain_cache.resolve() if args.pretrain_cache else None,
+                        finetune_jobs=args.finetune_jobs)
     if args.summary_only:
         stages = plan.stages()
         record = json.loads((plan.out / "stages.json").read_text()) if (plan.out / "stages.json").exists() else {}

@@ -20,11 +20,13 @@ from maesil.tools.compare_init import (
     finished_run,
     run_inputs,
     mean_std,
+    slug,
     paired_differences,
     paired_summary,
     paired_table,
     summary_table,
     without_config_preset,
+    worker_threads,
     yaml_network_sizes,
 )
 
@@ -175,10 +177,35 @@ def test_compare_init_few_label_protocol_runs_every_count_mode_and_seed(tiny_ct_
     assert capsys.readouterr().out.count("reused") == 8
     assert (out / "results.csv").read_text() == results_before
 
+    # Side by side (--jobs 2): each run in its own process, its output in its folder's fit.log, the same scores.
+    side = tmp_path / "side"
+    side_common = [*common[:common.index("--out")], "--out", str(side), *common[common.index("--out") + 2:]]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare-init", "--train-count", "1", "--modes", "finetune", "--curve-every", "1", "--jobs", "2",
+              *side_common])
+    assert exit_info.value.code == 0
+    assert "2 runs, 2 at a time" in capsys.readouterr().out
+    side_rows = list(csv.DictReader(open(side / "results.csv")))
+    assert [(r["initialisation"], r["mode"]) for r in side_rows] == [("scratch (unet)", "finetune"),
+                                                                      (arm.name, "finetune")]
+    for row in side_rows:
+        assert float(row["test/dice"]) == pytest.approx(by_run[(row["initialisation"], "finetune", "1", "0")],
+                                                        abs=1e-4)
+        log = side / "runs" / f"{slug(row['initialisation'])}_finetune_n1_seed0" / "fit.log"
+        assert "max_steps=2" in log.read_text()
+
     with pytest.raises(SystemExit) as exit_info:
         main(["compare-init", "--train-count", "3", *common])
     assert exit_info.value.code == 1
     assert f"--train-count 3 exceeds the 2 training subject(s) of {manifest}" in capsys.readouterr().err
+
+
+def test_runs_side_by_side_share_the_threads_of_the_command():
+    assert worker_threads(2, {}, cores=16) == 8
+    assert worker_threads(6, {}, cores=16) == 2
+    assert worker_threads(4, {}, cores=2) == 1
+    assert worker_threads(3, {"OMP_NUM_THREADS": "6"}, cores=16) == 2  # a share of what the caller allowed
+    assert worker_threads(2, {"OMP_NUM_THREADS": "x"}, cores=4) == 2
 
 
 def test_compare_init_refuses_a_checkpoint_without_encoder(tmp_path, capsys):

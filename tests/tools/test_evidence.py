@@ -171,6 +171,12 @@ def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(t
     assert plan.display(jobs=4).endswith(f"--cnn-steps 300 --trainer-config {gpu} --set "
                                          f"data.init_args.num_workers=6 --pretrain-cache {tmp_path / 'cache'} "
                                          "--jobs 4")
+    assert "--jobs" not in compare  # compare-init runs one fine-tuning at a time unless asked
+    plan.finetune_jobs = 6
+    for method in ("maesil", "s3d"):
+        compare = {stage.name: stage.command for stage in plan.stages()}[f"compare-init {method}"]
+        assert compare[compare.index("--jobs") + 1] == "6"
+    assert plan.display(jobs=4).endswith("--finetune-jobs 6 --jobs 4")
 
 
 def test_each_stage_needs_exactly_the_stages_whose_outputs_it_reads(tmp_path):
@@ -244,6 +250,9 @@ def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evidence_command(["--out", str(tmp_path / "e"), "--set", "trainer.max_steps"])
     assert "KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evidence_command(["--out", str(tmp_path / "e"), "--finetune-jobs", "0"])
+    assert "--finetune-jobs" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
 
 
