@@ -114,9 +114,11 @@ EOF
   # fp32 gives the ratio (MONAI's MaskedAutoEncoderViT does not run under bf16 autocast), bf16 maesil's own step
   local mae=(--size paper --device cuda --batch-size 4 --steps 10 --warmup 3)
   local compile=(--config experiments/pretrain/maesil.yaml --steps 10 --no-flops --set model.init_args.compile=true)
-  # 600 fine-tuning steps: where the scratch U-Net plateaus on the phantoms; six runs at a time share the GPU
+  # 600 fine-tuning steps: where the scratch U-Net plateaus on the phantoms; six runs at a time share the GPU.
+  # Fine-tuning reads its small superpatches from compare-init's cache in the main process (no worker processes
+  # forked from a CUDA process every 8-batch epoch).
   local evidence=(--pretrain-steps 1600 --cnn-steps 600 --finetune-steps 600 --seeds 0 1 2 --jobs 6
-    --finetune-jobs 6)
+    --finetune-jobs 6 --finetune-set data.init_args.num_workers=0)
   if [[ "$REDUCED" == 1 ]]; then
     trainer=experiments/trainer/cpu_demo.yaml workers=1
     table=(--steps 2 --recipes maesil)

@@ -90,6 +90,7 @@ class EvidencePlan:
     overrides: list[str] = field(default_factory=list)  # KEY=VALUE for every training run
     pretrain_cache: Path | None = None  # a prepared cache every pretraining run reads (written by the first)
     finetune_jobs: int = 1  # compare-init --jobs: fine-tuning runs at a time in each compare-init stage
+    finetune_overrides: list[str] = field(default_factory=list)  # KEY=VALUE for the fine-tuning runs only
 
     def display(self, jobs: int = 1) -> str:
         """The ``python -m maesil evidence`` command line of this plan."""
@@ -111,6 +112,8 @@ class EvidencePlan:
             words += ["--set", *self.overrides]
         if self.pretrain_cache is not None:
             words += ["--pretrain-cache", _relative(str(self.pretrain_cache))]
+        if self.finetune_overrides:
+            words += ["--finetune-set", *self.finetune_overrides]
         if self.finetune_jobs > 1:
             words += ["--finetune-jobs", str(self.finetune_jobs)]
         if jobs > 1:
@@ -158,8 +161,8 @@ class EvidencePlan:
                        "--steps", str(self.finetune_steps), "--curve-every", str(max(1, self.finetune_steps // 3))]
             if self.trainer_configs:
                 command += ["--trainer-config", *map(str, self.trainer_configs)]
-            if self.overrides:
-                command += ["--set", *self.overrides]
+            if self.overrides or self.finetune_overrides:
+                command += ["--set", *self.overrides, *self.finetune_overrides]  # the later of two settings wins
             if self.finetune_jobs > 1:
                 command += ["--jobs", str(self.finetune_jobs)]
             stages.append(Stage(f"compare-init {method}", command, compare / "paired.csv",
@@ -436,6 +439,9 @@ def evidence_command(argv: Sequence[str]) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="pretraining runs at a time after the first (default 1; more where one run leaves "
                         "the machine idle, e.g. a GPU)")
+    parser.add_argument("--finetune-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the fine-tuning runs only, after --set, e.g. "
+                        "data.init_args.num_workers=0")
     parser.add_argument("--finetune-jobs", type=int, default=1,
                         help="fine-tuning runs at a time in each compare-init stage (its --jobs; default 1)")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even those done earlier")
@@ -445,8 +451,9 @@ def evidence_command(argv: Sequence[str]) -> int:
             or args.finetune_steps < 1 or args.jobs < 1 or args.finetune_jobs < 1):
         parser.error("--train-count, --pretrain-steps, --cnn-steps, --finetune-steps, --jobs and --finetune-jobs "
                      "must be >= 1")
-    if not all(map(is_override, args.set)):
-        parser.error(f"--set takes KEY=VALUE items, got {args.set}")
+    for flag, items in (("--set", args.set), ("--finetune-set", args.finetune_set)):
+        if not all(map(is_override, items)):
+            parser.error(f"{flag} takes KEY=VALUE items, got {items}")
     missing = [str(path) for path in args.trainer_config if not path.is_file()]
     if missing:
         parser.error(f"--trainer-config: no such file: {', '.join(missing)}")
@@ -455,7 +462,7 @@ def evidence_command(argv: Sequence[str]) -> int:
                         train_counts=args.train_count, modes=args.modes, cnn_steps=args.cnn_steps,
                         trainer_configs=[path.resolve() for path in args.trainer_config], overrides=args.set,
                         pretrain_cache=args.pretrain_cache.resolve() if args.pretrain_cache else None,
-                        finetune_jobs=args.finetune_jobs)
+                        finetune_jobs=args.finetune_jobs, finetune_overrides=args.finetune_set)
     if args.summary_only:
         stages = plan.stages()
         record = json.loads((plan.out / "stages.json").read_text()) if (plan.out / "stages.json").exists() else {}

@@ -177,6 +177,13 @@ def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(t
         compare = {stage.name: stage.command for stage in plan.stages()}[f"compare-init {method}"]
         assert compare[compare.index("--jobs") + 1] == "6"
     assert plan.display(jobs=4).endswith("--finetune-jobs 6 --jobs 4")
+    plan.finetune_overrides = ["data.init_args.num_workers=0"]
+    stages = {stage.name: stage.command for stage in plan.stages()}
+    compare = stages["compare-init s3d"]
+    assert compare[compare.index("--set") + 1:compare.index("--set") + 3] == [
+        "data.init_args.num_workers=6", "data.init_args.num_workers=0"]  # the fine-tuning setting comes last
+    assert "data.init_args.num_workers=0" not in " ".join(stages["pretrain maesil"])
+    assert "--finetune-set data.init_args.num_workers=0 --finetune-jobs 6" in plan.display()
 
 
 def test_each_stage_needs_exactly_the_stages_whose_outputs_it_reads(tmp_path):
@@ -250,6 +257,9 @@ def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evidence_command(["--out", str(tmp_path / "e"), "--set", "trainer.max_steps"])
     assert "KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evidence_command(["--out", str(tmp_path / "e"), "--finetune-set", "data.init_args.num_workers"])
+    assert "--finetune-set takes KEY=VALUE" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evidence_command(["--out", str(tmp_path / "e"), "--finetune-jobs", "0"])
     assert "--finetune-jobs" in capsys.readouterr().err
