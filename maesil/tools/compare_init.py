@@ -368,6 +368,50 @@ def finished_run(run_dir: Path, inputs: dict, yaml_sizes: dict | None = None) ->
                      stored["scoring_seconds"], stored["scorings"], reused=True)
 
 
+def cli_arguments(arm: Initialisation, config: Path, manifest: Path, seed: int, steps: int, run_dir: Path,
+                  overrides: Sequence[str] = (), cache_dir: Path | None = None, mode: str = "finetune",
+                  curve_every: int | None = None, extra_configs: Sequence[Path] = ()) -> list[str]:
+    """The ``fit`` command line of one fine-tuning run (:func:`fine_tune_and_test`)."""
+    import json
+
+    args = [
+        "--config", str(config),
+        *[word for extra in extra_configs for word in ("--config", str(extra))],
+        "--seed_everything", str(seed),
+        "--data.init_args.data_dir", str(manifest),
+        "--data.init_args.val_fraction", "0",
+        "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", str(curve_every or steps),
+        "--trainer.default_root_dir", str(run_dir),
+        "--model.init_args.pretrained", str(arm.checkpoint) if arm.checkpoint else "null",
+        "--model.init_args.freeze_encoder", "true" if mode == "frozen" else "false",
+    ]  # fmt: skip
+    if cache_dir is not None:
+        args += ["--data.init_args.cache_dir", str(cache_dir)]
+    if arm.preset:
+        args += ["--model.init_args.preset", arm.preset]
+    if arm.network_args:
+        args += ["--model.init_args.network_args", json.dumps(arm.network_args)]
+    args += override_arguments(overrides)
+    return args
+
+
+def prepare_run_cache(arguments: dict) -> None:
+    """Prepares the cache a fine-tuning run reads (``arguments`` as for :func:`fine_tune_and_test`), as the run
+    itself would at its start, so that runs side by side find it written."""
+    from maesil.lightning_cli import MaesilCLI
+
+    run_dir = arguments["out_dir"] / "runs" / arguments["run_name"]
+    args = cli_arguments(arguments["arm"], arguments["config"], arguments["manifest"], arguments["seed"],
+                         arguments["steps"], run_dir, arguments.get("overrides", ()), arguments["cache_dir"],
+                         arguments.get("mode", "finetune"), arguments.get("curve_every"),
+                         arguments.get("extra_configs", ()))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = MaesilCLI(args=args, run=False)
+    cli.datamodule.prepare_data()
+
+
 def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: int, steps: int,
                        out_dir: Path, overrides: Sequence[str] = (), cache_dir: Path | None = None,
                        mode: str = "finetune", curve_every: int | None = None, run_name: str | None = None,
@@ -395,25 +439,8 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
     inputs = run_inputs(arm, config, manifest, seed, steps, overrides, mode, curve_every, extra_configs)
     if reuse and (done := finished_run(run_dir, inputs, yaml_network_sizes(arm.family, config))) is not None:
         return done
-    args = [
-        "--config", str(config),
-        *[word for extra in extra_configs for word in ("--config", str(extra))],
-        "--seed_everything", str(seed),
-        "--data.init_args.data_dir", str(manifest),
-        "--data.init_args.val_fraction", "0",
-        "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", str(curve_every or steps),
-        "--trainer.default_root_dir", str(run_dir),
-        "--model.init_args.pretrained", str(arm.checkpoint) if arm.checkpoint else "null",
-        "--model.init_args.freeze_encoder", "true" if mode == "frozen" else "false",
-    ]  # fmt: skip
-    if cache_dir is not None:
-        args += ["--data.init_args.cache_dir", str(cache_dir)]
-    if arm.preset:
-        args += ["--model.init_args.preset", arm.preset]
-    if arm.network_args:
-        args += ["--model.init_args.network_args", json.dumps(arm.network_args)]
-    args += override_arguments(overrides)
+    args = cli_arguments(arm, config, manifest, seed, steps, run_dir, overrides, cache_dir, mode, curve_every,
+                         extra_configs)
     started = time.perf_counter()
     with warnings.catch_warnings():  # the arguments come from here, not from sys.argv: nothing to warn about
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -480,20 +507,19 @@ def worker_threads(jobs: int, environ: Mapping[str, str] = os.environ, cores: in
 
 def run_side_by_side(planned: Sequence[tuple[int, dict]], jobs: int, log_name: str = "fit.log"):
     """Yields each planned run's :class:`RunResult` in plan order, running up to ``jobs`` at a time in spawned
-    processes. ``planned`` holds (label count, :func:`fine_tune_and_test` arguments). The first run of each
-    label count runs alone: it adds that count's volumes to the shared cache, which the others then read."""
+    processes. ``planned`` holds (label count, :func:`fine_tune_and_test` arguments). Each label count's volumes
+    are added to the shared cache here, before its runs start, so that no two runs write it at once."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_threads,
                              initargs=(worker_threads(jobs),)) as pool:
         futures: list[Future] = []
         primed: set[int] = set()
         for count, arguments in planned:
-            log = arguments["out_dir"] / "runs" / arguments["run_name"] / log_name
-            future = pool.submit(_fine_tune_logged, log, arguments)
             if count not in primed and arguments.get("cache_dir") is not None:
                 primed.add(count)
-                future.result()  # raises here, before the others start, if the first run fails
-            futures.append(future)
+                prepare_run_cache(arguments)
+            log = arguments["out_dir"] / "runs" / arguments["run_name"] / log_name
+            futures.append(pool.submit(_fine_tune_logged, log, arguments))
         for future in futures:
             yield future.result()
 
