@@ -7,12 +7,13 @@
 #   bash benchmarks/gpu_check.sh wheels            # here, with the package registry: .gpu_wheels/, size checked
 #   bash benchmarks/gpu_check.sh run OUT           # on the GPU machine: installs the missing wheels, runs the checks
 #   GPU_CHECK_REDUCED=1 bash benchmarks/gpu_check.sh run OUT   # CPU, tiny budgets: the script's own dry run
-#   GPU_CHECK_PARTS="evidence" bash benchmarks/gpu_check.sh run OUT   # some parts only (default: all four)
+#   GPU_CHECK_PARTS="evidence" bash benchmarks/gpu_check.sh run OUT   # some parts only (default: all five)
 #   GPU_CHECK_COLLECT=DIR ...   # at the end, copy the figures, tables, logs and summaries (not checkpoints) to DIR
 #
-# Every part has its own time limit (seconds: GPU_CHECK_TABLE_S, GPU_CHECK_COMPILE_S, GPU_CHECK_MAE_S,
-# GPU_CHECK_EVIDENCE_S) so that the whole stays within about 8 minutes on one H200 and a part that hangs leaves the
-# others their time. Each part writes its log and figures under OUT; a part cut off by its limit leaves what it had
+# Every part has its own time limit (seconds: GPU_CHECK_TABLE_S, GPU_CHECK_COMPILE_S, GPU_CHECK_CHANNELS_LAST_S,
+# GPU_CHECK_MAE_S, GPU_CHECK_EVIDENCE_S; GPU_CHECK_RECIPE_TIMEOUT for each recipe of the table) so that a part
+# that hangs leaves the others their time; the defaults add up to about 10 minutes on one H200, so with 15 minutes
+# of device time a session picks parts (GPU_CHECK_PARTS, GPU_CHECK_RECIPES). Each part writes its log and figures under OUT; a part cut off by its limit leaves what it had
 # finished (the evidence run records finished stages, compare-init rewrites its tables after every run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ WHEELS=${GPU_WHEELS:-.gpu_wheels}
 SITE=${GPU_SITE:-.gpu_site}
 [[ "$SITE" == /* ]] || SITE="$PWD/$SITE"
 REDUCED=${GPU_CHECK_REDUCED:-0}
-PARTS=" ${GPU_CHECK_PARTS:-recipe_table compile mae_vs_monai evidence} "
+PARTS=" ${GPU_CHECK_PARTS:-recipe_table compile channels_last mae_vs_monai evidence} "
 PY=${PYTHON:-python3}
 LIMIT_MIB=64
 
@@ -109,11 +110,15 @@ EOF
 
   local trainer=experiments/trainer/gpu_bf16.yaml workers=4
   # GPU_CHECK_RECIPES: some recipes only (e.g. those a first try did not reach)
-  local table=(--steps 10 --warmup 3 --loader-batches 2 --max-batch --max-batch-limit 64 --timeout 60
+  local table=(--steps 10 --warmup 3 --loader-batches 2 --max-batch --max-batch-limit 64
+    --timeout "${GPU_CHECK_RECIPE_TIMEOUT:-60}"
     --recipes ${GPU_CHECK_RECIPES:-maesil selfmedmae s3d pgl unetr unet byol ae vae vqvae maesil_mri})
   # fp32 gives the ratio (MONAI's MaskedAutoEncoderViT does not run under bf16 autocast), bf16 maesil's own step
   local mae=(--size paper --device cuda --batch-size 4 --steps 10 --warmup 3)
   local compile=(--config experiments/pretrain/maesil.yaml --steps 10 --no-flops --set model.init_args.compile=true)
+  # channels_last_3d for the CNNs: PGL's step with it, against the same step in the recipe table
+  local channels_last=(--config experiments/pretrain/pgl.yaml --steps 10 --no-flops --loader-batches 2
+    --set model.init_args.channels_last=true)
   # 600 fine-tuning steps: where the scratch U-Net plateaus on the phantoms; six runs at a time share the GPU.
   # Fine-tuning reads its small superpatches from compare-init's cache in the main process (no worker processes
   # forked from a CUDA process every 8-batch epoch).
@@ -125,6 +130,8 @@ EOF
     compile=(--config experiments/pretrain/maesil_demo.yaml --steps 2 --set model.init_args.compile=true
       --set model.init_args.compile_backend=aot_eager)
     mae=(--size demo --device cpu --batch-size 1 --steps 1 --warmup 1)
+    channels_last=(--config experiments/pretrain/pgl_demo.yaml --steps 1 --warmup 1 --no-flops --loader-batches 1
+      --set model.init_args.channels_last=true)
     evidence=(--pretrain-steps 4 --cnn-steps 2 --finetune-steps 2 --seeds 0 --modes finetune --jobs 2
       --finetune-jobs 2)
   fi
@@ -143,6 +150,8 @@ EOF
     "${table[@]}"
   part compile "${GPU_CHECK_COMPILE_S:-75}" "$PY" -m maesil profile "${compile[@]}" --config "$trainer" \
     --json "$OUT_DIR/compile.json"
+  part channels_last "${GPU_CHECK_CHANNELS_LAST_S:-60}" "$PY" -m maesil profile "${channels_last[@]}" \
+    --config "$trainer" --json "$OUT_DIR/channels_last.json"
   part mae_vs_monai "${GPU_CHECK_MAE_S:-60}" bash -c '"$0" benchmarks/mae_throughput.py "$@" --precision fp32 &&
     "$0" benchmarks/mae_throughput.py "$@" --precision bf16' "$PY" "${mae[@]}"
   cat "$OUT_DIR/parts.txt"
