@@ -403,9 +403,8 @@ def prepare_run_cache(arguments: dict) -> None:
 
     run_dir = arguments["out_dir"] / "runs" / arguments["run_name"]
     args = cli_arguments(arguments["arm"], arguments["config"], arguments["manifest"], arguments["seed"],
-                         arguments["steps"], run_dir, arguments.get("overrides", ()), arguments["cache_dir"],
-                         arguments.get("mode", "finetune"), arguments.get("curve_every"),
-                         arguments.get("extra_configs", ()))
+                         arguments["steps"], run_dir, arguments["overrides"], arguments["cache_dir"],
+                         arguments["mode"], arguments["curve_every"], arguments["extra_configs"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         cli = MaesilCLI(args=args, run=False)
@@ -846,11 +845,11 @@ def compare_init_command(argv: Sequence[str]) -> int:
     for index, (count, seed, mode, init) in enumerate(planned):
         arm = Arm(init.name, mode, count)
         heading = f"{init.name}, {mode}, {count} labelled, seed {seed}: {args.steps} steps"
-        if args.jobs == 1:
+        if args.jobs == 1:  # before the run, which prints its own progress below it
             print(f"== [{index + 1}/{total}] {heading}", flush=True)
         run = next(finished)
-        print(f"{'   ' if args.jobs == 1 else f'== [{index + 1}/{total}] {heading}: '}"
-              f"Dice {run.metrics.get('test/dice', math.nan):.3f}; {run.train_seconds:.0f} s training "
+        prefix = "   " if args.jobs == 1 else f"== [{index + 1}/{total}] {heading}: "
+        print(f"{prefix}Dice {run.metrics.get('test/dice', math.nan):.3f}; {run.train_seconds:.0f} s training "
               f"({run.train_seconds / args.steps:.2f} s/step, setup included), {run.scorings} scorings "
               f"of the held-out set in {run.scoring_seconds:.0f} s"
               + (" (finished earlier with the same inputs: reused)" if run.reused else ""), flush=True)
