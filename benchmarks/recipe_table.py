@@ -74,6 +74,18 @@ def error_line(stderr: str) -> str:
     return lines[-1] if lines else "failed without a message"
 
 
+def last_stage(stderr: str | bytes | None) -> str | None:
+    """The last stage a profile announced (``[profile] ...`` on stderr), or None."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else (stderr or "")
+    stages = [line.partition("[profile] ")[2].strip() for line in text.splitlines() if "[profile] " in line]
+    return stages[-1] if stages else None
+
+
+def max_batch_seconds(args: argparse.Namespace) -> float:
+    """The time for each recipe's largest-batch search: ``--max-batch-seconds``, or half of ``--timeout``."""
+    return args.max_batch_seconds if args.max_batch_seconds is not None else args.timeout / 2
+
+
 def profile_recipe(configs: Sequence[Path], json_path: Path, args: argparse.Namespace, on_gpu: bool) -> dict:
     """Runs ``python -m maesil profile`` on ``configs``; the figures, or ``{"error": first line}``."""
     command = [sys.executable, "-m", "maesil", "profile", "--json", str(json_path),
@@ -85,19 +97,21 @@ def profile_recipe(configs: Sequence[Path], json_path: Path, args: argparse.Name
     for override in args.overrides:
         command += ["--set", override]
     if args.max_batch:
-        command += ["--max-batch", "--max-batch-limit", str(args.max_batch_limit or (1024 if on_gpu else 16))]
+        command += ["--max-batch", "--max-batch-limit", str(args.max_batch_limit or (1024 if on_gpu else 16)),
+                    "--max-batch-seconds", f"{max_batch_seconds(args):g}"]
     json_path.unlink(missing_ok=True)
     print("$", " ".join(command), flush=True)
     try:
         result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as timeout:
         # The figures are written (atomically) once every measurement is done: a run that wrote them and then
         # did not exit in time (loader workers or the CUDA context shutting down) has measured everything.
         if json_path.is_file():
             print(f"   {json_path.name} written, but the process did not exit within {args.timeout} s: figures kept",
                   flush=True)
             return json.loads(json_path.read_text())
-        return {"error": f"timed out after {args.timeout} s"}
+        stage = last_stage(timeout.stderr)
+        return {"error": f"timed out after {args.timeout} s" + (f" at: {stage}" if stage else "")}
     if result.returncode != 0 or not json_path.is_file():
         return {"error": error_line(result.stderr or result.stdout)}
     print(result.stdout.strip(), flush=True)
@@ -143,8 +157,8 @@ def table_row(recipe: str, figures: dict | None, config: Path | None = None) -> 
         "s/step": _number(figures["seconds_per_step_median"], 3),
         "superpatches/s": _number(figures["superpatches_per_second"], 2),
         "peak GiB": _number(peak, 2) + ("" if figures["accelerator"] == "cuda" else " (RSS)"),
-        "largest batch": "" if largest is None else f"{largest}" + (
-            "+" if figures.get("largest_batch_stopped_by") == "limit" else ""),
+        "largest batch": "" if largest is None else {"limit": f"{largest}+", "time limit": f"≥{largest}"}.get(
+            figures.get("largest_batch_stopped_by"), f"{largest}"),
         "MFU": "n/a" if mfu is None else f"{mfu:.1%}",
         "device": f"{figures['device']}, {figures['precision']}",
         "date": figures["date"],
@@ -180,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", action="store_true", help="find each recipe's largest batch")
     parser.add_argument("--max-batch-limit", type=int, default=None,
                         help="largest batch tried (default 1024 GPU, 16 CPU)")
+    parser.add_argument("--max-batch-seconds", type=float, default=None,
+                        help="seconds for each largest-batch search (default: half of --timeout)")
     parser.add_argument("--recipes", nargs="+", default=None, metavar="NAME",
                         help="only these recipes, in this order (names of the paper-sized YAMLs, e.g. maesil unetr)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -209,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "on a machine without a GPU: the paper-sized rows are not measured, the `_demo` rows ran on the "
                "CPU.")
             + " s/step: median of the timed steps on one prepared batch (data loading excluded); peak GiB: CUDA "
-              "max allocated (CPU: peak RSS); largest batch: `--max-batch` (+: stopped at the limit); MFU: model "
+              "max allocated (CPU: peak RSS); largest batch: `--max-batch` (+: stopped at the limit; ≥: the search's time ran out); MFU: model "
               "FLOPs per step / s/step against the device's dense bf16 peak.")
     rows = []
     for recipe in recipes:  # the tables are rewritten after every recipe, so a stopped run leaves its rows

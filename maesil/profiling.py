@@ -305,25 +305,37 @@ class LargestBatch:
     size: int
     limit: int
     trials: tuple[tuple[int, bool], ...]
-    stopped_by: str  # "limit", "out of memory" or "memory guard"
+    stopped_by: str  # "limit", "out of memory", "memory guard" or "time limit" (then ``size`` is a lower bound)
 
 
 def largest_batch(make_trainer: TrainerFactory, model: L.LightningModule, batch: Any, limit: int,
                   fits_in_memory: Callable[[int], bool] | None = None,
-                  datamodule: L.LightningDataModule | None = None) -> LargestBatch:
+                  datamodule: L.LightningDataModule | None = None, seconds: float | None = None,
+                  on_trial: Callable[[int], None] | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> LargestBatch:
     """The largest batch size up to ``limit`` with which two training steps run: from the prepared batch's
     size, doubled until a size fails (``torch.OutOfMemoryError``) or reaches ``limit``, then bisected.
 
     ``fits_in_memory(size)``, when given, is asked before each try; ``False`` counts as a failure without
     running (on CPU there is no out-of-memory error to catch, only the operating system's killer).
+    ``seconds`` bounds the search: no new size is tried once that many seconds have passed, and the size
+    that last fitted is returned, stopped by ``"time limit"`` (each try builds a trainer and, on CUDA, may
+    autotune new kernels for the new shape, so a large 3D network can take minutes). ``on_trial(size)`` is
+    called before each try, e.g. to report progress.
     """
     base = batch_size_of(batch)
     if limit < base:
         raise ValueError(f"the batch size limit {limit} is below the configured batch size {base}")
     trials: list[tuple[int, bool]] = []
     reasons: dict[int, str] = {}
+    started = clock()
+
+    def out_of_time() -> bool:
+        return seconds is not None and clock() - started >= seconds
 
     def fits(size: int) -> bool:
+        if on_trial is not None:
+            on_trial(size)
         if fits_in_memory is not None and not fits_in_memory(size):
             trials.append((size, False))
             reasons[size] = "memory guard"
@@ -343,6 +355,8 @@ def largest_batch(make_trainer: TrainerFactory, model: L.LightningModule, batch:
 
     good, bad = base, None
     while bad is None and good < limit:
+        if out_of_time():
+            return LargestBatch(good, limit, tuple(trials), "time limit")
         candidate = min(good * 2, limit)
         if fits(candidate):
             good = candidate
@@ -352,6 +366,8 @@ def largest_batch(make_trainer: TrainerFactory, model: L.LightningModule, batch:
         return LargestBatch(good, limit, tuple(trials), "limit")
     first_failure = bad
     while bad - good > 1:
+        if out_of_time():
+            return LargestBatch(good, limit, tuple(trials), "time limit")
         middle = (good + bad) // 2
         if fits(middle):
             good = middle

@@ -27,7 +27,7 @@ def recipe_table():
 
 def _arguments() -> argparse.Namespace:
     return argparse.Namespace(steps=2, warmup=1, loader_batches=1, overrides=[], max_batch=False,
-                              max_batch_limit=None, timeout=5)
+                              max_batch_limit=None, max_batch_seconds=None, timeout=5)
 
 
 def test_a_profile_that_timed_out_after_writing_its_figures_keeps_them(recipe_table, tmp_path, monkeypatch):
@@ -54,3 +54,34 @@ def test_a_profile_that_timed_out_without_figures_is_a_failed_row(recipe_table, 
     assert result == {"error": "timed out after 5 s"}
     row = recipe_table.table_row("unet", result)
     assert row["recipe"] == "unet" and row["network"] == "failed: timed out after 5 s"
+
+
+def test_a_timed_out_profile_names_the_stage_it_was_in(recipe_table, tmp_path, monkeypatch):
+    stderr = b"[profile] building the run\nwarning\n[profile] largest batch: trying 48\n"
+
+    def hung(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"], stderr=stderr)  # bytes, as run() leaves them
+
+    monkeypatch.setattr(recipe_table.subprocess, "run", hung)
+    result = recipe_table.profile_recipe([tmp_path / "unet.yaml"], tmp_path / "unet.json", _arguments(), True)
+    assert result == {"error": "timed out after 5 s at: largest batch: trying 48"}
+
+
+def test_the_largest_batch_search_gets_half_the_timeout_and_a_cut_search_reads_as_a_lower_bound(
+        recipe_table, tmp_path, monkeypatch):
+    commands = []
+
+    def failed(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "ValueError: no")
+
+    monkeypatch.setattr(recipe_table.subprocess, "run", failed)
+    arguments = _arguments()
+    arguments.max_batch, arguments.timeout = True, 120
+    recipe_table.profile_recipe([tmp_path / "unet.yaml"], tmp_path / "unet.json", arguments, True)
+    assert commands[0][commands[0].index("--max-batch-seconds") + 1] == "60"
+    figures = {"method": "Segmentation", "network": "ResEncUNet", "input": "128³", "batch": 2,
+               "seconds_per_step_median": 0.5, "superpatches_per_second": 4.0, "peak_allocated_gib": 30.0,
+               "accelerator": "cuda", "mfu": 0.1, "device": "H200", "precision": "bf16-mixed", "date": "2026-12-01",
+               "largest_batch": 16, "largest_batch_stopped_by": "time limit"}
+    assert recipe_table.table_row("unet", figures)["largest batch"] == "≥16"

@@ -14,11 +14,13 @@ whole network. Printed:
 * parameters (trainable / total), FLOPs of one step (forward + backward, ``torch.utils.flop_counter``),
   the achieved TFLOP/s and the model FLOP utilisation (MFU) against ``--peak-tflops`` or the device's
   datasheet peak (:data:`maesil.profiling.KNOWN_PEAK_TFLOPS`);
-* with ``--max-batch``, the largest batch with which two steps run (doubled until out of memory, then bisected);
+* with ``--max-batch``, the largest batch with which two steps run (doubled until out of memory, then bisected;
+  ``--max-batch-seconds`` bounds the search, which then reports the largest batch that fitted so far);
 * the recipe's real data loader: ``--loader-batches`` batches after its first, and whether loading or
   computing bounds the step.
 
-``--json PATH`` writes every figure, for ``benchmarks/recipe_table.py``.
+``--json PATH`` writes every figure, for ``benchmarks/recipe_table.py``. Each stage is announced on stderr
+(``[profile] ...``), so a run stopped from outside shows where it was.
 
     python -m maesil profile --config experiments/pretrain/maesil.yaml --config experiments/trainer/gpu_bf16.yaml \\
         --steps 20 --max-batch
@@ -32,6 +34,7 @@ import json
 import logging
 import math
 import platform
+import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits")
     parser.add_argument("--max-batch-limit", type=int, default=1024,
                         help="largest batch --max-batch tries (default 1024)")
+    parser.add_argument("--max-batch-seconds", type=float, default=None,
+                        help="stop the --max-batch search after this many seconds and report the largest batch "
+                             "that fitted so far (default: no limit)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for the MFU (default: its dense bf16 datasheet peak)")
     parser.add_argument("--no-flops", action="store_true",
@@ -104,8 +110,16 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--loader-batches must be 0 or more, got {args.loader_batches}")
     if args.max_batch_limit < 1:
         raise ValueError(f"--max-batch-limit must be at least 1, got {args.max_batch_limit}")
+    seconds = args.max_batch_seconds
+    if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"--max-batch-seconds must be a positive number, got {args.max_batch_seconds}")
     if args.peak_tflops is not None and not (args.peak_tflops > 0 and math.isfinite(args.peak_tflops)):
         raise ValueError(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
+
+
+def announce(stage: str) -> None:
+    """Prints the stage the profile starts on stderr, at once."""
+    print(f"[profile] {stage}", file=sys.stderr, flush=True)
 
 
 def cli_arguments(configs: Sequence[Path], overrides: Sequence[str], root_dir: Path) -> list[str]:
@@ -151,6 +165,7 @@ def run_profile(args: argparse.Namespace, root_dir: Path) -> dict[str, Any]:
     from maesil.lightning_cli import MaesilCLI
     from maesil.profiling import first_batch_and_loader_time
 
+    announce("building the run")
     with warnings.catch_warnings():  # the arguments come from here, not from sys.argv: nothing to warn about
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         cli = MaesilCLI(args=cli_arguments(args.config, args.overrides, root_dir), run=False,
@@ -160,8 +175,10 @@ def run_profile(args: argparse.Namespace, root_dir: Path) -> dict[str, Any]:
     def make_trainer(callbacks: list) -> Any:
         return cli.instantiate_trainer(**PROFILE_TRAINER, callbacks=list(callbacks))
 
+    announce("preparing the data")
     datamodule.prepare_data()
     datamodule.setup("fit")
+    announce(f"data loader: the first batch and {args.loader_batches} more")
     batch, loader = first_batch_and_loader_time(datamodule.train_dataloader(), args.loader_batches)
 
     lightning_log = logging.getLogger("lightning.pytorch")
@@ -182,6 +199,7 @@ def _measure(args: argparse.Namespace, cli: Any, make_trainer: Any, batch: Any, 
     with warnings.catch_warnings():  # one prepared batch, no workers, by design
         warnings.filterwarnings("ignore", message=r".*does not have many workers")
         warnings.filterwarnings("ignore", message=r".*(is smaller than the logging interval|Total length of)")
+        announce(f"training steps: {args.warmup} warm-up, {args.steps} timed")
         steps = profile_steps(make_trainer, model, batch, args.steps, args.warmup, count_flops=not args.no_flops,
                               datamodule=cli.datamodule)
         trainer = make_trainer([])
@@ -197,7 +215,8 @@ def _measure(args: argparse.Namespace, cli: Any, make_trainer: Any, batch: Any, 
                     needed = (steps.peak_rss_bytes or 0) * size / steps.batch_size
                     return free is None or needed < 0.5 * free + (steps.peak_rss_bytes or 0)
             biggest = largest_batch(make_trainer, model, batch, max(args.max_batch_limit, steps.batch_size), guard,
-                                    datamodule=cli.datamodule)
+                                    datamodule=cli.datamodule, seconds=args.max_batch_seconds,
+                                    on_trial=lambda size: announce(f"largest batch: trying {size}"))
 
     attention = attention_kernel(model, device, precision)
     peak = args.peak_tflops if args.peak_tflops is not None else (

@@ -104,6 +104,15 @@ def test_largest_batch_stops_at_the_limit_and_at_the_memory_guard():
     assert (guarded.size, guarded.stopped_by) == (8, "memory guard")
 
 
+def test_largest_batch_stops_when_its_time_is_spent_and_announces_each_try():
+    ticks = iter([0.0, 1.0, 2.0, 9.0, 9.5])  # start, before 4, before 8, before the bisection's 6: 9 s spent
+    tried: list[int] = []
+    found = largest_batch(_cpu_trainer, _LinearModule(fits=5), {"image": torch.randn(2, 16)}, limit=64, seconds=5,
+                          on_trial=tried.append, clock=lambda: next(ticks))
+    assert (found.size, found.stopped_by) == (4, "time limit")
+    assert found.trials == ((4, True), (8, False)) and tried == [4, 8]
+
+
 def test_known_device_peaks():
     assert known_peak_tflops("NVIDIA H200") == 989.0
     assert known_peak_tflops("NVIDIA L40S") == 362.0
