@@ -225,8 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "on a machine without a GPU: the paper-sized rows are not measured, the `_demo` rows ran on the "
                "CPU.")
             + " s/step: median of the timed steps on one prepared batch (data loading excluded); peak GiB: CUDA "
-              "max allocated (CPU: peak RSS); largest batch: `--max-batch` (+: stopped at the limit; ≥: the search's time ran out); MFU: model "
-              "FLOPs per step / s/step against the device's dense bf16 peak.")
+              "max allocated (CPU: peak RSS); largest batch: `--max-batch` (+: stopped at the limit; ≥: the "
+              "search's time ran out); MFU: model FLOPs per step / s/step against the device's dense bf16 peak.")
     rows = []
     for recipe in recipes:  # the tables are rewritten after every recipe, so a stopped run leaves its rows
         if on_gpu:
