@@ -27,7 +27,8 @@ Written to ``--out``: ``results.csv`` (one row per run: every test metric, the s
 scoring, and how many scorings of the held-out set the run made), ``summary.csv`` (mean ± std per arm),
 ``paired.csv`` (one row per pretrained arm: seeds, positive seeds, mean and std of the differences),
 ``paired_seeds.csv`` (one row per pretrained run: its Dice, its scratch reference's and the difference),
-``curves.csv`` (one row per run and scored step), ``compare_init.png`` (Dice per organ) and ``curves.png``
+``curves.csv`` (one row per run and scored step: the mean Dice and each organ's, which shows when an organ is
+found or lost), ``compare_init.png`` (Dice per organ) and ``curves.png``
 (mean curve over seeds per arm, one panel per label count). The CSVs are rewritten after every run, seed by
 seed, so a stopped command leaves complete pairs behind; every table is printed at the end. Each run's folder
 (``runs/<initialisation>_<mode>_n<count>_seed<seed>``) keeps its inputs and result in ``result.json``; a later
@@ -252,11 +253,12 @@ def slug(name: str) -> str:
 
 
 class LearningCurve(Callback):
-    """Records the held-out Dice (``val/dice``) at the step of every validation, the last validation's scores
-    (``val/...``) and the seconds spent validating."""
+    """Records the held-out Dice (``val/dice``) at the step of every validation with the Dice of each organ
+    (``val/dice_<organ>``), the last validation's scores (``val/...``) and the seconds spent validating."""
 
     def __init__(self) -> None:
         self.points: list[tuple[int, float]] = []
+        self.organ_points: list[dict[str, float]] = []  # per point: {"dice_liver": ..., ...}
         self.last_scores: dict[str, float] = {}
         self.validation_seconds = 0.0
         self._started = 0.0
@@ -269,14 +271,22 @@ class LearningCurve(Callback):
         dice = trainer.callback_metrics.get("val/dice")
         if not trainer.sanity_checking and dice is not None:
             self.points.append((int(trainer.global_step), float(dice)))
+            self.organ_points.append(organ_dice(trainer.callback_metrics, "val/"))
             self.last_scores = {key: float(value) for key, value in trainer.callback_metrics.items()
                                 if key.startswith("val/")}
+
+
+def organ_dice(metrics: dict, prefix: str) -> dict[str, float]:
+    """The per-organ Dice among ``metrics`` (``<prefix>dice_<organ>``), keyed ``dice_<organ>``."""
+    return {key[len(prefix):]: float(value) for key, value in metrics.items()
+            if key.startswith(f"{prefix}dice_")}
 
 
 @dataclass
 class RunResult:
     """One fine-tuning run: its final scores (``test/...``), its learning curve (ending with the final score)
-    and where its time went. ``reused``: read from the ``result.json`` of an earlier identical run."""
+    with each organ's Dice at every point (``organ_curve``, empty for a run recorded without it) and where its
+    time went. ``reused``: read from the ``result.json`` of an earlier identical run."""
 
     metrics: dict[str, float]
     curve: list[tuple[int, float]]
@@ -284,6 +294,7 @@ class RunResult:
     scoring_seconds: float  # every scoring of the held-out volumes: the curve's and the final one
     scorings: int
     reused: bool = False
+    organ_curve: list[dict[str, float]] = field(default_factory=list)
 
 
 #: File in a run's folder with its inputs and its :class:`RunResult`, written when the run has finished.
@@ -365,7 +376,8 @@ def finished_run(run_dir: Path, inputs: dict, yaml_sizes: dict | None = None) ->
     if recorded != json.loads(json.dumps(inputs)):
         return None
     return RunResult(stored["metrics"], [tuple(point) for point in stored["curve"]], stored["train_seconds"],
-                     stored["scoring_seconds"], stored["scorings"], reused=True)
+                     stored["scoring_seconds"], stored["scorings"], reused=True,
+                     organ_curve=list(stored.get("organ_curve") or []))
 
 
 def cli_arguments(arm: Initialisation, config: Path, manifest: Path, seed: int, steps: int, run_dir: Path,
@@ -450,19 +462,21 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fitted = time.perf_counter()
-    points = list(curve.points)
+    points, organ_points = list(curve.points), list(curve.organ_points)
     if points and points[-1][0] == cli.trainer.global_step:
         metrics = {f"test/{key[len('val/'):]}": value for key, value in curve.last_scores.items()}
     else:
         [scores] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
         metrics = {key: float(value) for key, value in scores.items()}
         points.append((int(cli.trainer.global_step), metrics.get("test/dice", math.nan)))
+        organ_points.append(organ_dice(metrics, "test/"))
     tested = time.perf_counter() - fitted
     result = RunResult(metrics, points, train_seconds=fitted - started - curve.validation_seconds,
-                       scoring_seconds=curve.validation_seconds + tested, scorings=len(points))
+                       scoring_seconds=curve.validation_seconds + tested, scorings=len(points),
+                       organ_curve=organ_points)
     record = {"inputs": inputs, "metrics": result.metrics, "curve": result.curve,
-              "train_seconds": result.train_seconds, "scoring_seconds": result.scoring_seconds,
-              "scorings": result.scorings}
+              "organ_curve": result.organ_curve, "train_seconds": result.train_seconds,
+              "scoring_seconds": result.scoring_seconds, "scorings": result.scorings}
     atomic_write_bytes(run_dir / RESULT_FILE, (json.dumps(record, indent=1) + "\n").encode())
     return result
 
@@ -663,7 +677,10 @@ def write_tables(out: Path, rows: Sequence[dict], curve_rows: Sequence[dict],
     write_csv(out / "paired_seeds.csv", paired, PAIRED_SEED_FIELDS)
     pairs = paired_summary(paired)
     write_csv(out / "paired.csv", pairs, PAIRED_FIELDS)
-    write_csv(out / "curves.csv", curve_rows, ["initialisation", "mode", "train_count", "seed", "step", "dice"])
+    organs = [f"dice_{name}" for name in class_names]
+    organs += sorted({key for row in curve_rows for key in row if key.startswith("dice_")} - set(organs))
+    write_csv(out / "curves.csv", curve_rows, ["initialisation", "mode", "train_count", "seed", "step", "dice",
+                                               *organs])
     return table, pairs
 
 
@@ -859,8 +876,10 @@ def compare_init_command(argv: Sequence[str]) -> int:
                      "checkpoint": str(init.checkpoint or ""), "mode": mode, "train_count": count,
                      "seed": seed, **run.metrics, "train_seconds": round(run.train_seconds, 2),
                      "scoring_seconds": round(run.scoring_seconds, 2), "scorings": run.scorings})
+        organ_curve = run.organ_curve if len(run.organ_curve) == len(run.curve) else [{}] * len(run.curve)
         curve_rows += [{"initialisation": init.name, "mode": mode, "train_count": count, "seed": seed,
-                        "step": step, "dice": dice} for step, dice in run.curve]
+                        "step": step, "dice": dice, **organs}
+                       for (step, dice), organs in zip(run.curve, organ_curve)]
         table, pairs = write_tables(args.out, rows, curve_rows, results, class_names)
     elapsed = time.perf_counter() - started
 

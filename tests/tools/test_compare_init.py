@@ -139,6 +139,16 @@ def test_compare_init_few_label_protocol_runs_every_count_mode_and_seed(tiny_ct_
              for r in curves if r["step"] == "2"}
     assert final == by_run
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in curves)
+    # Each organ's Dice at every point; the last point's are the run's final per-organ scores.
+    organs = [key for key in curves[0] if key.startswith("dice_")]
+    assert organs == ["dice_liver", "dice_spleen", "dice_kidney_left", "dice_kidney_right", "dice_aorta",
+                      "dice_lung", "dice_bone"]
+    finals = {(r["initialisation"], r["mode"], r["train_count"], r["seed"]): r for r in rows}
+    for r in curves:
+        assert all(0.0 <= float(r[organ]) <= 1.0 for organ in organs)
+        if r["step"] == "2":
+            row = finals[(r["initialisation"], r["mode"], r["train_count"], r["seed"])]
+            assert all(float(r[organ]) == float(row[f"test/{organ}"]) for organ in organs)
     for name in ("compare_init.png", "curves.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "summary.csv").is_file() and (out / "cache" / "index.json").is_file()
@@ -154,12 +164,14 @@ def test_compare_init_few_label_protocol_runs_every_count_mode_and_seed(tiny_ct_
                              common[common.index("--set") + 1:], mode="frozen", curve_every=2)
     assert [step for step, _ in run.curve] == [2, 3] and run.scorings == 2
     assert run.curve[-1][1] == run.metrics["test/dice"] and "test/dice_liver" in run.metrics
+    assert len(run.organ_curve) == 2 and run.organ_curve[-1]["dice_liver"] == run.metrics["test/dice_liver"]
     assert not run.reused
 
     # A finished run is reused when its inputs are unchanged, and only then.
     again = fine_tune_and_test(scratch, DEFAULT_UNET_CONFIG, out / "manifests" / "train1.csv", 0, 3,
                                tmp_path / "one", common[common.index("--set") + 1:], mode="frozen", curve_every=2)
     assert again.reused and again.metrics == run.metrics and again.curve == run.curve
+    assert again.organ_curve == run.organ_curve
     inputs = run_inputs(scratch, DEFAULT_UNET_CONFIG, out / "manifests" / "train1.csv", 0, 3,
                         common[common.index("--set") + 1:], "frozen", 2, ())
     run_dir = tmp_path / "one" / "runs" / "scratch__unet_seed0"
