@@ -14,7 +14,8 @@
 # GPU_CHECK_MAE_S, GPU_CHECK_EVIDENCE_S; GPU_CHECK_RECIPE_TIMEOUT for each recipe of the table) so that a part
 # that hangs leaves the others their time; the defaults add up to about 10 minutes on one H200, so with 15 minutes
 # of device time a call picks parts (GPU_CHECK_PARTS, GPU_CHECK_RECIPES). Each part writes its log and figures
-# under OUT; a part cut off by its limit leaves what it had finished (the evidence run records finished stages, compare-init rewrites its tables after every run).
+# under OUT; a part cut off by its limit leaves what it had finished (the evidence run records finished stages,
+# compare-init rewrites its tables after every run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

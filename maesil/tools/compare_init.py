@@ -876,7 +876,7 @@ def compare_init_command(argv: Sequence[str]) -> int:
                      "checkpoint": str(init.checkpoint or ""), "mode": mode, "train_count": count,
                      "seed": seed, **run.metrics, "train_seconds": round(run.train_seconds, 2),
                      "scoring_seconds": round(run.scoring_seconds, 2), "scorings": run.scorings})
-        organ_curve = run.organ_curve if len(run.organ_curve) == len(run.curve) else [{}] * len(run.curve)
+        organ_curve = run.organ_curve or [{}] * len(run.curve)  # empty for runs recorded before it was kept
         curve_rows += [{"initialisation": init.name, "mode": mode, "train_count": count, "seed": seed,
                         "step": step, "dice": dice, **organs}
                        for (step, dice), organs in zip(run.curve, organ_curve)]

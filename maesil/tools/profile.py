@@ -112,7 +112,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-batch-limit must be at least 1, got {args.max_batch_limit}")
     seconds = args.max_batch_seconds
     if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"--max-batch-seconds must be a positive number, got {args.max_batch_seconds}")
+        raise ValueError(f"--max-batch-seconds must be a positive number, got {seconds}")
     if args.peak_tflops is not None and not (args.peak_tflops > 0 and math.isfinite(args.peak_tflops)):
         raise ValueError(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
 
