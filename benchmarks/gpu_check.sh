@@ -120,10 +120,11 @@ EOF
   # channels_last_3d for the CNNs: PGL's step with it, against the same step in the recipe table
   local channels_last=(--config experiments/pretrain/pgl.yaml --steps 10 --no-flops --loader-batches 2
     --set model.init_args.channels_last=true)
-  # 600 fine-tuning steps: where the scratch U-Net plateaus on the phantoms; six runs at a time share the GPU.
+  # The demo YAMLs' sizes (2 mm, 64³/48³), not the small scale that fits 2 CPU cores; 600 fine-tuning steps: where
+  # the scratch U-Net plateaus on the phantoms at those sizes; six runs at a time share the GPU.
   # Fine-tuning reads its small superpatches from compare-init's cache in the main process (no worker processes
   # forked from a CUDA process every 8-batch epoch).
-  local evidence=(--pretrain-steps 1600 --cnn-steps 600 --finetune-steps 600 --seeds 0 1 2 --jobs 6
+  local evidence=(--scale demo --pretrain-steps 1600 --cnn-steps 600 --finetune-steps 600 --seeds 0 1 2 --jobs 6
     --finetune-jobs 6 --finetune-set data.init_args.num_workers=0)
   if [[ "$REDUCED" == 1 ]]; then
     trainer=experiments/trainer/cpu_demo.yaml workers=1
@@ -133,7 +134,7 @@ EOF
     mae=(--size demo --device cpu --batch-size 1 --steps 1 --warmup 1)
     channels_last=(--config experiments/pretrain/pgl_demo.yaml --steps 1 --warmup 1 --no-flops --loader-batches 1
       --set model.init_args.channels_last=true)
-    evidence=(--pretrain-steps 4 --cnn-steps 2 --finetune-steps 2 --seeds 0 --modes finetune --jobs 2
+    evidence=(--scale demo --pretrain-steps 4 --cnn-steps 2 --finetune-steps 2 --seeds 0 --modes finetune --jobs 2
       --finetune-jobs 2)
   fi
 

@@ -9,12 +9,18 @@ Every stage is a command users can run themselves, run here as a subprocess in t
 3. **compare-init**: fine-tuning from scratch, from MAESIL (UNETR) and from the CNN method (U-Net), end-to-end and
    with a frozen encoder, with few labelled volumes, over the seeds; paired differences against scratch.
 
+Every training run shares the sizes of one ``--scale``: ``small`` (the default) resamples the phantoms to 4 mm and
+takes 32³ superpatches and patches everywhere, so that the whole protocol, fine-tuning budgets near the scratch
+plateau included, fits about 90 minutes of 2 CPU cores; ``demo`` keeps the demo YAMLs' own sizes (2 mm, 64³ and
+48³), several hours on 2 cores.
+
 ``OUT/summary.md`` then states each claim with the figures that decide it, the commands that printed them, the
 date, the machine and each stage's wall time; ``OUT/stages.json`` keeps the same record. A stage whose outputs
 exist from an earlier call with the same command is not run again (``--force`` reruns everything), so a second
 call with other seeds reuses the pretraining.
 
     python -m maesil evidence --out runs/evidence --seeds 0 1 2
+    python -m maesil evidence --out runs/evidence_demo --scale demo --finetune-steps 600
 """
 
 from __future__ import annotations
@@ -41,6 +47,30 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN_DIR = REPO_ROOT / "experiments/pretrain"
 RECON_BASELINES = ("ae", "vae", "vqvae")
 CNN_METHODS = ("s3d", "pgl")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The sizes every training run of one evidence call shares, and the budgets and parallelism that fit them."""
+
+    name: str
+    overrides: tuple[str, ...]  # KEY=VALUE for every training run, before ``--set`` (which wins)
+    finetune_steps: int
+    jobs: int  # stages at a time
+    finetune_jobs: int  # fine-tuning runs at a time inside each compare-init stage
+    description: str
+
+
+SCALES = {
+    "small": Scale("small", ("data.init_args.target_spacing=4.0", "data.init_args.superpatch_size=32"),
+                   finetune_steps=600, jobs=2, finetune_jobs=2,
+                   description="4 mm voxels, 32³ superpatches and patches for every run (the demo YAMLs' networks "
+                   "and schedules): about 90 minutes on 2 CPU cores"),
+    "demo": Scale("demo", (), finetune_steps=120, jobs=1, finetune_jobs=1,
+                  description="the demo YAMLs' own sizes (2 mm; 64³ for MAESIL, the autoencoders and UNETR, 48³ for "
+                  "the CNN method and the U-Net): several hours on 2 CPU cores"),
+}
+DEFAULT_SCALE = "small"
 
 
 @dataclass
@@ -80,27 +110,48 @@ class EvidencePlan:
 
     out: Path
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    scale: str = DEFAULT_SCALE
     cnn_method: str = "s3d"
     pretrain_steps: int | None = None  # None: MAESIL's demo YAML's
-    finetune_steps: int = 120  # past the demo YAMLs' decoder-only and encoder warm-up phases (60 steps)
+    finetune_steps: int | None = None  # None: the scale's (past the decoder-only and encoder warm-up, 60 steps)
     train_counts: list[int] = field(default_factory=lambda: [1])
     modes: list[str] = field(default_factory=lambda: ["finetune", "frozen"])
     cnn_steps: int | None = None  # None: the CNN method's demo YAML's
     trainer_configs: list[Path] = field(default_factory=list)  # composed after each YAML, e.g. gpu_bf16.yaml
     overrides: list[str] = field(default_factory=list)  # KEY=VALUE for every training run
-    pretrain_cache: Path | None = None  # a prepared cache every pretraining run reads (written by the first)
-    finetune_jobs: int = 1  # compare-init --jobs: fine-tuning runs at a time in each compare-init stage
+    pretrain_cache: Path | None = None  # the prepared cache every pretraining run reads; None: OUT/pretrain_cache
+    finetune_jobs: int | None = None  # compare-init --jobs; None: the scale's
     finetune_overrides: list[str] = field(default_factory=list)  # KEY=VALUE for the fine-tuning runs only
 
-    def display(self, jobs: int = 1) -> str:
-        """The ``python -m maesil evidence`` command line of this plan."""
+    @property
+    def sizes(self) -> Scale:
+        return SCALES[self.scale]
+
+    @property
+    def steps_to_finetune(self) -> int:
+        return self.finetune_steps if self.finetune_steps is not None else self.sizes.finetune_steps
+
+    @property
+    def finetune_runs_at_a_time(self) -> int:
+        return self.finetune_jobs if self.finetune_jobs is not None else self.sizes.finetune_jobs
+
+    @property
+    def cache(self) -> Path:
+        """The prepared cache of the training phantoms (its settings are the scale's, hence one per evidence
+        folder rather than the demo YAMLs' shared one)."""
+        return self.pretrain_cache if self.pretrain_cache is not None else self.out / "pretrain_cache"
+
+    def display(self, jobs: int | None = None) -> str:
+        """The ``python -m maesil evidence`` command line of this plan (``jobs``: its ``--jobs``)."""
         words = ["python -m maesil evidence", "--out", _relative(str(self.out)), "--seeds", *map(str, self.seeds)]
+        if self.scale != DEFAULT_SCALE:
+            words += ["--scale", self.scale]
         if self.cnn_method != "s3d":
             words += ["--cnn-method", self.cnn_method]
         for flag, value in (("--pretrain-steps", self.pretrain_steps), ("--cnn-steps", self.cnn_steps)):
             if value is not None:
                 words += [flag, str(value)]
-        if self.finetune_steps != 120:
+        if self.finetune_steps is not None:
             words += ["--finetune-steps", str(self.finetune_steps)]
         if self.train_counts != [1]:
             words += ["--train-count", *map(str, self.train_counts)]
@@ -114,9 +165,9 @@ class EvidencePlan:
             words += ["--pretrain-cache", _relative(str(self.pretrain_cache))]
         if self.finetune_overrides:
             words += ["--finetune-set", *self.finetune_overrides]
-        if self.finetune_jobs > 1:
+        if self.finetune_jobs is not None:
             words += ["--finetune-jobs", str(self.finetune_jobs)]
-        if jobs > 1:
+        if jobs is not None and jobs != self.sizes.jobs:
             words += ["--jobs", str(jobs)]
         return " ".join(words)
 
@@ -136,9 +187,8 @@ class EvidencePlan:
             if method_steps is not None:
                 command += ["--trainer.max_steps", str(method_steps),
                             "--trainer.val_check_interval", str(max(1, method_steps // 4))]
-            if self.pretrain_cache is not None:
-                command += ["--data.init_args.cache_dir", str(self.pretrain_cache)]
-            command += override_arguments(self.overrides)
+            command += ["--data.init_args.cache_dir", str(self.cache)]
+            command += override_arguments([*self.sizes.overrides, *self.overrides])
             # The first run writes the training phantoms (and the pretraining cache) the others read.
             stages.append(Stage(f"pretrain {method}", command, run_dir / "summary.json",
                                 needs=("pretrain maesil",) if index > 0 else ()))
@@ -158,16 +208,24 @@ class EvidencePlan:
             command = [*python, "compare-init", "--out", str(compare), "--checkpoints", str(self.checkpoint(method)),
                        "--train-count", *map(str, self.train_counts), "--modes", *self.modes,
                        "--seeds", *map(str, self.seeds),
-                       "--steps", str(self.finetune_steps), "--curve-every", str(max(1, self.finetune_steps // 3))]
+                       "--steps", str(self.steps_to_finetune), "--curve-every", str(self.curve_every)]
             if self.trainer_configs:
                 command += ["--trainer-config", *map(str, self.trainer_configs)]
-            if self.overrides or self.finetune_overrides:
-                command += ["--set", *self.overrides, *self.finetune_overrides]  # the later of two settings wins
-            if self.finetune_jobs > 1:
-                command += ["--jobs", str(self.finetune_jobs)]
+            overrides = [*self.sizes.overrides, *self.overrides, *self.finetune_overrides]
+            if overrides:
+                command += ["--set", *overrides]  # the later of two settings wins
+            if self.finetune_runs_at_a_time > 1:
+                command += ["--jobs", str(self.finetune_runs_at_a_time)]
             stages.append(Stage(f"compare-init {method}", command, compare / "paired.csv",
                                 needs=(f"pretrain {method}",), force_flag="--force"))
         return stages
+
+    @property
+    def curve_every(self) -> int:
+        """Steps between the learning-curve points: six points (a third of the budget for budgets under 300
+        steps), enough to see whether scratch has plateaued."""
+        steps = self.steps_to_finetune
+        return max(1, steps // 6 if steps >= 300 else steps // 3)
 
     def compare_dir(self, method: str) -> Path:
         return self.out / "compare_init" / method
@@ -369,6 +427,33 @@ def paired_section(runs: Sequence[tuple[Path, str]], min_gain: float = 0.02,
     return lines + ["Claims:", "", *claims, ""]
 
 
+def curves_section(curves_csvs: Sequence[Path]) -> list[str]:
+    """The mean held-out Dice of every arm at each scored step (compare-init's ``curves.csv``), and how much each
+    scratch arm still gained over its last interval: the budget is read where scratch has nearly stopped."""
+    rows = [row for path in curves_csvs if path.exists() for row in read_csv(path)]
+    if not rows:
+        return []
+    steps = sorted({int(row["step"]) for row in rows})
+    arms: dict[tuple[str, str, str], dict[int, list[float]]] = {}
+    for row in rows:
+        by_step = arms.setdefault((row["initialisation"], row["mode"], row["train_count"]), {})
+        by_step.setdefault(int(row["step"]), []).append(number(row["dice"]))
+    table = []
+    for (initialisation, mode, count), by_step in arms.items():
+        table.append([initialisation, mode, count, *[f"{sum(by_step[step]) / len(by_step[step]):.3f}"
+                                                      if by_step.get(step) else "" for step in steps]])
+    lines = ["Held-out Dice during fine-tuning, mean over seeds (`curves.csv`):", "",
+             markdown_table(["initialisation", "mode", "labelled", *[f"step {step}" for step in steps]], table), ""]
+    for (initialisation, mode, count), by_step in arms.items():
+        scored = sorted(step for step, values in by_step.items() if values)
+        if initialisation.startswith("scratch") and mode == "finetune" and len(scored) >= 3:
+            mean = [sum(by_step[step]) / len(by_step[step]) for step in scored]
+            lines.append(f"- {initialisation} with {count} labelled volume(s) gained {100 * (mean[-1] - mean[-2]):+.1f}"
+                         f" Dice points over its last {scored[-1] - scored[-2]} steps, {100 * (mean[-2] - mean[-3]):+.1f}"
+                         " over the interval before")
+    return lines + [""]
+
+
 def machine_line() -> str:
     import torch
 
@@ -377,15 +462,38 @@ def machine_line() -> str:
             f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
 
 
-def write_summary(plan: EvidencePlan, stages: Sequence[Stage], jobs: int = 1) -> Path:
+CALL_RECORD = "call.json"
+
+
+def write_call_record(out: Path, command: str, seconds: float, stages: Sequence[Stage]) -> None:
+    """``OUT/call.json``: the wall time of the last call that ran its stages, end to end."""
+    record = {"command": command, "seconds": seconds, "finished": datetime.datetime.now().isoformat(timespec="minutes"),
+              "reused_stages": sum(stage.reused for stage in stages)}
+    (out / CALL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_call_record(out: Path) -> dict | None:
+    path = out / CALL_RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_summary(plan: EvidencePlan, stages: Sequence[Stage], jobs: int | None = None) -> Path:
     """``OUT/summary.md`` from the stages' outputs."""
     by_name = {stage.name: stage for stage in stages}
     total = sum(stage.seconds or 0.0 for stage in stages)
+    jobs = jobs if jobs is not None else plan.sizes.jobs
     overlap = " (summed over the stages; with --jobs some ran side by side)" if jobs > 1 else ""
     lines = ["# maesil evidence", "",
              f"`{plan.display(jobs)}`"
              f" · {machine_line()} · {total / 60:.1f} min of stages{overlap} (stages reused from an earlier call "
              "count their first run)", ""]
+    call = read_call_record(plan.out)
+    if call is not None:
+        reused = call.get("reused_stages", 0)
+        lines += [f"The last call took {call['seconds'] / 60:.1f} min end to end (`{call['command']}`, finished "
+                  f"{call['finished']}" + (f"; {reused} stage(s) reused from an earlier call" if reused else "")
+                  + ").", ""]
+    lines += [f"Scale `{plan.scale}`: {plan.sizes.description}.", ""]
     maesil_summary = plan.out / "pretrain" / "maesil" / "summary.json"
     if maesil_summary.exists():
         lines += curve_section(maesil_summary)
@@ -396,6 +504,7 @@ def write_summary(plan: EvidencePlan, stages: Sequence[Stage], jobs: int = 1) ->
                for method in ("maesil", plan.cnn_method)]
     if any(paired.exists() for paired, _ in compare):
         lines += paired_section(compare)
+        lines += curves_section([plan.compare_dir(method) / "curves.csv" for method in ("maesil", plan.cnn_method)])
     figures = [("MAESIL reconstructions during pretraining", plan.out / "pretrain/maesil/logs"),
                ("held-out reconstructions, every method", plan.out / "recon/slices.png"),
                *[(f"fine-tuning curves ({method})", plan.compare_dir(method) / "curves.png")
@@ -418,12 +527,18 @@ def evidence_command(argv: Sequence[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/evidence"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (default 0 1 2)")
+    parser.add_argument("--scale", choices=sorted(SCALES), default=DEFAULT_SCALE,
+                        help="the sizes of every training run: "
+                        + "; ".join(f"{name}: {scale.description}" for name, scale in SCALES.items())
+                        + f" (default {DEFAULT_SCALE})")
     parser.add_argument("--cnn-method", choices=CNN_METHODS, default="s3d",
                         help="the CNN pretraining method fine-tuned as a U-Net (default s3d)")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="steps of MAESIL and the autoencoders (default: maesil_demo.yaml's)")
-    parser.add_argument("--finetune-steps", type=int, default=120,
-                        help="compare-init --steps (default 120; curve points every third of it)")
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help="compare-init --steps (default: the scale's, "
+                        + ", ".join(f"{scale.finetune_steps} at {name}" for name, scale in SCALES.items())
+                        + "; six curve points, three under 300 steps)")
     parser.add_argument("--train-count", type=int, nargs="+", default=[1], help="labelled volumes (default 1)")
     parser.add_argument("--modes", nargs="+", choices=["finetune", "frozen"], default=["finetune", "frozen"])
     parser.add_argument("--cnn-steps", type=int, default=None,
@@ -434,21 +549,23 @@ def evidence_command(argv: Sequence[str]) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every training run, e.g. data.init_args.num_workers=8")
     parser.add_argument("--pretrain-cache", type=Path, default=None, metavar="DIR",
-                        help="prepare the training phantoms once into this cache and read every pretraining run's "
-                        "superpatches from it (default: each run reads the volumes through TorchIO's queue)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="pretraining runs at a time after the first (default 1; more where one run leaves "
-                        "the machine idle, e.g. a GPU)")
+                        help="the cache the first pretraining run prepares the training phantoms into and every "
+                        "pretraining run reads its superpatches from (default OUT/pretrain_cache)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="stages at a time, each as soon as what it reads is there (default: the scale's, "
+                        + ", ".join(f"{scale.jobs} at {name}" for name, scale in SCALES.items()) + ")")
     parser.add_argument("--finetune-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for the fine-tuning runs only, after --set, e.g. "
                         "data.init_args.num_workers=0")
-    parser.add_argument("--finetune-jobs", type=int, default=1,
-                        help="fine-tuning runs at a time in each compare-init stage (its --jobs; default 1)")
+    parser.add_argument("--finetune-jobs", type=int, default=None,
+                        help="fine-tuning runs at a time in each compare-init stage (its --jobs; default: the "
+                        "scale's, " + ", ".join(f"{scale.finetune_jobs} at {name}" for name, scale in SCALES.items())
+                        + ")")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even those done earlier")
     parser.add_argument("--summary-only", action="store_true", help="only rewrite summary.md from the outputs there")
     args = parser.parse_args(list(argv))
-    if (any(s < 1 for s in args.train_count) or (args.pretrain_steps or 1) < 1 or (args.cnn_steps or 1) < 1
-            or args.finetune_steps < 1 or args.jobs < 1 or args.finetune_jobs < 1):
+    if any(value is not None and value < 1 for value in (
+            *args.train_count, args.pretrain_steps, args.cnn_steps, args.finetune_steps, args.jobs, args.finetune_jobs)):
         parser.error("--train-count, --pretrain-steps, --cnn-steps, --finetune-steps, --jobs and --finetune-jobs "
                      "must be >= 1")
     for flag, items in (("--set", args.set), ("--finetune-set", args.finetune_set)):
@@ -457,24 +574,27 @@ def evidence_command(argv: Sequence[str]) -> int:
     missing = [str(path) for path in args.trainer_config if not path.is_file()]
     if missing:
         parser.error(f"--trainer-config: no such file: {', '.join(missing)}")
-    plan = EvidencePlan(out=args.out.resolve(), seeds=args.seeds, cnn_method=args.cnn_method,
+    plan = EvidencePlan(out=args.out.resolve(), seeds=args.seeds, scale=args.scale, cnn_method=args.cnn_method,
                         pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
                         train_counts=args.train_count, modes=args.modes, cnn_steps=args.cnn_steps,
                         trainer_configs=[path.resolve() for path in args.trainer_config], overrides=args.set,
                         pretrain_cache=args.pretrain_cache.resolve() if args.pretrain_cache else None,
                         finetune_jobs=args.finetune_jobs, finetune_overrides=args.finetune_set)
+    jobs = args.jobs if args.jobs is not None else plan.sizes.jobs
     if args.summary_only:
         stages = plan.stages()
         record = json.loads((plan.out / "stages.json").read_text()) if (plan.out / "stages.json").exists() else {}
         for stage in stages:
             stage.seconds = record.get(stage.name, {}).get("seconds")
     else:
+        started = time.perf_counter()
         try:
-            stages = run_stages(plan, force=args.force, jobs=args.jobs)
+            stages = run_stages(plan, force=args.force, jobs=jobs)
         except RuntimeError as error:
             print(f"evidence: {error}", file=sys.stderr)
             return 1
-    summary = write_summary(plan, stages, args.jobs)
+        write_call_record(plan.out, plan.display(jobs), time.perf_counter() - started, stages)
+    summary = write_summary(plan, stages, jobs)
     print(summary.read_text())
     print(f"summary: {summary}")
     return 0

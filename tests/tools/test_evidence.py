@@ -12,11 +12,13 @@ import pytest
 
 from maesil.tools.evidence import (
     PRETRAIN_DIR,
+    SCALES,
     EvidencePlan,
     Stage,
     evidence_command,
     run_stages,
     stage_environment,
+    write_call_record,
     write_summary,
 )
 
@@ -78,6 +80,12 @@ def outputs(tmp_path) -> EvidencePlan:
          "reference": "scratch (unet)", "seeds": 2, "positive_seeds": 2, "mean_difference": 0.04,
          "std_difference": 0.01},
     ])
+    curve_fields = ["initialisation", "mode", "train_count", "seed", "step", "dice"]
+    write_rows(plan.compare_dir("maesil") / "curves.csv", curve_fields, [
+        {"initialisation": init, "mode": "finetune", "train_count": 1, "seed": seed, "step": step, "dice": dice}
+        for init, seed, points in (("scratch (unetr)", 0, (0.1, 0.3, 0.36)), ("scratch (unetr)", 1, (0.2, 0.4, 0.38)),
+                                   ("maesil", 0, (0.3, 0.4, 0.40)), ("maesil", 1, (0.2, 0.4, 0.42)))
+        for step, dice in zip((100, 200, 300), points)])
     return plan
 
 
@@ -101,6 +109,19 @@ def test_summary_states_each_claim_with_the_figures_that_decide_it(outputs):
     assert "frozen s3d beats frozen scratch (unet) by ≥ 5 Dice points" in text and "**does not hold** (+4.0 points" in text
     assert "python -m maesil benchmark-recon --data" in text and "python -m maesil compare-init" in text
     assert "| 200 | 101 | 17.50 | 16.00 | 12.50 |" in text
+    # the mean learning curves over seeds, and how much scratch still gained at the end of its budget
+    assert "| scratch (unetr) | finetune | 1 | 0.150 | 0.350 | 0.370 |" in text
+    assert "| maesil | finetune | 1 | 0.250 | 0.400 | 0.410 |" in text
+    assert ("scratch (unetr) with 1 labelled volume(s) gained +2.0 Dice points over its last 100 steps, +20.0 over "
+            "the interval before") in text
+    assert "Scale `small`: 4 mm voxels" in text and "end to end" not in text  # no call has run its stages
+
+
+def test_the_summary_states_the_last_calls_wall_time(outputs):
+    write_call_record(outputs.out, outputs.display(), 4830.0, [Stage("a", [], Path("x"), reused=True)])
+    text = write_summary(outputs, outputs.stages()).read_text()
+    assert "The last call took 80.5 min end to end (`python -m maesil evidence --out" in text
+    assert "1 stage(s) reused from an earlier call" in text
 
 
 def test_stages_run_in_order_and_a_done_stage_is_reused(tmp_path, monkeypatch, capsys):
@@ -151,9 +172,37 @@ def test_the_plan_pretrains_the_autoencoders_for_maesils_steps_and_compares_both
     assert forced["compare-init maesil"] == "--force" and forced["pretrain maesil"] is None
 
 
+def test_the_small_scale_sizes_every_run_and_a_users_setting_comes_after_it(tmp_path):
+    plan = EvidencePlan(out=tmp_path, seeds=[0], overrides=["data.init_args.superpatch_size=48"])
+    sizes = SCALES["small"]
+    assert plan.scale == "small" and sizes.overrides == ("data.init_args.target_spacing=4.0",
+                                                         "data.init_args.superpatch_size=32")
+    stages = {stage.name: stage.command for stage in plan.stages()}
+    for method in ("maesil", "ae", "vae", "vqvae", "s3d"):
+        command = stages[f"pretrain {method}"]
+        assert command[command.index("--data.init_args.target_spacing") + 1] == "4.0"
+        sizes_given = [command[i + 1] for i, word in enumerate(command) if word == "--data.init_args.superpatch_size"]
+        assert sizes_given == ["32", "48"]  # the later one wins
+        # the scale's own cache: the demo YAMLs' shared one holds 2 mm volumes
+        assert command[command.index("--data.init_args.cache_dir") + 1] == str(tmp_path / "pretrain_cache")
+    for method in ("maesil", "s3d"):
+        compare = stages[f"compare-init {method}"]
+        start = compare.index("--set") + 1
+        assert compare[start:start + 3] == [*sizes.overrides, "data.init_args.superpatch_size=48"]
+        assert compare[compare.index("--steps") + 1] == "600" and compare[compare.index("--curve-every") + 1] == "100"
+        assert compare[compare.index("--jobs") + 1] == "2"
+    assert "--scale" not in plan.display() and "--jobs" not in plan.display(jobs=2)
+    assert plan.display(jobs=1).endswith("--jobs 1")
+    demo = EvidencePlan(out=tmp_path, scale="demo")
+    compare = {stage.name: stage.command for stage in demo.stages()}["compare-init maesil"]
+    assert "--set" not in compare and "--jobs" not in compare
+    assert compare[compare.index("--steps") + 1] == "120" and compare[compare.index("--curve-every") + 1] == "40"
+    assert "--scale demo" in demo.display()
+
+
 def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(tmp_path):
     gpu = tmp_path / "gpu.yaml"
-    plan = EvidencePlan(out=tmp_path, seeds=[0], cnn_steps=300, trainer_configs=[gpu],
+    plan = EvidencePlan(out=tmp_path, seeds=[0], scale="demo", cnn_steps=300, trainer_configs=[gpu],
                         overrides=["data.init_args.num_workers=6"], pretrain_cache=tmp_path / "cache")
     stages = {stage.name: stage.command for stage in plan.stages()}
     for method in ("maesil", "ae", "vae", "vqvae", "s3d"):
@@ -168,7 +217,7 @@ def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(t
     assert compare[compare.index("--trainer-config") + 1] == str(gpu)
     assert compare[compare.index("--set") + 1] == "data.init_args.num_workers=6"
     assert str(tmp_path / "cache") not in compare  # fine-tuning reads its own labelled phantoms
-    assert plan.display(jobs=4).endswith(f"--cnn-steps 300 --trainer-config {gpu} --set "
+    assert plan.display(jobs=4).endswith(f"--scale demo --cnn-steps 300 --trainer-config {gpu} --set "
                                          f"data.init_args.num_workers=6 --pretrain-cache {tmp_path / 'cache'} "
                                          "--jobs 4")
     assert "--jobs" not in compare  # compare-init runs one fine-tuning at a time unless asked
