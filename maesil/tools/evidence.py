@@ -448,9 +448,9 @@ def curves_section(curves_csvs: Sequence[Path]) -> list[str]:
         scored = sorted(step for step, values in by_step.items() if values)
         if initialisation.startswith("scratch") and mode == "finetune" and len(scored) >= 3:
             mean = [sum(by_step[step]) / len(by_step[step]) for step in scored]
-            lines.append(f"- {initialisation} with {count} labelled volume(s) gained {100 * (mean[-1] - mean[-2]):+.1f}"
-                         f" Dice points over its last {scored[-1] - scored[-2]} steps, {100 * (mean[-2] - mean[-3]):+.1f}"
-                         " over the interval before")
+            last, before = 100 * (mean[-1] - mean[-2]), 100 * (mean[-2] - mean[-3])
+            lines.append(f"- {initialisation} with {count} labelled volume(s) gained {last:+.1f} Dice points over its "
+                         f"last {scored[-1] - scored[-2]} steps, {before:+.1f} over the interval before")
     return lines + [""]
 
 
@@ -564,8 +564,9 @@ def evidence_command(argv: Sequence[str]) -> int:
     parser.add_argument("--force", action="store_true", help="rerun every stage, even those done earlier")
     parser.add_argument("--summary-only", action="store_true", help="only rewrite summary.md from the outputs there")
     args = parser.parse_args(list(argv))
-    if any(value is not None and value < 1 for value in (
-            *args.train_count, args.pretrain_steps, args.cnn_steps, args.finetune_steps, args.jobs, args.finetune_jobs)):
+    counts = (*args.train_count, args.pretrain_steps, args.cnn_steps, args.finetune_steps, args.jobs,
+              args.finetune_jobs)
+    if any(value is not None and value < 1 for value in counts):
         parser.error("--train-count, --pretrain-steps, --cnn-steps, --finetune-steps, --jobs and --finetune-jobs "
                      "must be >= 1")
     for flag, items in (("--set", args.set), ("--finetune-set", args.finetune_set)):
