@@ -176,7 +176,8 @@ def test_the_small_scale_sizes_every_run_and_a_users_setting_comes_after_it(tmp_
     plan = EvidencePlan(out=tmp_path, seeds=[0], overrides=["data.init_args.superpatch_size=48"])
     sizes = SCALES["small"]
     assert plan.scale == "small" and sizes.overrides == ("data.init_args.target_spacing=4.0",
-                                                         "data.init_args.superpatch_size=32")
+                                                         "data.init_args.superpatch_size=32",
+                                                         "data.init_args.num_workers=0")
     stages = {stage.name: stage.command for stage in plan.stages()}
     for method in ("maesil", "ae", "vae", "vqvae", "s3d"):
         command = stages[f"pretrain {method}"]
@@ -188,7 +189,7 @@ def test_the_small_scale_sizes_every_run_and_a_users_setting_comes_after_it(tmp_
     for method in ("maesil", "s3d"):
         compare = stages[f"compare-init {method}"]
         start = compare.index("--set") + 1
-        assert compare[start:start + 3] == [*sizes.overrides, "data.init_args.superpatch_size=48"]
+        assert compare[start:start + 4] == [*sizes.overrides, "data.init_args.superpatch_size=48"]
         assert compare[compare.index("--steps") + 1] == "600" and compare[compare.index("--curve-every") + 1] == "100"
         assert compare[compare.index("--jobs") + 1] == "2"
     assert "--scale" not in plan.display() and "--jobs" not in plan.display(jobs=2)
