@@ -53,7 +53,6 @@ CNN_METHODS = ("s3d", "pgl")
 class Scale:
     """The sizes every training run of one evidence call shares, and the budgets and parallelism that fit them."""
 
-    name: str
     overrides: tuple[str, ...]  # KEY=VALUE for every training run, before ``--set`` (which wins)
     finetune_steps: int
     jobs: int  # stages at a time
@@ -64,13 +63,13 @@ class Scale:
 SCALES = {
     # No loader worker processes: every run reads a prepared cache, and with runs side by side on a few cores a
     # worker spawned every epoch made each fine-tuning step 3.7x slower (0.30 s against 1.1 s on 2 cores).
-    "small": Scale("small", ("data.init_args.target_spacing=4.0", "data.init_args.superpatch_size=32",
+    "small": Scale(("data.init_args.target_spacing=4.0", "data.init_args.superpatch_size=32",
                              "data.init_args.num_workers=0"),
                    finetune_steps=600, jobs=2, finetune_jobs=2,
                    description="4 mm voxels, 32³ superpatches and patches for every run (the demo YAMLs' networks "
                    "and schedules), read from prepared caches in the training process: about 90 minutes on 2 CPU "
                    "cores"),
-    "demo": Scale("demo", (), finetune_steps=120, jobs=1, finetune_jobs=1,
+    "demo": Scale((), finetune_steps=120, jobs=1, finetune_jobs=1,
                   description="the demo YAMLs' own sizes (2 mm; 64³ for MAESIL, the autoencoders and UNETR, 48³ for "
                   "the CNN method and the U-Net): several hours on 2 CPU cores"),
 }
@@ -438,23 +437,22 @@ def curves_section(curves_csvs: Sequence[Path]) -> list[str]:
     if not rows:
         return []
     steps = sorted({int(row["step"]) for row in rows})
-    arms: dict[tuple[str, str, str], dict[int, list[float]]] = {}
+    scores: dict[tuple[str, str, str], dict[int, list[float]]] = {}
     for row in rows:
-        by_step = arms.setdefault((row["initialisation"], row["mode"], row["train_count"]), {})
+        by_step = scores.setdefault((row["initialisation"], row["mode"], row["train_count"]), {})
         by_step.setdefault(int(row["step"]), []).append(number(row["dice"]))
-    table = []
-    for (initialisation, mode, count), by_step in arms.items():
-        table.append([initialisation, mode, count, *[f"{sum(by_step[step]) / len(by_step[step]):.3f}"
-                                                      if by_step.get(step) else "" for step in steps]])
+    means = {arm: {step: sum(values) / len(values) for step, values in sorted(by_step.items())}
+             for arm, by_step in scores.items()}
+    table = [[*arm, *[f"{curve[step]:.3f}" if step in curve else "" for step in steps]] for arm, curve in means.items()]
     lines = ["Held-out Dice during fine-tuning, mean over seeds (`curves.csv`):", "",
              markdown_table(["initialisation", "mode", "labelled", *[f"step {step}" for step in steps]], table), ""]
-    for (initialisation, mode, count), by_step in arms.items():
-        scored = sorted(step for step, values in by_step.items() if values)
-        if initialisation.startswith("scratch") and mode == "finetune" and len(scored) >= 3:
-            mean = [sum(by_step[step]) / len(by_step[step]) for step in scored]
-            last, before = 100 * (mean[-1] - mean[-2]), 100 * (mean[-2] - mean[-3])
-            lines.append(f"- {initialisation} with {count} labelled volume(s) gained {last:+.1f} Dice points over its "
-                         f"last {scored[-1] - scored[-2]} steps, {before:+.1f} over the interval before")
+    for (initialisation, mode, count), curve in means.items():
+        points = list(curve.items())
+        if initialisation.startswith("scratch") and mode == "finetune" and len(points) >= 3:
+            (_, before), (previous, middle), (last_step, last) = points[-3:]
+            lines.append(f"- {initialisation} with {count} labelled volume(s) gained {100 * (last - middle):+.1f} Dice "
+                         f"points over its last {last_step - previous} steps, {100 * (middle - before):+.1f} over the "
+                         "interval before")
     return lines + [""]
 
 
@@ -471,7 +469,8 @@ CALL_RECORD = "call.json"
 
 def write_call_record(out: Path, command: str, seconds: float, stages: Sequence[Stage]) -> None:
     """``OUT/call.json``: the wall time of the last call that ran its stages, end to end."""
-    record = {"command": command, "seconds": seconds, "finished": datetime.datetime.now().isoformat(timespec="minutes"),
+    finished = datetime.datetime.now().isoformat(timespec="minutes")
+    record = {"command": command, "seconds": seconds, "finished": finished,
               "reused_stages": sum(stage.reused for stage in stages)}
     (out / CALL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
