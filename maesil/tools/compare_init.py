@@ -69,6 +69,7 @@ from lightning.pytorch.callbacks import Callback
 
 from maesil.phantoms import ORGAN_LABELS
 from maesil.tools.overrides import is_override, override_arguments
+from maesil.tools.process_lifetime import exit_with_parent
 
 if TYPE_CHECKING:
     from maesil.data.records import SubjectRecord
@@ -481,10 +482,12 @@ def fine_tune_and_test(arm: Initialisation, config: Path, manifest: Path, seed: 
     return result
 
 
-def _worker_threads(threads: int) -> None:
-    """Pool initialiser: this worker's share of the cores as torch threads."""
+def _start_worker(threads: int) -> None:
+    """Pool initialiser: this worker's share of the cores as torch threads, and its end with the command's (a
+    stopped ``compare-init`` leaves no run training on)."""
     import torch
 
+    exit_with_parent()
     torch.set_num_threads(threads)
 
 
@@ -523,7 +526,7 @@ def run_side_by_side(planned: Sequence[tuple[int, dict]], jobs: int, log_name: s
     processes. ``planned`` holds (label count, :func:`fine_tune_and_test` arguments). Each label count's volumes
     are added to the shared cache here, before its runs start, so that no two runs write it at once."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_threads,
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
                              initargs=(worker_threads(jobs),)) as pool:
         futures: list[Future] = []
         primed: set[int] = set()

@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 
 from maesil.tools.overrides import is_override, override_arguments
+from maesil.tools.process_lifetime import stop_on_sigterm, stop_processes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN_DIR = REPO_ROOT / "experiments/pretrain"
@@ -256,8 +257,20 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
         else:
             waiting.append(stage)
     running: list[tuple] = []
+    try:
+        _run_waiting(plan, waiting, done, running, previous, record_path, force, max(1, jobs))
+    finally:  # also on SIGTERM (main turns it into SystemExit) or Ctrl-C: no stage runs on without its caller
+        stop_processes(entry[1] for entry in running)
+        for entry in running:
+            entry[2].close()
+    return stages
+
+
+def _run_waiting(plan: EvidencePlan, waiting: list[Stage], done: set[str], running: list[tuple], previous: dict,
+                 record_path: Path, force: bool, jobs: int) -> None:
+    """The scheduling loop of :func:`run_stages`; ``running`` holds (stage, process, log handle, log, start) of
+    the stages running now, so that the caller can stop them."""
     failures: list[str] = []
-    jobs = max(1, jobs)
     while waiting or running:
         ready = [stage for stage in waiting if all(need in done for need in stage.needs)]
         if failures:
@@ -298,7 +311,6 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
             record_path.write_text(json.dumps(previous, indent=2) + "\n")
     if failures:
         raise RuntimeError("\n".join(failures))
-    return stages
 
 
 def stage_environment(environ: Mapping[str, str], jobs: int, cores: int | None = None) -> dict[str, str]:
@@ -591,6 +603,7 @@ def evidence_command(argv: Sequence[str]) -> int:
         for stage in stages:
             stage.seconds = record.get(stage.name, {}).get("seconds")
     else:
+        stop_on_sigterm()
         started = time.perf_counter()
         try:
             stages = run_stages(plan, force=args.force, jobs=jobs)
