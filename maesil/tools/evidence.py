@@ -68,8 +68,8 @@ SCALES = {
                              "data.init_args.num_workers=0"),
                    finetune_steps=600, jobs=2, finetune_jobs=2,
                    description="4 mm voxels, 32³ superpatches and patches for every run (the demo YAMLs' networks "
-                   "and schedules), read from prepared caches in the training process: about 90 minutes on 2 CPU "
-                   "cores"),
+                   "and schedules), read from prepared caches in the training process: three seeds fit 90 minutes on 2 "
+                   "CPU cores"),
     "demo": Scale((), finetune_steps=120, jobs=1, finetune_jobs=1,
                   description="the demo YAMLs' own sizes (2 mm; 64³ for MAESIL, the autoencoders and UNETR, 48³ for "
                   "the CNN method and the U-Net): several hours on 2 CPU cores"),
@@ -408,6 +408,27 @@ def curve_section(summary_json: Path, margin_db: float = 1.0) -> list[str]:
     return lines
 
 
+def paired_table(rows: Sequence[dict[str, str]], per_seed: Sequence[dict[str, str]]) -> str:
+    """compare-init's ``paired.csv`` rows in Dice points: mean ± std of pretrained − scratch over the seeds, and
+    each seed's difference from ``paired_seeds.csv`` rows (in seed order), so that one seed's weight is visible."""
+    def key(row: dict[str, str]) -> tuple[str, ...]:
+        return tuple(row.get(name, "") for name in ("family", "mode", "train_count", "initialisation", "reference"))
+
+    seeds: dict[tuple[str, ...], list[tuple[float, float]]] = {}
+    for row in per_seed:
+        seeds.setdefault(key(row), []).append((number(row.get("seed")), number(row.get("difference"))))
+    table = []
+    for row in rows:
+        mean, std = number(row.get("mean_difference")), number(row.get("std_difference"))
+        each = ", ".join(f"{100 * difference:+.1f}" for _, difference in sorted(seeds.get(key(row), [])))
+        table.append([row.get("family", ""), row.get("mode", ""), row.get("train_count", ""),
+                      row.get("initialisation", ""), row.get("reference", ""),
+                      f"{100 * mean:+.1f} ± {100 * std:.1f}", each or "n/a",
+                      f"{row.get('positive_seeds', '')}/{row.get('seeds', '')}"])
+    return markdown_table(["family", "mode", "labelled", "initialisation", "reference", "Δ Dice (points)",
+                           "Δ per seed", "positive"], table)
+
+
 def paired_section(runs: Sequence[tuple[Path, str]], min_gain: float = 0.02,
                    frozen_min_gain: float = 0.05) -> list[str]:
     """compare-init's paired differences (pretrained − scratch, per seed) and the few-label claims, from each
@@ -422,8 +443,9 @@ def paired_section(runs: Sequence[tuple[Path, str]], min_gain: float = 0.02,
     rows = [row for paired_csv, _ in runs if paired_csv.exists() for row in read_csv(paired_csv)]
     if not rows:
         return lines + ["compare-init wrote no paired rows.", ""]
-    header = list(rows[0])
-    lines += [markdown_table(header, [[row[key] for key in header] for row in rows]), ""]
+    seed_csvs = [paired_csv.with_name("paired_seeds.csv") for paired_csv, _ in runs]
+    per_seed = [row for seed_csv in seed_csvs if seed_csv.exists() for row in read_csv(seed_csv)]
+    lines += [paired_table(rows, per_seed), ""]
     claims = []
     for row in rows:
         mean = number(row.get("mean_difference"))

@@ -72,6 +72,12 @@ def outputs(tmp_path) -> EvidencePlan:
          "reference": "scratch (unetr)", "seeds": 2, "positive_seeds": 2, "mean_difference": 0.2,
          "std_difference": 0.02},
     ])
+    seed_fields = ["family", "mode", "train_count", "initialisation", "reference", "seed", "dice", "reference_dice",
+                   "difference"]
+    write_rows(plan.compare_dir("maesil") / "paired_seeds.csv", seed_fields, [
+        {"family": "unetr", "mode": "finetune", "train_count": 1, "initialisation": "maesil",
+         "reference": "scratch (unetr)", "seed": seed, "dice": 0.5, "reference_dice": 0.5 - difference,
+         "difference": difference} for seed, difference in ((1, 0.041), (0, 0.021))])
     write_rows(plan.compare_dir("s3d") / "paired.csv", paired_fields, [
         {"family": "unet", "mode": "finetune", "train_count": 1, "initialisation": "s3d",
          "reference": "scratch (unet)", "seeds": 2, "positive_seeds": 1, "mean_difference": 0.025,
@@ -107,6 +113,10 @@ def test_summary_states_each_claim_with_the_figures_that_decide_it(outputs):
     assert ("frozen maesil beats frozen scratch (unetr) by ≥ 5 Dice points with 1 labelled volume(s), positive in "
             "every seed: **holds** (+20.0 points, 2/2 seeds positive)") in text
     assert "frozen s3d beats frozen scratch (unet) by ≥ 5 Dice points" in text and "**does not hold** (+4.0 points" in text
+    # in Dice points, each seed's difference in seed order; a stage without paired_seeds.csv shows none
+    assert "| unetr | finetune | 1 | maesil | scratch (unetr) | +3.1 ± 1.0 | +2.1, +4.1 | 2/2 |" in text
+    assert "| unetr | frozen | 1 | maesil | scratch (unetr) | +20.0 ± 2.0 | n/a | 2/2 |" in text
+    assert "| unet | finetune | 1 | s3d | scratch (unet) | +2.5 ± 3.0 | n/a | 1/2 |" in text
     assert "python -m maesil benchmark-recon --data" in text and "python -m maesil compare-init" in text
     assert "| 200 | 101 | 17.50 | 16.00 | 12.50 |" in text
     # the mean learning curves over seeds, and how much scratch still gained at the end of its budget
