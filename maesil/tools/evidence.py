@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 
 from maesil.tools.overrides import is_override, override_arguments
-from maesil.tools.process_lifetime import stop_on_sigterm, stop_processes
+from maesil.tools.process_lifetime import sigterm_as_exit, stop_processes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN_DIR = REPO_ROOT / "experiments/pretrain"
@@ -68,8 +68,8 @@ SCALES = {
                              "data.init_args.num_workers=0"),
                    finetune_steps=600, jobs=2, finetune_jobs=2,
                    description="4 mm voxels, 32³ superpatches and patches for every run (the demo YAMLs' networks "
-                   "and schedules), read from prepared caches in the training process: three seeds fit 90 minutes on 2 "
-                   "CPU cores"),
+                   "and schedules), read from prepared caches in the training process: three seeds fit 90 "
+                   "minutes on 2 CPU cores"),
     "demo": Scale((), finetune_steps=120, jobs=1, finetune_jobs=1,
                   description="the demo YAMLs' own sizes (2 mm; 64³ for MAESIL, the autoencoders and UNETR, 48³ for "
                   "the CNN method and the U-Net): several hours on 2 CPU cores"),
@@ -625,10 +625,10 @@ def evidence_command(argv: Sequence[str]) -> int:
         for stage in stages:
             stage.seconds = record.get(stage.name, {}).get("seconds")
     else:
-        stop_on_sigterm()
         started = time.perf_counter()
         try:
-            stages = run_stages(plan, force=args.force, jobs=jobs)
+            with sigterm_as_exit():
+                stages = run_stages(plan, force=args.force, jobs=jobs)
         except RuntimeError as error:
             print(f"evidence: {error}", file=sys.stderr)
             return 1

@@ -6,19 +6,20 @@ reads, holding the cores of the next command. Two measures close that gap:
 
 - :func:`exit_with_parent` in a child: a daemon thread that ends the child as soon as its parent is gone, however
   the parent ended (the pool workers of ``compare-init`` call it at start).
-- :func:`stop_on_sigterm` in a parent that owns subprocesses: SIGTERM becomes ``SystemExit`` so that the parent's
-  ``finally`` blocks run and stop its children (``evidence`` stops its running stages that way).
+- :func:`sigterm_as_exit` around the work of a parent that owns subprocesses: SIGTERM becomes ``SystemExit``, so
+  that the parent's ``finally`` blocks run and stop its children (``evidence`` stops its running stages that way).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import FrameType
 
 #: Exit status of a process ended on SIGTERM, as a shell reports it.
@@ -47,10 +48,16 @@ def _raise_exit(signum: int, frame: FrameType | None) -> None:
     sys.exit(SIGTERM_EXIT_STATUS)
 
 
-def stop_on_sigterm() -> None:
-    """Makes SIGTERM raise ``SystemExit`` in the main thread, so that ``finally`` blocks stop child processes.
-    Call it from the main thread (Python installs signal handlers only there)."""
-    signal.signal(signal.SIGTERM, _raise_exit)
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Inside the block, SIGTERM raises ``SystemExit`` in the main thread, so that ``finally`` blocks stop child
+    processes; the previous handler is back after it. Enter it from the main thread (Python installs signal
+    handlers only there)."""
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_processes(processes: Iterable[subprocess.Popen], grace_seconds: float = 10.0) -> None:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from maesil.tools.process_lifetime import SIGTERM_EXIT_STATUS, exit_with_parent, stop_processes
+from maesil.tools.process_lifetime import SIGTERM_EXIT_STATUS, exit_with_parent, sigterm_as_exit, stop_processes
 
 
 def _alive(pid: int) -> bool:
@@ -87,12 +87,12 @@ def test_sigterm_to_the_evidence_command_stops_its_running_stage(tmp_path):
         import sys
         from pathlib import Path
         from maesil.tools.evidence import EvidencePlan, Stage, run_stages
-        from maesil.tools.process_lifetime import stop_on_sigterm
+        from maesil.tools.process_lifetime import sigterm_as_exit
         sleeper = "import os, time; open({str(stage_pid)!r}, 'w').write(str(os.getpid())); time.sleep(30)"
         never = Path({str(tmp_path)!r}) / "never"
         EvidencePlan.stages = lambda self: [Stage("sleep", [sys.executable, "-c", sleeper], never)]
-        stop_on_sigterm()
-        run_stages(EvidencePlan(out=Path({str(tmp_path)!r}) / "evidence"))
+        with sigterm_as_exit():
+            run_stages(EvidencePlan(out=Path({str(tmp_path)!r}) / "evidence"))
     """)
     command = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.monotonic() + 30
@@ -102,3 +102,13 @@ def test_sigterm_to_the_evidence_command_stops_its_running_stage(tmp_path):
     command.send_signal(signal.SIGTERM)
     assert command.wait(timeout=20) == SIGTERM_EXIT_STATUS
     assert _wait_gone(pid, seconds=5.0)
+
+
+def test_sigterm_raises_exit_only_inside_the_block():
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_as_exit():
+        with pytest.raises(SystemExit) as raised:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs between bytecodes of the main thread
+        assert raised.value.code == SIGTERM_EXIT_STATUS
+    assert signal.getsignal(signal.SIGTERM) is before
