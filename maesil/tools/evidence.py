@@ -562,7 +562,8 @@ def write_summary(plan: EvidencePlan, stages: Sequence[Stage], jobs: int | None 
 def evidence_command(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m maesil evidence", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/evidence"))
+    parser.add_argument("--out", type=Path, default=Path("runs/evidence"),
+                        help="the folder of every stage's output, the logs and summary.md (default runs/evidence)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (default 0 1 2)")
     parser.add_argument("--scale", choices=sorted(SCALES), default=DEFAULT_SCALE,
                         help="the sizes of every training run: "
