@@ -256,61 +256,55 @@ def run_stages(plan: EvidencePlan, force: bool = False, jobs: int = 1) -> list[S
             print(f"== {stage.name}: done earlier ({stage.done_when}), reused", flush=True)
         else:
             waiting.append(stage)
-    running: list[tuple] = []
+    running: list[tuple] = []  # (stage, process, log handle, log, start) of each stage running now
+    failures: list[str] = []
+    jobs = max(1, jobs)
     try:
-        _run_waiting(plan, waiting, done, running, previous, record_path, force, max(1, jobs))
+        while waiting or running:
+            ready = [stage for stage in waiting if all(need in done for need in stage.needs)]
+            if failures:
+                ready = []
+            elif not ready and not running:
+                raise RuntimeError("stages wait for stages that never run: "
+                                   + ", ".join(f"{stage.name} (needs {', '.join(stage.needs)})" for stage in waiting))
+            # Each stage's share of the cores is fixed when it starts: all of them when it runs alone.
+            side_by_side = min(jobs, len(running) + len(ready))
+            for stage in ready[: jobs - len(running)]:
+                waiting.remove(stage)
+                log = plan.out / "logs" / f"{stage.name.replace(' ', '_')}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                print(f"== {stage.name}: {stage.display()}", flush=True)
+                handle = open(log, "w")
+                command = [*stage.command, stage.force_flag] if force and stage.force_flag else stage.command
+                process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                           env=stage_environment(os.environ, side_by_side))
+                running.append((stage, process, handle, log, time.perf_counter()))
+            if failures and not running:
+                break
+            finished = [entry for entry in running if entry[1].poll() is not None]
+            if not finished:
+                time.sleep(0.2)
+                continue
+            for entry in finished:
+                running.remove(entry)
+                stage, process, handle, log, started = entry
+                code = process.returncode
+                handle.close()
+                stage.seconds = time.perf_counter() - started  # each stage's own wall time
+                if code != 0 or not stage.done_when.exists():
+                    failures.append(f"stage '{stage.name}' failed (exit {code}): {stage.display()}\nits output: {log}")
+                    continue
+                done.add(stage.name)
+                print(f"   {stage.name}: {stage.seconds:.0f} s", flush=True)
+                previous[stage.name] = {"command": stage.command, "seconds": stage.seconds}
+                record_path.write_text(json.dumps(previous, indent=2) + "\n")
+        if failures:
+            raise RuntimeError("\n".join(failures))
     finally:  # also on SIGTERM (main turns it into SystemExit) or Ctrl-C: no stage runs on without its caller
         stop_processes(entry[1] for entry in running)
         for entry in running:
             entry[2].close()
     return stages
-
-
-def _run_waiting(plan: EvidencePlan, waiting: list[Stage], done: set[str], running: list[tuple], previous: dict,
-                 record_path: Path, force: bool, jobs: int) -> None:
-    """The scheduling loop of :func:`run_stages`; ``running`` holds (stage, process, log handle, log, start) of
-    the stages running now, so that the caller can stop them."""
-    failures: list[str] = []
-    while waiting or running:
-        ready = [stage for stage in waiting if all(need in done for need in stage.needs)]
-        if failures:
-            ready = []
-        elif not ready and not running:
-            raise RuntimeError("stages wait for stages that never run: "
-                               + ", ".join(f"{stage.name} (needs {', '.join(stage.needs)})" for stage in waiting))
-        # Each stage's share of the cores is fixed when it starts: all of them when it runs alone.
-        side_by_side = min(jobs, len(running) + len(ready))
-        for stage in ready[: jobs - len(running)]:
-            waiting.remove(stage)
-            log = plan.out / "logs" / f"{stage.name.replace(' ', '_')}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            print(f"== {stage.name}: {stage.display()}", flush=True)
-            handle = open(log, "w")
-            command = [*stage.command, stage.force_flag] if force and stage.force_flag else stage.command
-            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                                       env=stage_environment(os.environ, side_by_side))
-            running.append((stage, process, handle, log, time.perf_counter()))
-        if failures and not running:
-            break
-        finished = [entry for entry in running if entry[1].poll() is not None]
-        if not finished:
-            time.sleep(0.2)
-            continue
-        for entry in finished:
-            running.remove(entry)
-            stage, process, handle, log, started = entry
-            code = process.returncode
-            handle.close()
-            stage.seconds = time.perf_counter() - started  # each stage's own wall time
-            if code != 0 or not stage.done_when.exists():
-                failures.append(f"stage '{stage.name}' failed (exit {code}): {stage.display()}\nits output: {log}")
-                continue
-            done.add(stage.name)
-            print(f"   {stage.name}: {stage.seconds:.0f} s", flush=True)
-            previous[stage.name] = {"command": stage.command, "seconds": stage.seconds}
-            record_path.write_text(json.dumps(previous, indent=2) + "\n")
-    if failures:
-        raise RuntimeError("\n".join(failures))
 
 
 def stage_environment(environ: Mapping[str, str], jobs: int, cores: int | None = None) -> dict[str, str]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,11 +16,16 @@ from maesil.tools.process_lifetime import SIGTERM_EXIT_STATUS, exit_with_parent,
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (ended, not yet reaped by whatever adopted it) counts as ended."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:  # no /proc, or gone meanwhile
+        return True
+    return state != "Z"
 
 
 def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
