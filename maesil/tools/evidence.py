@@ -55,7 +55,8 @@ class Scale:
     """The sizes every training run of one evidence call shares, and the budgets and parallelism that fit them."""
 
     overrides: tuple[str, ...]  # KEY=VALUE for every training run, before ``--set`` (which wins)
-    finetune_steps: int
+    finetune_steps: int  # MAESIL -> UNETR
+    cnn_finetune_steps: int  # the CNN method -> U-Net
     jobs: int  # stages at a time
     finetune_jobs: int  # fine-tuning runs at a time inside each compare-init stage
     description: str
@@ -66,11 +67,13 @@ SCALES = {
     # worker spawned every epoch made each fine-tuning step 3.7x slower (0.30 s against 1.1 s on 2 cores).
     "small": Scale(("data.init_args.target_spacing=4.0", "data.init_args.superpatch_size=32",
                              "data.init_args.num_workers=0"),
-                   finetune_steps=600, jobs=2, finetune_jobs=2,
+                   # The U-Net's scratch arm still climbs 5 Dice points between 600 and 1200 steps (one label,
+                   # three seeds: 0.845 against 0.896); 1200 steps is its plateau (docs/evidence.md).
+                   finetune_steps=600, cnn_finetune_steps=1200, jobs=2, finetune_jobs=2,
                    description="4 mm voxels, 32³ superpatches and patches for every run (the demo YAMLs' networks "
                    "and schedules), read from prepared caches in the training process: three seeds fit 90 "
                    "minutes on 2 CPU cores"),
-    "demo": Scale((), finetune_steps=120, jobs=1, finetune_jobs=1,
+    "demo": Scale((), finetune_steps=120, cnn_finetune_steps=120, jobs=1, finetune_jobs=1,
                   description="the demo YAMLs' own sizes (2 mm; 64³ for MAESIL, the autoencoders and UNETR, 48³ for "
                   "the CNN method and the U-Net): several hours on 2 CPU cores"),
 }
@@ -118,6 +121,7 @@ class EvidencePlan:
     cnn_method: str = "s3d"
     pretrain_steps: int | None = None  # None: MAESIL's demo YAML's
     finetune_steps: int | None = None  # None: the scale's (past the decoder-only and encoder warm-up, 60 steps)
+    cnn_finetune_steps: int | None = None  # the U-Net's; None: ``finetune_steps`` if given, else the scale's
     train_counts: list[int] = field(default_factory=lambda: [1])
     modes: list[str] = field(default_factory=lambda: ["finetune", "frozen"])
     cnn_steps: int | None = None  # None: the CNN method's demo YAML's
@@ -131,9 +135,13 @@ class EvidencePlan:
     def sizes(self) -> Scale:
         return SCALES[self.scale]
 
-    @property
-    def steps_to_finetune(self) -> int:
-        return self.finetune_steps if self.finetune_steps is not None else self.sizes.finetune_steps
+    def steps_to_finetune(self, method: str = "maesil") -> int:
+        """compare-init's budget for the network ``method`` initialises: MAESIL's UNETR or the CNN's U-Net."""
+        if method == "maesil":
+            return self.finetune_steps if self.finetune_steps is not None else self.sizes.finetune_steps
+        if self.cnn_finetune_steps is not None:
+            return self.cnn_finetune_steps
+        return self.finetune_steps if self.finetune_steps is not None else self.sizes.cnn_finetune_steps
 
     @property
     def finetune_runs_at_a_time(self) -> int:
@@ -155,8 +163,10 @@ class EvidencePlan:
         for flag, value in (("--pretrain-steps", self.pretrain_steps), ("--cnn-steps", self.cnn_steps)):
             if value is not None:
                 words += [flag, str(value)]
-        if self.finetune_steps is not None:
-            words += ["--finetune-steps", str(self.finetune_steps)]
+        for flag, value in (("--finetune-steps", self.finetune_steps),
+                            ("--cnn-finetune-steps", self.cnn_finetune_steps)):
+            if value is not None:
+                words += [flag, str(value)]
         if self.train_counts != [1]:
             words += ["--train-count", *map(str, self.train_counts)]
         if self.modes != ["finetune", "frozen"]:
@@ -212,7 +222,8 @@ class EvidencePlan:
             command = [*python, "compare-init", "--out", str(compare), "--checkpoints", str(self.checkpoint(method)),
                        "--train-count", *map(str, self.train_counts), "--modes", *self.modes,
                        "--seeds", *map(str, self.seeds),
-                       "--steps", str(self.steps_to_finetune), "--curve-every", str(self.curve_every)]
+                       "--steps", str(self.steps_to_finetune(method)),
+                       "--curve-every", str(self.curve_every(method))]
             if self.trainer_configs:
                 command += ["--trainer-config", *map(str, self.trainer_configs)]
             overrides = [*self.sizes.overrides, *self.overrides, *self.finetune_overrides]
@@ -224,11 +235,10 @@ class EvidencePlan:
                                 needs=(f"pretrain {method}",), force_flag="--force"))
         return stages
 
-    @property
-    def curve_every(self) -> int:
+    def curve_every(self, method: str = "maesil") -> int:
         """Steps between the learning-curve points: six points (a third of the budget for budgets under 300
         steps), enough to see whether scratch has plateaued."""
-        steps = self.steps_to_finetune
+        steps = self.steps_to_finetune(method)
         return max(1, steps // 6 if steps >= 300 else steps // 3)
 
     def compare_dir(self, method: str) -> Path:
@@ -459,9 +469,18 @@ def paired_section(runs: Sequence[tuple[Path, str]], min_gain: float = 0.02,
 
 
 def curves_section(curves_csvs: Sequence[Path]) -> list[str]:
-    """The mean held-out Dice of every arm at each scored step (compare-init's ``curves.csv``), and how much each
-    scratch arm still gained over its last interval: the budget is read where scratch has nearly stopped."""
-    rows = [row for path in curves_csvs if path.exists() for row in read_csv(path)]
+    """The mean held-out Dice of every arm at each scored step, one table per compare-init stage (``curves.csv``;
+    the stages may have different budgets), and how much each scratch arm still gained over its last interval:
+    the budget is read where scratch has nearly stopped."""
+    lines = []
+    for path in curves_csvs:
+        if path.exists():
+            lines += curve_table(read_csv(path))
+    return lines
+
+
+def curve_table(rows: Sequence[dict[str, str]]) -> list[str]:
+    """One compare-init stage's mean curves (rows of its ``curves.csv``) and its scratch arms' last gains."""
     if not rows:
         return []
     steps = sorted({int(row["step"]) for row in rows})
@@ -568,9 +587,13 @@ def evidence_command(argv: Sequence[str]) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="steps of MAESIL and the autoencoders (default: maesil_demo.yaml's)")
     parser.add_argument("--finetune-steps", type=int, default=None,
-                        help="compare-init --steps (default: the scale's, "
-                        + ", ".join(f"{scale.finetune_steps} at {name}" for name, scale in SCALES.items())
+                        help="compare-init --steps of both stages, MAESIL -> UNETR and the CNN method -> U-Net "
+                        "(default: the scale's, " + ", ".join(f"{scale.finetune_steps} and {scale.cnn_finetune_steps} "
+                                                              f"at {name}" for name, scale in SCALES.items())
                         + "; six curve points, three under 300 steps)")
+    parser.add_argument("--cnn-finetune-steps", type=int, default=None,
+                        help="compare-init --steps of the CNN method -> U-Net stage alone (default: "
+                        "--finetune-steps if given, else the scale's)")
     parser.add_argument("--train-count", type=int, nargs="+", default=[1], help="labelled volumes (default 1)")
     parser.add_argument("--modes", nargs="+", choices=["finetune", "frozen"], default=["finetune", "frozen"])
     parser.add_argument("--cnn-steps", type=int, default=None,
@@ -596,11 +619,11 @@ def evidence_command(argv: Sequence[str]) -> int:
     parser.add_argument("--force", action="store_true", help="rerun every stage, even those done earlier")
     parser.add_argument("--summary-only", action="store_true", help="only rewrite summary.md from the outputs there")
     args = parser.parse_args(list(argv))
-    counts = (*args.train_count, args.pretrain_steps, args.cnn_steps, args.finetune_steps, args.jobs,
-              args.finetune_jobs)
+    counts = (*args.train_count, args.pretrain_steps, args.cnn_steps, args.finetune_steps, args.cnn_finetune_steps,
+              args.jobs, args.finetune_jobs)
     if any(value is not None and value < 1 for value in counts):
-        parser.error("--train-count, --pretrain-steps, --cnn-steps, --finetune-steps, --jobs and --finetune-jobs "
-                     "must be >= 1")
+        parser.error("--train-count, --pretrain-steps, --cnn-steps, --finetune-steps, --cnn-finetune-steps, --jobs "
+                     "and --finetune-jobs must be >= 1")
     for flag, items in (("--set", args.set), ("--finetune-set", args.finetune_set)):
         if not all(map(is_override, items)):
             parser.error(f"{flag} takes KEY=VALUE items, got {items}")
@@ -609,6 +632,7 @@ def evidence_command(argv: Sequence[str]) -> int:
         parser.error(f"--trainer-config: no such file: {', '.join(missing)}")
     plan = EvidencePlan(out=args.out.resolve(), seeds=args.seeds, scale=args.scale, cnn_method=args.cnn_method,
                         pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
+                        cnn_finetune_steps=args.cnn_finetune_steps,
                         train_counts=args.train_count, modes=args.modes, cnn_steps=args.cnn_steps,
                         trainer_configs=[path.resolve() for path in args.trainer_config], overrides=args.set,
                         pretrain_cache=args.pretrain_cache.resolve() if args.pretrain_cache else None,

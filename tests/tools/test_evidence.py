@@ -92,6 +92,10 @@ def outputs(tmp_path) -> EvidencePlan:
         for init, seed, points in (("scratch (unetr)", 0, (0.1, 0.3, 0.36)), ("scratch (unetr)", 1, (0.2, 0.4, 0.38)),
                                    ("maesil", 0, (0.3, 0.4, 0.40)), ("maesil", 1, (0.2, 0.4, 0.42)))
         for step, dice in zip((100, 200, 300), points)])
+    write_rows(plan.compare_dir("s3d") / "curves.csv", curve_fields, [
+        {"initialisation": init, "mode": "finetune", "train_count": 1, "seed": 0, "step": step, "dice": dice}
+        for init, points in (("scratch (unet)", (0.5, 0.8, 0.85)), ("s3d", (0.6, 0.82, 0.84)))
+        for step, dice in zip((200, 400, 600), points)])
     return plan
 
 
@@ -124,6 +128,11 @@ def test_summary_states_each_claim_with_the_figures_that_decide_it(outputs):
     assert "| maesil | finetune | 1 | 0.250 | 0.400 | 0.410 |" in text
     assert ("scratch (unetr) with 1 labelled volume(s) gained +2.0 Dice points over its last 100 steps, +20.0 over "
             "the interval before") in text
+    # a stage with another budget gets its own table, at its own steps
+    assert "| initialisation | mode | labelled | step 100 | step 200 | step 300 |" in text
+    assert "| initialisation | mode | labelled | step 200 | step 400 | step 600 |" in text
+    assert "| s3d | finetune | 1 | 0.600 | 0.820 | 0.840 |" in text
+    assert "scratch (unet) with 1 labelled volume(s) gained +5.0 Dice points over its last 200 steps" in text
     assert "Scale `small`: 4 mm voxels" in text and "end to end" not in text  # no call has run its stages
 
 
@@ -200,8 +209,12 @@ def test_the_small_scale_sizes_every_run_and_a_users_setting_comes_after_it(tmp_
         compare = stages[f"compare-init {method}"]
         start = compare.index("--set") + 1
         assert compare[start:start + 4] == [*sizes.overrides, "data.init_args.superpatch_size=48"]
-        assert compare[compare.index("--steps") + 1] == "600" and compare[compare.index("--curve-every") + 1] == "100"
         assert compare[compare.index("--jobs") + 1] == "2"
+    # each network to its scratch arm's plateau: 600 steps for UNETR, 1200 for the U-Net; six curve points each
+    budgets = {method: (stages[f"compare-init {method}"][stages[f"compare-init {method}"].index("--steps") + 1],
+                        stages[f"compare-init {method}"][stages[f"compare-init {method}"].index("--curve-every") + 1])
+               for method in ("maesil", "s3d")}
+    assert budgets == {"maesil": ("600", "100"), "s3d": ("1200", "200")}
     assert "--scale" not in plan.display() and "--jobs" not in plan.display(jobs=2)
     assert plan.display(jobs=1).endswith("--jobs 1")
     demo = EvidencePlan(out=tmp_path, scale="demo")
@@ -209,6 +222,20 @@ def test_the_small_scale_sizes_every_run_and_a_users_setting_comes_after_it(tmp_
     assert "--set" not in compare and "--jobs" not in compare
     assert compare[compare.index("--steps") + 1] == "120" and compare[compare.index("--curve-every") + 1] == "40"
     assert "--scale demo" in demo.display()
+
+
+def budgets(plan: EvidencePlan) -> dict[str, str]:
+    stages = {stage.name: stage.command for stage in plan.stages()}
+    return {method: stages[f"compare-init {method}"][stages[f"compare-init {method}"].index("--steps") + 1]
+            for method in ("maesil", "s3d")}
+
+
+def test_finetune_steps_sets_both_budgets_and_cnn_finetune_steps_the_unets_alone(tmp_path):
+    assert budgets(EvidencePlan(out=tmp_path, finetune_steps=300)) == {"maesil": "300", "s3d": "300"}
+    plan = EvidencePlan(out=tmp_path, finetune_steps=300, cnn_finetune_steps=900)
+    assert budgets(plan) == {"maesil": "300", "s3d": "900"}
+    assert plan.display().endswith("--finetune-steps 300 --cnn-finetune-steps 900")
+    assert budgets(EvidencePlan(out=tmp_path, cnn_finetune_steps=900)) == {"maesil": "600", "s3d": "900"}
 
 
 def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(tmp_path):
@@ -323,6 +350,9 @@ def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evidence_command(["--out", str(tmp_path / "e"), "--finetune-jobs", "0"])
     assert "--finetune-jobs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evidence_command(["--out", str(tmp_path / "e"), "--cnn-finetune-steps", "0"])
+    assert "--cnn-finetune-steps" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
 
 
