@@ -210,11 +210,11 @@ def test_the_small_scale_sizes_every_run_and_a_users_setting_comes_after_it(tmp_
         start = compare.index("--set") + 1
         assert compare[start:start + 4] == [*sizes.overrides, "data.init_args.superpatch_size=48"]
         assert compare[compare.index("--jobs") + 1] == "2"
-    # each network to its scratch arm's plateau: 600 steps for UNETR, 1200 for the U-Net; six curve points each
+    # both networks to their scratch arms' plateau, six curve points each
     budgets = {method: (stages[f"compare-init {method}"][stages[f"compare-init {method}"].index("--steps") + 1],
                         stages[f"compare-init {method}"][stages[f"compare-init {method}"].index("--curve-every") + 1])
                for method in ("maesil", "s3d")}
-    assert budgets == {"maesil": ("600", "100"), "s3d": ("1200", "200")}
+    assert budgets == {"maesil": ("1200", "200"), "s3d": ("1200", "200")}
     assert "--scale" not in plan.display() and "--jobs" not in plan.display(jobs=2)
     assert plan.display(jobs=1).endswith("--jobs 1")
     demo = EvidencePlan(out=tmp_path, scale="demo")
@@ -235,7 +235,7 @@ def test_finetune_steps_sets_both_budgets_and_cnn_finetune_steps_the_unets_alone
     plan = EvidencePlan(out=tmp_path, finetune_steps=300, cnn_finetune_steps=900)
     assert budgets(plan) == {"maesil": "300", "s3d": "900"}
     assert plan.display().endswith("--finetune-steps 300 --cnn-finetune-steps 900")
-    assert budgets(EvidencePlan(out=tmp_path, cnn_finetune_steps=900)) == {"maesil": "600", "s3d": "900"}
+    assert budgets(EvidencePlan(out=tmp_path, cnn_finetune_steps=900)) == {"maesil": "1200", "s3d": "900"}
 
 
 def test_trainer_configs_overrides_and_the_cnn_budget_reach_every_training_run(tmp_path):
