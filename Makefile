@@ -85,8 +85,9 @@ compare-init: $(STAMP) $(foreach m,$(PRETRAINED),runs/$(m)_demo/checkpoints/last
 
 # The project's claims measured end to end (pretraining, both reconstruction protocols, few-label fine-tuning with
 # paired differences); writes runs/evidence/summary.md. A second call reuses the stages already done with the same
-# command, e.g. make evidence EVIDENCE_SEEDS="0 1 2 3 4". Every run at 4 mm and 32³ (the small scale, sized for 2 CPU
-# cores); EVIDENCE_ARGS="--scale demo" keeps the demo YAMLs' sizes (hours on 2 cores). docs/evidence.md.
+# command, e.g. make evidence EVIDENCE_SEEDS="0 1 2 3 4". Every run at 4 mm and 32³, fine-tuning for 1200 steps (the
+# small scale: about 85 min on 2 CPU cores); EVIDENCE_ARGS="--scale demo" keeps the demo YAMLs' sizes (hours on 2
+# cores). docs/evidence.md.
 EVIDENCE_SEEDS ?= 0 1 2
 EVIDENCE_DIR ?= runs/evidence
 EVIDENCE_ARGS ?=

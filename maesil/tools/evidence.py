@@ -70,8 +70,8 @@ SCALES = {
                    # 0.896, UNETR 0.413 against 0.459) and is about level over the last 400 of 1200 (docs/evidence.md).
                    finetune_steps=1200, jobs=2, finetune_jobs=2,
                    description="4 mm voxels, 32³ superpatches and patches for every run (the demo YAMLs' networks "
-                   "and schedules), read from prepared caches in the training process: three seeds fit 90 "
-                   "minutes on 2 CPU cores"),
+                   "and schedules), read from prepared caches in the training process: three seeds take about "
+                   "85 minutes on 2 idle CPU cores"),
     "demo": Scale((), finetune_steps=120, jobs=1, finetune_jobs=1,
                   description="the demo YAMLs' own sizes (2 mm; 64³ for MAESIL, the autoencoders and UNETR, 48³ for "
                   "the CNN method and the U-Net): several hours on 2 CPU cores"),
