@@ -10,8 +10,8 @@ Every stage is a command users can run themselves, run here as a subprocess in t
    with a frozen encoder, with few labelled volumes, over the seeds; paired differences against scratch.
 
 Every training run shares the sizes of one ``--scale``: ``small`` (the default) resamples the phantoms to 4 mm and
-takes 32³ superpatches and patches everywhere, so that the whole protocol, fine-tuning budgets near the scratch
-plateau included, fits about 90 minutes of 2 CPU cores; ``demo`` keeps the demo YAMLs' own sizes (2 mm, 64³ and
+takes 32³ superpatches and patches everywhere, so that the whole protocol, fine-tuning budgets at the scratch
+plateau included, fits 90 minutes of 2 CPU cores; ``demo`` keeps the demo YAMLs' own sizes (2 mm, 64³ and
 48³), several hours on 2 cores.
 
 ``OUT/summary.md`` then states each claim with the figures that decide it, the commands that printed them, the
