@@ -134,11 +134,9 @@ class EvidencePlan:
     def sizes(self) -> Scale:
         return SCALES[self.scale]
 
-    def steps_to_finetune(self, method: str = "maesil") -> int:
+    def steps_to_finetune(self, method: str) -> int:
         """compare-init's budget for the network ``method`` initialises: MAESIL's UNETR or the CNN's U-Net."""
-        if method == "maesil":
-            return self.finetune_steps if self.finetune_steps is not None else self.sizes.finetune_steps
-        if self.cnn_finetune_steps is not None:
+        if method != "maesil" and self.cnn_finetune_steps is not None:
             return self.cnn_finetune_steps
         return self.finetune_steps if self.finetune_steps is not None else self.sizes.finetune_steps
 
@@ -234,7 +232,7 @@ class EvidencePlan:
                                 needs=(f"pretrain {method}",), force_flag="--force"))
         return stages
 
-    def curve_every(self, method: str = "maesil") -> int:
+    def curve_every(self, method: str) -> int:
         """Steps between the learning-curve points: six points (a third of the budget for budgets under 300
         steps), enough to see whether scratch has plateaued."""
         steps = self.steps_to_finetune(method)

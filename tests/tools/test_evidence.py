@@ -211,10 +211,8 @@ def test_the_small_scale_sizes_every_run_and_a_users_setting_comes_after_it(tmp_
         assert compare[start:start + 4] == [*sizes.overrides, "data.init_args.superpatch_size=48"]
         assert compare[compare.index("--jobs") + 1] == "2"
     # both networks to their scratch arms' plateau, six curve points each
-    budgets = {method: (stages[f"compare-init {method}"][stages[f"compare-init {method}"].index("--steps") + 1],
-                        stages[f"compare-init {method}"][stages[f"compare-init {method}"].index("--curve-every") + 1])
-               for method in ("maesil", "s3d")}
-    assert budgets == {"maesil": ("1200", "200"), "s3d": ("1200", "200")}
+    assert budgets(plan) == {"maesil": "1200", "s3d": "1200"}
+    assert budgets(plan, "--curve-every") == {"maesil": "200", "s3d": "200"}
     assert "--scale" not in plan.display() and "--jobs" not in plan.display(jobs=2)
     assert plan.display(jobs=1).endswith("--jobs 1")
     demo = EvidencePlan(out=tmp_path, scale="demo")
@@ -224,9 +222,10 @@ def test_the_small_scale_sizes_every_run_and_a_users_setting_comes_after_it(tmp_
     assert "--scale demo" in demo.display()
 
 
-def budgets(plan: EvidencePlan) -> dict[str, str]:
-    stages = {stage.name: stage.command for stage in plan.stages()}
-    return {method: stages[f"compare-init {method}"][stages[f"compare-init {method}"].index("--steps") + 1]
+def budgets(plan: EvidencePlan, flag: str = "--steps") -> dict[str, str]:
+    """The value of ``flag`` in each compare-init stage's command."""
+    commands = {stage.name: stage.command for stage in plan.stages()}
+    return {method: commands[f"compare-init {method}"][commands[f"compare-init {method}"].index(flag) + 1]
             for method in ("maesil", "s3d")}
 
 
